@@ -1,0 +1,189 @@
+//! Destination connectors of segmentd.
+//!
+//! This crate owns the contract between the delivery engine and the platforms that receive
+//! segment members, and one module per platform behind that contract. It knows nothing of
+//! DuckDB, rules or runs beyond the identifiers carried in a [`Batch`]: the engine decides what
+//! to send, a connector sends one batch and says what the platform did with it.
+//!
+//! - [`Connector`] is the contract: validate settings at load, deliver one batch.
+//! - [`deliver_with_retries`] wraps one connector call in the retry policy shared by every
+//!   connector (exponential backoff with full jitter, bounded attempts and total time,
+//!   `Retry-After` honoured and capped).
+//! - [`file`] writes batches as files into a folder; [`webhook`] POSTs them as JSON.
+
+pub mod file;
+pub mod retry;
+mod settings;
+pub mod webhook;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+pub use retry::{RetryPolicy, deliver_with_retries};
+
+/// A future returned by a connector; boxed so connectors can live behind `dyn Connector`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Whether a batch adds members to the destination or removes them from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Change {
+    /// The members joined the segment: add them to the destination.
+    Add,
+    /// The members left the segment: remove them from the destination.
+    Remove,
+}
+
+impl Change {
+    /// The word used in file names, logs and state tables: `add` or `remove`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Change::Add => "add",
+            Change::Remove => "remove",
+        }
+    }
+}
+
+/// One member of a segment as a destination sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Member {
+    /// The profile key of the master segment, as text.
+    pub key: String,
+    /// Identifier and field values the activation maps for this member (for example `email`
+    /// or `country`), raw as stored; connectors normalise and hash them as their platform
+    /// requires. A missing value is absent from the map.
+    pub identifiers: BTreeMap<String, String>,
+}
+
+/// One request's worth of members, all with the same change.
+///
+/// `(run_id, activation, change, sequence)` identifies a batch: delivering the same batch
+/// twice must leave the destination as delivering it once (connectors use it as an
+/// idempotency key where the platform has one, and rely on set semantics otherwise).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// The run that produced the delta.
+    pub run_id: i64,
+    /// The activation's name, unique within its pipeline (`<segment>/<activation>`); safe to
+    /// use in file names once `/` is replaced.
+    pub activation: String,
+    /// Add or remove.
+    pub change: Change,
+    /// Position of this batch among the activation's batches of the same change in the run,
+    /// from 0.
+    pub sequence: u32,
+    /// The members, at most the connector's [`Connector::max_batch_size`].
+    pub members: Vec<Member>,
+}
+
+/// A member the platform (or the connector, before sending) refused, with the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The member's profile key.
+    pub key: String,
+    /// Why, in words an operator can act on; never contains the identifier values.
+    pub reason: String,
+}
+
+/// What the platform did with a batch it answered successfully.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Keys the platform confirmed.
+    pub accepted: Vec<String>,
+    /// Keys refused, each with a reason; they are not retried as part of this batch.
+    pub rejected: Vec<Rejection>,
+}
+
+/// Why a whole batch failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeliveryError {
+    /// A transport error or a server-side failure; sending again may succeed.
+    #[error("retryable failure: {message}")]
+    Retryable {
+        /// What happened (status, transport error), without member data.
+        message: String,
+    },
+    /// The platform asked us to slow down, optionally saying for how long.
+    #[error("rate limited: {message}")]
+    RateLimited {
+        /// What happened.
+        message: String,
+        /// The wait the platform asked for, if it gave one.
+        wait: Option<Duration>,
+    },
+    /// Credentials are missing, expired or invalid: the activation stops until an operator
+    /// fixes them.
+    #[error("credentials rejected: {message}")]
+    Auth {
+        /// What the platform said.
+        message: String,
+    },
+    /// The request is wrong and sending it again will not help.
+    #[error("permanent failure: {message}")]
+    Permanent {
+        /// What the platform said.
+        message: String,
+    },
+}
+
+impl DeliveryError {
+    /// True for the failures worth sending again: transport, 5xx, rate limits.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            DeliveryError::Retryable { .. } | DeliveryError::RateLimited { .. }
+        )
+    }
+}
+
+/// A problem in a connection's or an activation's settings, found at load.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SettingsError {
+    /// The settings key at fault (for example `url` or `format`).
+    pub field: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// The contract every destination meets.
+pub trait Connector: Send + Sync {
+    /// The connection type, as written in `config.toml` (`file`, `webhook`, ...).
+    fn kind(&self) -> &'static str;
+
+    /// The most members one batch may hold.
+    fn max_batch_size(&self) -> usize;
+
+    /// Sends one batch once, without retrying, and classifies the answer.
+    fn deliver<'a>(&'a self, batch: &'a Batch) -> BoxFuture<'a, Result<Outcome, DeliveryError>>;
+}
+
+/// Builds the connector for one activation from its connection's settings (the
+/// `[connections.<name>]` table of `config.toml` without `type`, secrets already resolved from
+/// the environment) and the activation's own settings (the `[activations.settings]` table of
+/// a segment file). Returns every problem found.
+pub fn build(
+    kind: &str,
+    connection: &toml::Table,
+    activation: &toml::Table,
+    secrets: &BTreeMap<String, String>,
+) -> Result<Box<dyn Connector>, Vec<SettingsError>> {
+    match kind {
+        "file" => file::FileConnector::from_settings(connection, activation)
+            .map(|c| Box::new(c) as Box<dyn Connector>),
+        "webhook" => webhook::WebhookConnector::from_settings(connection, activation, secrets)
+            .map(|c| Box::new(c) as Box<dyn Connector>),
+        other => Err(vec![SettingsError {
+            field: "type".into(),
+            message: format!(
+                "unknown connection type `{other}`; known types: {}",
+                KINDS.join(", ")
+            ),
+        }]),
+    }
+}
+
+/// The connection types this build knows.
+pub const KINDS: &[&str] = &["file", "webhook"];

@@ -1,0 +1,554 @@
+//! The `webhook` connector: each batch is POSTed as one JSON document.
+//!
+//! This module owns the request (body, bearer token, `Idempotency-Key`), the reading of the
+//! answer (per-member rejections in a 2xx body, `Retry-After` on a 429) and the classification
+//! of failures into [`DeliveryError`]s. It does not retry; [`crate::deliver_with_retries`]
+//! does. Redirects are not followed: a webhook is configured at its final address.
+//!
+//! The body sent:
+//!
+//! ```json
+//! {"run_id": 42, "activation": "vip/crm", "change": "add", "sequence": 0,
+//!  "batch_id": "42-vip/crm-add-0",
+//!  "members": [{"key": "1", "identifiers": {"email": "a@example.com"}}]}
+//! ```
+//!
+//! A 2xx answer may carry `{"rejected": [{"key": "1", "reason": "..."}]}`; every other key of
+//! the batch counts as accepted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{AUTHORIZATION, HeaderName, HeaderValue, RETRY_AFTER};
+use reqwest::{StatusCode, Url};
+
+use crate::settings::{Place, Problems};
+use crate::{
+    Batch, BoxFuture, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
+};
+
+/// Connection keys the webhook connector knows.
+const CONNECTION_KEYS: &[&str] = &["url", "token_env", "batch_size", "timeout_seconds"];
+/// Activation keys the webhook connector knows.
+const ACTIVATION_KEYS: &[&str] = &["url"];
+/// Members per request unless `batch_size` says otherwise.
+const DEFAULT_BATCH_SIZE: i64 = 1000;
+/// The largest `batch_size` accepted.
+const MAX_BATCH_SIZE: i64 = 10_000;
+/// Seconds a request may take unless `timeout_seconds` says otherwise.
+const DEFAULT_TIMEOUT_SECONDS: i64 = 30;
+/// The largest `timeout_seconds` accepted.
+const MAX_TIMEOUT_SECONDS: i64 = 3600;
+/// The longest wait for a connection, whatever the request timeout.
+const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How much of an answer's body goes into an error message or a rejection reason.
+const MAX_QUOTED_CHARS: usize = 200;
+/// How much of a failed answer's body is read at most.
+const MAX_ERROR_BODY_BYTES: usize = 4096;
+/// The header carrying the batch identity, so a platform can drop a repeated request.
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// POSTs each batch as JSON to a URL.
+///
+/// Connection settings: `url` (required, `http` or `https`), `token_env` (the name of the
+/// environment variable holding a bearer token; the engine resolves it and passes the value as
+/// the `token` secret), `batch_size` (members per request, 1 to 10000, default 1000) and
+/// `timeout_seconds` (per request, default 30). Activation settings: `url`, overriding the
+/// connection's.
+#[derive(Debug, Clone)]
+pub struct WebhookConnector {
+    client: reqwest::Client,
+    url: Url,
+    /// `Bearer <token>`, marked sensitive so it never shows in `Debug` output.
+    authorization: Option<HeaderValue>,
+    batch_size: usize,
+}
+
+impl WebhookConnector {
+    /// Builds the connector from its connection and activation settings and the resolved
+    /// secrets (`token` when `token_env` is set), returning every problem found.
+    pub fn from_settings(
+        connection: &toml::Table,
+        activation: &toml::Table,
+        secrets: &BTreeMap<String, String>,
+    ) -> Result<Self, Vec<SettingsError>> {
+        let mut problems = Problems::default();
+        problems.reject_unknown_keys(connection, Place::Connection, CONNECTION_KEYS);
+        problems.reject_unknown_keys(activation, Place::Activation, ACTIVATION_KEYS);
+
+        if !connection.contains_key("url") {
+            problems.push(
+                "url",
+                "missing; set it to the address batches are POSTed to",
+            );
+        }
+        let connection_url = parse_url(&mut problems, connection, Place::Connection);
+        let activation_url = parse_url(&mut problems, activation, Place::Activation);
+        let authorization = read_authorization(&mut problems, connection, secrets);
+        let batch_size = problems
+            .integer(
+                connection,
+                Place::Connection,
+                "batch_size",
+                1..=MAX_BATCH_SIZE,
+            )
+            .unwrap_or(DEFAULT_BATCH_SIZE);
+        let timeout_seconds = problems
+            .integer(
+                connection,
+                Place::Connection,
+                "timeout_seconds",
+                1..=MAX_TIMEOUT_SECONDS,
+            )
+            .unwrap_or(DEFAULT_TIMEOUT_SECONDS);
+
+        let timeout = Duration::from_secs(
+            u64::try_from(timeout_seconds).expect("timeout_seconds within 1..=3600"),
+        );
+        let client = reqwest::Client::builder()
+            .connect_timeout(timeout.min(MAX_CONNECT_TIMEOUT))
+            .timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build();
+        let client = match client {
+            Ok(client) => Some(client),
+            Err(error) => {
+                problems.push("url", format!("the HTTP client cannot be set up: {error}"));
+                None
+            }
+        };
+
+        problems.finish(|| WebhookConnector {
+            client: client.expect("a client when there are no problems"),
+            url: activation_url
+                .or(connection_url)
+                .expect("a url when there are no problems"),
+            authorization,
+            batch_size: usize::try_from(batch_size).expect("batch_size within 1..=10000"),
+        })
+    }
+
+    /// Sends one batch and classifies the answer.
+    async fn post(&self, batch: &Batch) -> Result<Outcome, DeliveryError> {
+        let batch_id = format!(
+            "{}-{}-{}-{}",
+            batch.run_id,
+            batch.activation,
+            batch.change.as_str(),
+            batch.sequence
+        );
+        let idempotency_key =
+            HeaderValue::from_str(&batch_id).map_err(|_| DeliveryError::Permanent {
+                message: format!(
+                    "batch id `{}` cannot be sent as an Idempotency-Key header; use only visible \
+                     ASCII in activation names",
+                    batch_id.escape_debug()
+                ),
+            })?;
+        let payload = Payload {
+            run_id: batch.run_id,
+            activation: &batch.activation,
+            change: batch.change,
+            sequence: batch.sequence,
+            batch_id: &batch_id,
+            members: &batch.members,
+        };
+
+        let mut request = self
+            .client
+            .post(self.url.clone())
+            .header(IDEMPOTENCY_KEY, idempotency_key)
+            .json(&payload);
+        if let Some(authorization) = &self.authorization {
+            request = request.header(AUTHORIZATION, authorization.clone());
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|error| self.transport_failure(error))?;
+
+        let status = response.status();
+        if status.is_success() {
+            let body = response
+                .bytes()
+                .await
+                .map_err(|error| DeliveryError::Retryable {
+                    message: format!(
+                        "{} answered {status} but its body could not be read: {}",
+                        self.shown_url(),
+                        error_chain(&error.without_url())
+                    ),
+                })?;
+            return Ok(self.outcome(batch, &body));
+        }
+
+        let retry_after = response.headers().get(RETRY_AFTER).cloned();
+        let body = quoted_body(response).await;
+        let message = format!("{} answered {status}: {body}", self.shown_url());
+        Err(classify_failure(
+            status,
+            message,
+            retry_after.as_ref(),
+            SystemTime::now(),
+        ))
+    }
+
+    /// The outcome of a 2xx answer: keys listed under `rejected` are rejected, the rest of the
+    /// batch accepted.
+    fn outcome(&self, batch: &Batch, body: &[u8]) -> Outcome {
+        let rejections = match read_rejections(body) {
+            Ok(rejections) => rejections,
+            Err(error) => {
+                tracing::warn!(
+                    activation = %batch.activation,
+                    change = batch.change.as_str(),
+                    sequence = batch.sequence,
+                    error = %error,
+                    "webhook answer has an unreadable `rejected` list; counting every member \
+                     as accepted"
+                );
+                HashMap::new()
+            }
+        };
+
+        let mut outcome = Outcome::default();
+        for member in &batch.members {
+            match rejections.get(member.key.as_str()) {
+                Some(reason) => outcome.rejected.push(Rejection {
+                    key: member.key.clone(),
+                    reason: reason.clone(),
+                }),
+                None => outcome.accepted.push(member.key.clone()),
+            }
+        }
+        outcome
+    }
+
+    fn transport_failure(&self, error: reqwest::Error) -> DeliveryError {
+        let what = if error.is_timeout() {
+            "timed out"
+        } else {
+            "failed"
+        };
+        DeliveryError::Retryable {
+            message: format!(
+                "POST to {} {what}: {}",
+                self.shown_url(),
+                error_chain(&error.without_url())
+            ),
+        }
+    }
+
+    /// The URL without credentials, query or fragment, fit for messages and logs.
+    fn shown_url(&self) -> String {
+        let mut shown = self.url.clone();
+        // Setting these only fails for URLs that cannot carry them, which then have none.
+        let _ = shown.set_username("");
+        let _ = shown.set_password(None);
+        shown.set_query(None);
+        shown.set_fragment(None);
+        shown.to_string()
+    }
+}
+
+impl Connector for WebhookConnector {
+    fn kind(&self) -> &'static str {
+        "webhook"
+    }
+
+    fn max_batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    fn deliver<'a>(&'a self, batch: &'a Batch) -> BoxFuture<'a, Result<Outcome, DeliveryError>> {
+        Box::pin(self.post(batch))
+    }
+}
+
+/// The JSON document POSTed for one batch.
+#[derive(serde::Serialize)]
+struct Payload<'a> {
+    run_id: i64,
+    activation: &'a str,
+    change: Change,
+    sequence: u32,
+    batch_id: &'a str,
+    members: &'a [Member],
+}
+
+/// The part of a 2xx answer the connector reads.
+#[derive(serde::Deserialize)]
+struct Answer {
+    rejected: Vec<RejectedMember>,
+}
+
+/// One entry of a 2xx answer's `rejected` list.
+#[derive(serde::Deserialize)]
+struct RejectedMember {
+    key: String,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// The `url` at `key` in `table`, if present and an `http` or `https` URL.
+fn parse_url(problems: &mut Problems, table: &toml::Table, place: Place) -> Option<Url> {
+    let text = problems.string(table, place, "url")?;
+    match Url::parse(&text) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => Some(url),
+        Ok(url) => {
+            let scheme = url.scheme();
+            problems.push(
+                "url",
+                format!("must be an http or https URL with a host, got `{scheme}:`"),
+            );
+            None
+        }
+        Err(error) => {
+            problems.push("url", format!("not a valid URL: {error}"));
+            None
+        }
+    }
+}
+
+/// The `Authorization` header value, when `token_env` is set and the token can be sent.
+fn read_authorization(
+    problems: &mut Problems,
+    connection: &toml::Table,
+    secrets: &BTreeMap<String, String>,
+) -> Option<HeaderValue> {
+    let variable = problems.string(connection, Place::Connection, "token_env")?;
+    let Some(token) = secrets.get("token") else {
+        problems.push(
+            "token_env",
+            format!("the environment variable `{variable}` is not set; export it with the token"),
+        );
+        return None;
+    };
+    match HeaderValue::from_str(&format!("Bearer {token}")) {
+        Ok(mut value) => {
+            value.set_sensitive(true);
+            Some(value)
+        }
+        Err(_) => {
+            problems.push(
+                "token_env",
+                format!(
+                    "the token in `{variable}` holds characters an HTTP header cannot carry; \
+                     check the variable's value"
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// Rejection reasons by key from a 2xx body. A body that is not a JSON object with a
+/// `rejected` key rejects nothing; a `rejected` value of the wrong shape is an error.
+fn read_rejections(body: &[u8]) -> Result<HashMap<String, String>, serde_json::Error> {
+    let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(body) else {
+        return Ok(HashMap::new());
+    };
+    if !fields.contains_key("rejected") {
+        return Ok(HashMap::new());
+    }
+    let answer: Answer = serde_json::from_value(serde_json::Value::Object(fields))?;
+    Ok(answer
+        .rejected
+        .into_iter()
+        .map(|rejected| {
+            let reason = rejected
+                .reason
+                .map(|reason| quote(&reason))
+                .unwrap_or_else(|| "rejected by the webhook without a reason".to_owned());
+            (rejected.key, reason)
+        })
+        .collect())
+}
+
+/// The failure a non-2xx answer stands for.
+fn classify_failure(
+    status: StatusCode,
+    message: String,
+    retry_after: Option<&HeaderValue>,
+    now: SystemTime,
+) -> DeliveryError {
+    match status.as_u16() {
+        429 => DeliveryError::RateLimited {
+            wait: retry_after.and_then(|value| requested_wait(value, now)),
+            message,
+        },
+        408 => DeliveryError::Retryable { message },
+        501 => DeliveryError::Permanent { message },
+        500..=599 => DeliveryError::Retryable { message },
+        401 | 403 => DeliveryError::Auth { message },
+        300..=399 => DeliveryError::Permanent {
+            message: format!(
+                "{message}; redirects are not followed, set `url` to the final address"
+            ),
+        },
+        _ => DeliveryError::Permanent { message },
+    }
+}
+
+/// The wait a `Retry-After` value asks for: delta-seconds, or an HTTP-date (one in the past
+/// asks for no wait). `None` when it is neither.
+fn requested_wait(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
+    let text = value.to_str().ok()?.trim();
+    if !text.is_empty() && text.bytes().all(|byte| byte.is_ascii_digit()) {
+        // Digits too many for a u64 are a wait far beyond any cap.
+        return Some(Duration::from_secs(text.parse().unwrap_or(u64::MAX)));
+    }
+    let date = httpdate::parse_http_date(text).ok()?;
+    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// The start of a failed answer's body, quoted for an error message.
+async fn quoted_body(mut response: reqwest::Response) -> String {
+    let mut bytes = Vec::new();
+    while bytes.len() < MAX_ERROR_BODY_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    quote(&String::from_utf8_lossy(&bytes))
+}
+
+/// `text` cut to its first [`MAX_QUOTED_CHARS`] characters, with `...` when cut.
+fn quote(text: &str) -> String {
+    let text = text.trim();
+    match text.char_indices().nth(MAX_QUOTED_CHARS) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
+/// An error and its sources, `: `-separated: reqwest's own message alone says little.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(text: &str) -> HeaderValue {
+        HeaderValue::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn retry_after_in_seconds_is_the_wait() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+
+        assert_eq!(
+            requested_wait(&header("120"), now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(requested_wait(&header(" 0 "), now), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn retry_after_as_a_date_waits_until_then_and_not_at_all_when_past() {
+        // Sun, 06 Nov 1994 08:49:37 GMT is 784111777 seconds after the epoch.
+        let date = header("Sun, 06 Nov 1994 08:49:37 GMT");
+        let before = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777 - 90);
+        let after = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777 + 90);
+
+        assert_eq!(requested_wait(&date, before), Some(Duration::from_secs(90)));
+        assert_eq!(requested_wait(&date, after), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn retry_after_that_is_neither_form_asks_for_no_particular_wait() {
+        let now = SystemTime::now();
+
+        assert_eq!(requested_wait(&header("soon"), now), None);
+        assert_eq!(requested_wait(&header("-5"), now), None);
+        assert_eq!(requested_wait(&header(""), now), None);
+    }
+
+    #[test]
+    fn statuses_are_classified_by_what_sending_again_would_do() {
+        let kind = |code: u16| {
+            let status = StatusCode::from_u16(code).unwrap();
+            match classify_failure(status, String::new(), None, SystemTime::now()) {
+                DeliveryError::Retryable { .. } => "retryable",
+                DeliveryError::RateLimited { .. } => "rate limited",
+                DeliveryError::Auth { .. } => "auth",
+                DeliveryError::Permanent { .. } => "permanent",
+            }
+        };
+
+        let kinds: Vec<(u16, &str)> = [
+            301, 400, 401, 403, 404, 408, 409, 422, 429, 500, 501, 502, 503, 504,
+        ]
+        .into_iter()
+        .map(|code| (code, kind(code)))
+        .collect();
+
+        assert_eq!(
+            kinds,
+            [
+                (301, "permanent"),
+                (400, "permanent"),
+                (401, "auth"),
+                (403, "auth"),
+                (404, "permanent"),
+                (408, "retryable"),
+                (409, "permanent"),
+                (422, "permanent"),
+                (429, "rate limited"),
+                (500, "retryable"),
+                (501, "permanent"),
+                (502, "retryable"),
+                (503, "retryable"),
+                (504, "retryable"),
+            ]
+        );
+    }
+
+    #[test]
+    fn quoted_text_stops_after_two_hundred_characters() {
+        let long = "é".repeat(250);
+
+        let quoted = quote(&long);
+
+        assert_eq!(quoted, format!("{}...", "é".repeat(200)));
+        assert_eq!(quote("short"), "short");
+    }
+
+    #[test]
+    fn a_body_without_a_rejected_list_rejects_nothing() {
+        assert_eq!(read_rejections(b"").unwrap(), HashMap::new());
+        assert_eq!(read_rejections(b"OK").unwrap(), HashMap::new());
+        assert_eq!(
+            read_rejections(br#"{"status":"ok"}"#).unwrap(),
+            HashMap::new()
+        );
+    }
+
+    #[test]
+    fn a_rejected_list_of_the_wrong_shape_is_an_error() {
+        assert!(read_rejections(br#"{"rejected":"all"}"#).is_err());
+        assert!(read_rejections(br#"{"rejected":[{"reason":"no key"}]}"#).is_err());
+    }
+
+    #[test]
+    fn the_shown_url_leaves_out_credentials_and_query() {
+        let settings: toml::Table =
+            toml::from_str(r#"url = "https://user:secret@hooks.example.com/in?sig=abc#x""#)
+                .unwrap();
+        let connector =
+            WebhookConnector::from_settings(&settings, &toml::Table::new(), &BTreeMap::new())
+                .unwrap();
+
+        assert_eq!(connector.shown_url(), "https://hooks.example.com/in");
+    }
+}

@@ -1,0 +1,331 @@
+//! `pipelines/<name>/segments/**.toml`: one segment per file.
+//!
+//! A segment's name is its path under `segments/` without `.toml`; the folders on that path are
+//! its folders (`engagement/uk_frequent_buyers` lives in the folder `engagement`). A file holds
+//! the segment's rule and its activations. This module loads every file, checks each rule
+//! against the master segment's columns, checks references between segments (unknown names and
+//! cycles, naming the cycle) and orders segments so each comes after those it refers to.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{DaemonConfig, Problem, SourceText, is_identifier, read_text};
+use crate::rules::{Catalog, RawCondition, Rule};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSegment {
+    description: Option<String>,
+    rule: Option<Spanned<RawCondition>>,
+    #[serde(default)]
+    activations: Vec<Spanned<RawActivation>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawActivation {
+    name: Spanned<String>,
+    connection: Spanned<String>,
+    #[serde(default)]
+    identifiers: Vec<Spanned<String>>,
+    #[serde(default)]
+    settings: toml::Table,
+}
+
+/// One checked segment.
+#[derive(Debug, Clone)]
+pub struct SegmentDef {
+    /// Path under `segments/` without `.toml`, with `/` between folders.
+    pub name: String,
+    /// The file it came from.
+    pub file: PathBuf,
+    /// What it is for.
+    pub description: String,
+    /// Its rule.
+    pub rule: Rule,
+    /// Segments its rule refers to.
+    pub references: Vec<String>,
+    /// Where its members are sent.
+    pub activations: Vec<ActivationDef>,
+}
+
+impl SegmentDef {
+    /// The folder holding the segment (empty at the top).
+    pub fn folder(&self) -> &str {
+        self.name.rsplit_once('/').map_or("", |(folder, _)| folder)
+    }
+}
+
+/// One activation: a segment sent to one destination.
+#[derive(Debug, Clone)]
+pub struct ActivationDef {
+    /// `<segment>/<name>`: unique within the pipeline; the key of its acknowledged state.
+    pub id: String,
+    /// The connection it sends through.
+    pub connection: String,
+    /// The connector type of that connection.
+    pub kind: String,
+    /// Master or attribute columns sent with each member.
+    pub identifiers: Vec<String>,
+    /// The activation's own connector settings.
+    pub settings: toml::Table,
+}
+
+/// Every `.toml` file under `dir`, sorted.
+fn segment_files(dir: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    let mut entries: Vec<PathBuf> =
+        std::fs::read_dir(dir)?.filter_map(Result::ok).map(|e| e.path()).collect();
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            segment_files(&path, files)?;
+        } else if path.extension().is_some_and(|e| e == "toml") {
+            files.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Loads every segment of a pipeline, in dependency order.
+pub(super) fn load_all(
+    pipeline_dir: &Path,
+    pipeline: &str,
+    catalog: &Catalog,
+    daemon: &DaemonConfig,
+    problems: &mut Vec<Problem>,
+) -> Vec<SegmentDef> {
+    let root = pipeline_dir.join("segments");
+    let mut files = Vec::new();
+    if root.is_dir()
+        && let Err(err) = segment_files(&root, &mut files)
+    {
+        problems.push(Problem {
+            file: root.clone(),
+            line: None,
+            message: format!("cannot read the segments folder: {err}"),
+        });
+    }
+
+    let mut segments = Vec::new();
+    let mut lines: BTreeMap<String, (PathBuf, Vec<(String, usize)>)> = BTreeMap::new();
+    for file in files {
+        let relative = file.strip_prefix(&root).expect("under root").with_extension("");
+        let name = relative
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join("/");
+        if let Some((segment, references)) = load_one(&file, &name, pipeline, catalog, daemon, problems)
+        {
+            lines.insert(name.clone(), (file.clone(), references));
+            segments.push(segment);
+        }
+    }
+
+    // References: every name must exist.
+    let known: BTreeSet<&str> = segments.iter().map(|s| s.name.as_str()).collect();
+    for (file, references) in lines.values() {
+        for (reference, line) in references {
+            if !known.contains(reference.as_str()) {
+                problems.push(Problem {
+                    file: file.clone(),
+                    line: Some(*line),
+                    message: format!(
+                        "the rule refers to segment `{reference}`, which does not exist in this \
+                         pipeline (segments are named by their path under segments/, without .toml)"
+                    ),
+                });
+            }
+        }
+    }
+
+    order_by_dependency(segments, problems)
+}
+
+fn load_one(
+    file: &Path,
+    name: &str,
+    pipeline: &str,
+    catalog: &Catalog,
+    daemon: &DaemonConfig,
+    problems: &mut Vec<Problem>,
+) -> Option<(SegmentDef, Vec<(String, usize)>)> {
+    let text = match read_text(file) {
+        Ok(text) => text,
+        Err(problem) => {
+            problems.push(problem);
+            return None;
+        }
+    };
+    let source = SourceText { path: file, text: &text };
+    if !name.split('/').all(is_identifier) {
+        problems.push(source.problem(
+            "segment files and folders are named in lower case letters, digits and `_`, \
+             starting with a letter",
+        ));
+        return None;
+    }
+    let raw: RawSegment = match source.parse() {
+        Ok(raw) => raw,
+        Err(problem) => {
+            problems.push(problem);
+            return None;
+        }
+    };
+    let before = problems.len();
+
+    let empty = Spanned::new(0..0, RawCondition::default());
+    let (rule, references) = match crate::rules::check(raw.rule.as_ref().unwrap_or(&empty), catalog)
+    {
+        Ok(checked) => checked,
+        Err(rule_problems) => {
+            for problem in rule_problems {
+                problems.push(source.problem_at_offset(problem.offset, problem.message));
+            }
+            (Rule::Everyone, Vec::new())
+        }
+    };
+    let reference_line = raw.rule.as_ref().map_or(1, |r| source.line_of(r.span().start));
+    let references_with_lines = references.iter().map(|r| (r.clone(), reference_line)).collect();
+    if references.iter().any(|r| r == name) {
+        problems.push(source.problem_at_offset(
+            raw.rule.as_ref().map_or(0, |r| r.span().start),
+            format!("the rule of `{name}` refers to itself"),
+        ));
+    }
+
+    let mut activations: Vec<ActivationDef> = Vec::new();
+    for activation in &raw.activations {
+        let spec = activation.get_ref();
+        let activation_name = spec.name.get_ref();
+        if !is_identifier(activation_name) {
+            problems.push(source.problem_at(
+                &spec.name,
+                "activation names are lower case letters, digits and `_`, starting with a letter",
+            ));
+            continue;
+        }
+        if activations.iter().any(|a| a.id.ends_with(&format!("/{activation_name}"))) {
+            problems.push(source.problem_at(
+                &spec.name,
+                format!("two activations are called `{activation_name}`"),
+            ));
+            continue;
+        }
+        for identifier in &spec.identifiers {
+            if catalog.attribute(identifier.get_ref()).is_none() {
+                problems.push(source.problem_at(
+                    identifier,
+                    format!(
+                        "identifier `{}` is not a master or attribute column",
+                        identifier.get_ref()
+                    ),
+                ));
+            }
+        }
+        let Some(connection) = daemon.connections.get(spec.connection.get_ref()) else {
+            let known: Vec<&str> = daemon.connections.keys().map(String::as_str).collect();
+            problems.push(source.problem_at(
+                &spec.connection,
+                format!(
+                    "there is no connection `{}` in {}; connections: {}",
+                    spec.connection.get_ref(),
+                    daemon.path.display(),
+                    known.join(", ")
+                ),
+            ));
+            continue;
+        };
+        if let Err(errors) = segmentd_connectors::build(
+            &connection.kind,
+            &connection.settings,
+            &spec.settings,
+            &connection.secrets,
+        ) {
+            for error in errors {
+                problems.push(source.problem_at(
+                    activation,
+                    format!("activation `{activation_name}`: settings.{error}"),
+                ));
+            }
+            continue;
+        }
+        activations.push(ActivationDef {
+            id: format!("{name}/{activation_name}"),
+            connection: connection.name.clone(),
+            kind: connection.kind.clone(),
+            identifiers: spec.identifiers.iter().map(|i| i.get_ref().clone()).collect(),
+            settings: spec.settings.clone(),
+        });
+    }
+    let _ = pipeline;
+
+    if problems.len() > before {
+        return None;
+    }
+    Some((
+        SegmentDef {
+            name: name.to_string(),
+            file: file.to_path_buf(),
+            description: raw.description.unwrap_or_default(),
+            rule,
+            references,
+            activations,
+        },
+        references_with_lines,
+    ))
+}
+
+/// Orders segments so that each follows those it refers to; a cycle is a problem naming it.
+fn order_by_dependency(segments: Vec<SegmentDef>, problems: &mut Vec<Problem>) -> Vec<SegmentDef> {
+    let by_name: BTreeMap<String, SegmentDef> =
+        segments.into_iter().map(|s| (s.name.clone(), s)).collect();
+    let mut ordered = Vec::new();
+    let mut done = BTreeSet::new();
+    let mut reported = BTreeSet::new();
+    for name in by_name.keys() {
+        let mut path = Vec::new();
+        visit(name, &by_name, &mut done, &mut path, &mut ordered, problems, &mut reported);
+    }
+    ordered.into_iter().map(|name| by_name[&name].clone()).collect()
+}
+
+fn visit(
+    name: &str,
+    by_name: &BTreeMap<String, SegmentDef>,
+    done: &mut BTreeSet<String>,
+    path: &mut Vec<String>,
+    ordered: &mut Vec<String>,
+    problems: &mut Vec<Problem>,
+    reported: &mut BTreeSet<String>,
+) {
+    if done.contains(name) {
+        return;
+    }
+    let Some(segment) = by_name.get(name) else { return };
+    if let Some(start) = path.iter().position(|p| p == name) {
+        let mut cycle: Vec<String> = path[start..].to_vec();
+        cycle.push(name.to_string());
+        let mut key: Vec<String> = path[start..].to_vec();
+        key.sort();
+        if reported.insert(key.join(",")) {
+            problems.push(Problem {
+                file: segment.file.clone(),
+                line: None,
+                message: format!("segments refer to each other in a cycle: {}", cycle.join(" -> ")),
+            });
+        }
+        return;
+    }
+    path.push(name.to_string());
+    for reference in &segment.references {
+        visit(reference, by_name, done, path, ordered, problems, reported);
+    }
+    path.pop();
+    if done.insert(name.to_string()) {
+        ordered.push(name.to_string());
+    }
+}

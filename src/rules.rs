@@ -1,0 +1,711 @@
+//! The segment rule language: its model and its checks.
+//!
+//! A rule is a tree: `all` / `any` / `not` groups over leaf conditions. A leaf is a value
+//! condition on a master or attribute column, a behaviour condition (an aggregate over the
+//! behaviour rows that match a filter, within a time window, compared with a value), or a
+//! reference to another segment. This module turns the TOML an operator writes into that tree,
+//! checking every column, operator and value against the master segment's declared columns
+//! ([`Catalog`]); it reports problems with the line they are on. Turning a rule into SQL is
+//! [`crate::compile`]'s job.
+//!
+//! Null policy: a leaf condition on a missing value is false, whatever its operator, except
+//! `is null`; `not` is plain logical negation of the group under it. So `country != "France"`
+//! excludes profiles with no country, and `not { country = "France" }` includes them.
+
+use std::collections::BTreeMap;
+
+use chrono::{NaiveDate, NaiveDateTime};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::config::pipeline::{TableDef, TableRole};
+use crate::schema::{ColumnType, ValueKind};
+
+/// A condition as written in a segment file, before checking.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCondition {
+    all: Option<Vec<Spanned<RawCondition>>>,
+    any: Option<Vec<Spanned<RawCondition>>>,
+    not: Option<Box<Spanned<RawCondition>>>,
+    segment: Option<String>,
+    attribute: Option<String>,
+    behaviour: Option<String>,
+    column: Option<String>,
+    aggregate: Option<String>,
+    within: Option<String>,
+    #[serde(rename = "where")]
+    filter: Option<Box<Spanned<RawCondition>>>,
+    op: Option<String>,
+    value: Option<toml::Value>,
+}
+
+/// A checked rule.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rule {
+    /// Every member of the master segment (an empty rule).
+    Everyone,
+    /// All of the conditions hold.
+    All(Vec<Rule>),
+    /// At least one of the conditions holds.
+    Any(Vec<Rule>),
+    /// The condition does not hold.
+    Not(Box<Rule>),
+    /// The profile is a member of the named segment.
+    Segment(String),
+    /// A condition on a master or attribute column.
+    Attribute {
+        /// Where the column is.
+        column: ColumnRef,
+        /// What its value must satisfy.
+        predicate: Predicate,
+    },
+    /// A condition on an aggregate of behaviour rows.
+    Behaviour(BehaviourCondition),
+}
+
+/// A master or attribute column a condition reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnRef {
+    /// `None` for the master table, else the attribute table's name.
+    pub attribute_table: Option<String>,
+    /// The column.
+    pub column: String,
+    /// Its declared type.
+    pub column_type: ColumnType,
+}
+
+/// What a value must satisfy.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Predicate {
+    /// Compared with one value.
+    Compare(Comparison, Value),
+    /// Equal to one of the values.
+    In(Vec<Value>),
+    /// Equal to none of the values (and present).
+    NotIn(Vec<Value>),
+    /// Between two values, both ends included.
+    Between(Value, Value),
+    /// Missing.
+    IsNull,
+    /// Present.
+    IsNotNull,
+}
+
+/// A comparison operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Comparison {
+    /// `=`
+    Equal,
+    /// `!=`
+    NotEqual,
+    /// `<`
+    Less,
+    /// `<=`
+    LessOrEqual,
+    /// `>`
+    Greater,
+    /// `>=`
+    GreaterOrEqual,
+}
+
+impl Comparison {
+    /// The SQL operator.
+    pub fn sql(self) -> &'static str {
+        match self {
+            Comparison::Equal => "=",
+            Comparison::NotEqual => "<>",
+            Comparison::Less => "<",
+            Comparison::LessOrEqual => "<=",
+            Comparison::Greater => ">",
+            Comparison::GreaterOrEqual => ">=",
+        }
+    }
+}
+
+/// A rule value, typed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// A boolean.
+    Bool(bool),
+    /// A whole number.
+    Int(i64),
+    /// A number with a fraction.
+    Float(f64),
+    /// Text.
+    Text(String),
+    /// A wall-clock time.
+    Timestamp(NaiveDateTime),
+    /// A calendar date.
+    Date(NaiveDate),
+}
+
+/// An aggregate over behaviour rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aggregate {
+    /// How many rows.
+    Count,
+    /// How many distinct values of a column.
+    CountDistinct,
+    /// Sum of a column.
+    Sum,
+    /// Average of a column.
+    Average,
+    /// Smallest value of a column.
+    Min,
+    /// Largest value of a column.
+    Max,
+}
+
+impl Aggregate {
+    fn parse(text: &str) -> Option<Aggregate> {
+        Some(match text {
+            "count" => Aggregate::Count,
+            "count_distinct" => Aggregate::CountDistinct,
+            "sum" => Aggregate::Sum,
+            "avg" | "average" => Aggregate::Average,
+            "min" => Aggregate::Min,
+            "max" => Aggregate::Max,
+            _ => return None,
+        })
+    }
+}
+
+/// A unit of a relative time window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeUnit {
+    /// Minutes, as elapsed time.
+    Minutes,
+    /// Hours, as elapsed time.
+    Hours,
+    /// Calendar days on the wall clock of the pipeline's time zone.
+    Days,
+    /// Calendar weeks (7 days).
+    Weeks,
+    /// Calendar months.
+    Months,
+    /// Calendar years.
+    Years,
+}
+
+/// "Within the last N units" before the run's `as_of`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// How many units.
+    pub amount: u32,
+    /// Which unit.
+    pub unit: TimeUnit,
+}
+
+impl Window {
+    /// Parses `"30 days"`, `"1 month"`, `"12 hours"`.
+    pub fn parse(text: &str) -> Result<Window, String> {
+        let mut words = text.split_whitespace();
+        let (Some(amount), Some(unit), None) = (words.next(), words.next(), words.next()) else {
+            return Err(format!("`within = \"{text}\"` must be a number and a unit, such as \"30 days\""));
+        };
+        let amount: u32 = amount
+            .parse()
+            .map_err(|_| format!("`within = \"{text}\"`: `{amount}` is not a whole number"))?;
+        let unit = match unit.trim_end_matches('s') {
+            "minute" => TimeUnit::Minutes,
+            "hour" => TimeUnit::Hours,
+            "day" => TimeUnit::Days,
+            "week" => TimeUnit::Weeks,
+            "month" => TimeUnit::Months,
+            "year" => TimeUnit::Years,
+            _ => {
+                return Err(format!(
+                    "`within = \"{text}\"`: unknown unit `{unit}`; use minutes, hours, days, \
+                     weeks, months or years"
+                ));
+            }
+        };
+        Ok(Window { amount, unit })
+    }
+}
+
+/// A condition over behaviour rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BehaviourCondition {
+    /// The behaviour table's name.
+    pub behaviour: String,
+    /// The aggregate.
+    pub aggregate: Aggregate,
+    /// The aggregated column (none for `count`).
+    pub column: Option<String>,
+    /// The time window, if any.
+    pub window: Option<Window>,
+    /// Which rows count.
+    pub filter: Option<Filter>,
+    /// What the aggregate must satisfy.
+    pub predicate: Predicate,
+}
+
+/// A filter on behaviour rows.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Filter {
+    /// All hold.
+    All(Vec<Filter>),
+    /// One holds.
+    Any(Vec<Filter>),
+    /// Does not hold.
+    Not(Box<Filter>),
+    /// A condition on one column of the behaviour row.
+    Column {
+        /// The column.
+        column: String,
+        /// Its declared type.
+        column_type: ColumnType,
+        /// What it must satisfy.
+        predicate: Predicate,
+    },
+}
+
+/// The columns rules may refer to, from the pipeline's declared tables.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    /// Master and attribute columns by name: `(attribute table or None, type)`.
+    attributes: BTreeMap<String, (Option<String>, ColumnType)>,
+    /// Behaviour tables by name.
+    behaviours: BTreeMap<String, TableDef>,
+}
+
+impl Catalog {
+    /// Builds the catalog; a column name used by two attribute tables (other than the key) is
+    /// an error, since rules name columns without their table.
+    pub fn new(
+        master: &TableDef,
+        attributes: &[TableDef],
+        behaviours: &[TableDef],
+    ) -> Result<Catalog, String> {
+        let mut columns = BTreeMap::new();
+        for (name, column_type) in &master.columns {
+            columns.insert(name.clone(), (None, column_type.clone()));
+        }
+        for table in attributes {
+            for (name, column_type) in &table.columns {
+                if name == &table.key {
+                    continue;
+                }
+                let owner = Some(table.name.clone());
+                if let Some((other, _)) = columns.insert(name.clone(), (owner, column_type.clone()))
+                {
+                    let other = other.map_or("the master table".to_string(), |t| {
+                        format!("attribute table `{t}`")
+                    });
+                    return Err(format!(
+                        "column `{name}` of attribute table `{}` has the same name as a column \
+                         of {other}; rename one of them",
+                        table.name
+                    ));
+                }
+            }
+        }
+        let behaviours = behaviours
+            .iter()
+            .filter(|t| t.role == TableRole::Behaviour)
+            .map(|t| (t.name.clone(), t.clone()))
+            .collect();
+        Ok(Catalog { attributes: columns, behaviours })
+    }
+
+    /// A master or attribute column by name.
+    pub fn attribute(&self, name: &str) -> Option<ColumnRef> {
+        self.attributes.get(name).map(|(table, column_type)| ColumnRef {
+            attribute_table: table.clone(),
+            column: name.to_string(),
+            column_type: column_type.clone(),
+        })
+    }
+
+    fn attribute_names(&self) -> String {
+        self.attributes.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// A problem in a rule, at a byte offset of its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleProblem {
+    /// Byte offset in the segment file.
+    pub offset: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Checks a raw rule, returning the rule and the segments it refers to, or every problem.
+pub fn check(
+    raw: &Spanned<RawCondition>,
+    catalog: &Catalog,
+) -> Result<(Rule, Vec<String>), Vec<RuleProblem>> {
+    let mut checker = Checker { catalog, problems: Vec::new(), references: Vec::new() };
+    let rule = checker.rule(raw, true);
+    if checker.problems.is_empty() {
+        Ok((rule, checker.references))
+    } else {
+        Err(checker.problems)
+    }
+}
+
+struct Checker<'a> {
+    catalog: &'a Catalog,
+    problems: Vec<RuleProblem>,
+    references: Vec<String>,
+}
+
+/// Names the keys of a raw condition that are set, to tell what kind of node it is.
+fn node_keys(raw: &RawCondition) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    for (set, key) in [
+        (raw.all.is_some(), "all"),
+        (raw.any.is_some(), "any"),
+        (raw.not.is_some(), "not"),
+        (raw.segment.is_some(), "segment"),
+        (raw.attribute.is_some(), "attribute"),
+        (raw.behaviour.is_some(), "behaviour"),
+    ] {
+        if set {
+            keys.push(key);
+        }
+    }
+    keys
+}
+
+impl Checker<'_> {
+    fn problem(&mut self, at: &Spanned<RawCondition>, message: impl Into<String>) {
+        self.problems.push(RuleProblem { offset: at.span().start, message: message.into() });
+    }
+
+    fn rule(&mut self, spanned: &Spanned<RawCondition>, root: bool) -> Rule {
+        let raw = spanned.get_ref();
+        let keys = node_keys(raw);
+        if keys.len() > 1 {
+            self.problem(
+                spanned,
+                format!(
+                    "a condition has exactly one of all, any, not, segment, attribute or \
+                     behaviour; this one has {}",
+                    keys.join(" and ")
+                ),
+            );
+            return Rule::Everyone;
+        }
+        let Some(kind) = keys.first() else {
+            if root && raw.column.is_none() && raw.op.is_none() && raw.value.is_none() {
+                return Rule::Everyone;
+            }
+            self.problem(
+                spanned,
+                "a condition needs one of all, any, not, segment, attribute or behaviour",
+            );
+            return Rule::Everyone;
+        };
+        match *kind {
+            "all" | "any" => {
+                self.only(spanned, &[]);
+                let items = raw.all.as_ref().or(raw.any.as_ref()).expect("set");
+                if items.is_empty() {
+                    self.problem(spanned, format!("`{kind}` needs at least one condition"));
+                }
+                let rules = items.iter().map(|item| self.rule(item, false)).collect();
+                if *kind == "all" { Rule::All(rules) } else { Rule::Any(rules) }
+            }
+            "not" => {
+                self.only(spanned, &[]);
+                Rule::Not(Box::new(self.rule(raw.not.as_ref().expect("set"), false)))
+            }
+            "segment" => {
+                self.only(spanned, &[]);
+                let name = raw.segment.clone().expect("set");
+                self.references.push(name.clone());
+                Rule::Segment(name)
+            }
+            "attribute" => {
+                self.only(spanned, &["op", "value"]);
+                let name = raw.attribute.as_deref().expect("set");
+                match self.catalog.attribute(name) {
+                    Some(column) => {
+                        let predicate = self.predicate(spanned, &column.column_type);
+                        Rule::Attribute { column, predicate }
+                    }
+                    None => {
+                        let known = self.catalog.attribute_names();
+                        self.problem(
+                            spanned,
+                            format!("unknown attribute `{name}`; master and attribute columns: {known}"),
+                        );
+                        Rule::Everyone
+                    }
+                }
+            }
+            _ => self.behaviour(spanned),
+        }
+    }
+
+    /// Reports keys set on a node that its kind does not take.
+    fn only(&mut self, spanned: &Spanned<RawCondition>, allowed: &[&str]) {
+        let raw = spanned.get_ref();
+        let extra = [
+            (raw.column.is_some(), "column"),
+            (raw.aggregate.is_some(), "aggregate"),
+            (raw.within.is_some(), "within"),
+            (raw.filter.is_some(), "where"),
+            (raw.op.is_some(), "op"),
+            (raw.value.is_some(), "value"),
+        ];
+        for (set, key) in extra {
+            if set && !allowed.contains(&key) {
+                self.problem(spanned, format!("`{key}` does not belong in this condition"));
+            }
+        }
+    }
+
+    fn behaviour(&mut self, spanned: &Spanned<RawCondition>) -> Rule {
+        let raw = spanned.get_ref();
+        self.only(spanned, &["column", "aggregate", "within", "where", "op", "value"]);
+        let name = raw.behaviour.clone().expect("set");
+        let Some(table) = self.catalog.behaviours.get(&name).cloned() else {
+            let known: Vec<&str> = self.catalog.behaviours.keys().map(String::as_str).collect();
+            self.problem(
+                spanned,
+                format!("unknown behaviour `{name}`; behaviour tables: {}", known.join(", ")),
+            );
+            return Rule::Everyone;
+        };
+
+        let aggregate_name = raw.aggregate.as_deref().unwrap_or("count");
+        let aggregate = Aggregate::parse(aggregate_name).unwrap_or_else(|| {
+            self.problem(
+                spanned,
+                format!(
+                    "unknown aggregate `{aggregate_name}`; use count, count_distinct, sum, avg, \
+                     min or max"
+                ),
+            );
+            Aggregate::Count
+        });
+
+        let column_type = match (&raw.column, aggregate) {
+            (None, Aggregate::Count) => ColumnType::Integer("BIGINT"),
+            (None, _) => {
+                self.problem(spanned, format!("aggregate `{aggregate_name}` needs `column`"));
+                ColumnType::Integer("BIGINT")
+            }
+            (Some(column), _) => match table.column_type(column) {
+                None => {
+                    self.problem(
+                        spanned,
+                        format!("behaviour `{name}` has no column `{column}`"),
+                    );
+                    ColumnType::Integer("BIGINT")
+                }
+                Some(found) => match aggregate {
+                    Aggregate::Count | Aggregate::CountDistinct => ColumnType::Integer("BIGINT"),
+                    Aggregate::Sum | Aggregate::Average if found.kind() != ValueKind::Number => {
+                        self.problem(
+                            spanned,
+                            format!("`{aggregate_name}` needs a numeric column; `{column}` is {found}"),
+                        );
+                        ColumnType::Float("DOUBLE")
+                    }
+                    Aggregate::Average => ColumnType::Float("DOUBLE"),
+                    _ => found.clone(),
+                },
+            },
+        };
+
+        let window = raw.within.as_deref().and_then(|within| match Window::parse(within) {
+            Ok(window) => Some(window),
+            Err(message) => {
+                self.problem(spanned, message);
+                None
+            }
+        });
+        let filter = raw.filter.as_ref().map(|filter| self.filter(filter, &table));
+        let predicate = self.predicate(spanned, &column_type);
+        Rule::Behaviour(BehaviourCondition {
+            behaviour: name,
+            aggregate,
+            column: raw.column.clone(),
+            window,
+            filter,
+            predicate,
+        })
+    }
+
+    fn filter(&mut self, spanned: &Spanned<RawCondition>, table: &TableDef) -> Filter {
+        let raw = spanned.get_ref();
+        if let Some(items) = raw.all.as_ref().or(raw.any.as_ref()) {
+            self.only(spanned, &[]);
+            let filters = items.iter().map(|item| self.filter(item, table)).collect();
+            return if raw.all.is_some() { Filter::All(filters) } else { Filter::Any(filters) };
+        }
+        if let Some(inner) = &raw.not {
+            self.only(spanned, &[]);
+            return Filter::Not(Box::new(self.filter(inner, table)));
+        }
+        let Some(column) = &raw.column else {
+            self.problem(
+                spanned,
+                "a `where` condition needs all, any, not, or `column` with `op` and `value`",
+            );
+            return Filter::All(Vec::new());
+        };
+        if !node_keys(raw).is_empty() {
+            self.problem(spanned, "a `where` condition names a behaviour `column`, nothing else");
+        }
+        self.only(spanned, &["column", "op", "value"]);
+        match table.column_type(column) {
+            Some(column_type) => {
+                let predicate = self.predicate(spanned, column_type);
+                Filter::Column { column: column.clone(), column_type: column_type.clone(), predicate }
+            }
+            None => {
+                let known: Vec<&str> = table.columns.iter().map(|(n, _)| n.as_str()).collect();
+                self.problem(
+                    spanned,
+                    format!(
+                        "behaviour `{}` has no column `{column}`; its columns: {}",
+                        table.name,
+                        known.join(", ")
+                    ),
+                );
+                Filter::All(Vec::new())
+            }
+        }
+    }
+
+    fn predicate(&mut self, spanned: &Spanned<RawCondition>, column_type: &ColumnType) -> Predicate {
+        let raw = spanned.get_ref();
+        let Some(op) = raw.op.as_deref() else {
+            self.problem(spanned, "the condition needs `op`, such as \"=\" or \">=\"");
+            return Predicate::IsNotNull;
+        };
+        let op = op.trim().to_ascii_lowercase().replace('_', " ");
+        if column_type.kind() == ValueKind::List {
+            self.problem(spanned, format!("conditions on list columns ({column_type}) are not supported"));
+            return Predicate::IsNotNull;
+        }
+        let comparison = match op.as_str() {
+            "=" | "==" => Some(Comparison::Equal),
+            "!=" | "<>" => Some(Comparison::NotEqual),
+            "<" => Some(Comparison::Less),
+            "<=" => Some(Comparison::LessOrEqual),
+            ">" => Some(Comparison::Greater),
+            ">=" => Some(Comparison::GreaterOrEqual),
+            _ => None,
+        };
+        if let Some(comparison) = comparison {
+            let value = self.single_value(spanned, column_type);
+            return Predicate::Compare(comparison, value);
+        }
+        match op.as_str() {
+            "is null" | "is not null" => {
+                if raw.value.is_some() {
+                    self.problem(spanned, format!("`{op}` takes no `value`"));
+                }
+                if op == "is null" { Predicate::IsNull } else { Predicate::IsNotNull }
+            }
+            "in" | "not in" => {
+                let values = self.list_value(spanned, column_type, None);
+                if op == "in" { Predicate::In(values) } else { Predicate::NotIn(values) }
+            }
+            "between" => {
+                let mut values = self.list_value(spanned, column_type, Some(2));
+                if values.len() == 2 {
+                    let high = values.pop().expect("two");
+                    Predicate::Between(values.pop().expect("two"), high)
+                } else {
+                    Predicate::IsNotNull
+                }
+            }
+            _ => {
+                self.problem(
+                    spanned,
+                    format!(
+                        "unknown operator `{op}`; use =, !=, <, <=, >, >=, in, not in, between, \
+                         is null or is not null"
+                    ),
+                );
+                Predicate::IsNotNull
+            }
+        }
+    }
+
+    fn single_value(&mut self, spanned: &Spanned<RawCondition>, column_type: &ColumnType) -> Value {
+        match &spanned.get_ref().value {
+            Some(toml::Value::Array(_)) => {
+                self.problem(spanned, "this operator takes one value, not a list");
+                Value::Bool(false)
+            }
+            Some(value) => self.value(spanned, value, column_type),
+            None => {
+                self.problem(spanned, "the condition needs `value`");
+                Value::Bool(false)
+            }
+        }
+    }
+
+    fn list_value(
+        &mut self,
+        spanned: &Spanned<RawCondition>,
+        column_type: &ColumnType,
+        exactly: Option<usize>,
+    ) -> Vec<Value> {
+        match &spanned.get_ref().value {
+            Some(toml::Value::Array(items)) if !items.is_empty() => {
+                if let Some(n) = exactly
+                    && items.len() != n
+                {
+                    self.problem(spanned, format!("`between` takes a list of {n} values: [low, high]"));
+                    return Vec::new();
+                }
+                items.iter().map(|item| self.value(spanned, item, column_type)).collect()
+            }
+            _ => {
+                self.problem(spanned, "this operator takes a non-empty list as `value`, such as [1, 2]");
+                Vec::new()
+            }
+        }
+    }
+
+    fn value(
+        &mut self,
+        spanned: &Spanned<RawCondition>,
+        value: &toml::Value,
+        column_type: &ColumnType,
+    ) -> Value {
+        let typed = match (column_type.kind(), value) {
+            (ValueKind::Boolean, toml::Value::Boolean(b)) => Some(Value::Bool(*b)),
+            (ValueKind::Number, toml::Value::Integer(i)) => Some(Value::Int(*i)),
+            (ValueKind::Number, toml::Value::Float(f)) if f.is_finite() => Some(Value::Float(*f)),
+            (ValueKind::Text, toml::Value::String(s)) => Some(Value::Text(s.clone())),
+            (ValueKind::Time, toml::Value::String(s)) => time_value(s, column_type),
+            (ValueKind::Time, toml::Value::Datetime(d)) => time_value(&d.to_string(), column_type),
+            _ => None,
+        };
+        typed.unwrap_or_else(|| {
+            self.problem(
+                spanned,
+                format!("the value {value} does not fit a column of type {column_type}"),
+            );
+            Value::Bool(false)
+        })
+    }
+}
+
+fn time_value(text: &str, column_type: &ColumnType) -> Option<Value> {
+    if let Some(time) = crate::config::pipeline::parse_wall_time(text) {
+        return Some(if *column_type == ColumnType::Date {
+            Value::Date(time.date())
+        } else {
+            Value::Timestamp(time)
+        });
+    }
+    let date = NaiveDate::parse_from_str(text.trim(), "%Y-%m-%d").ok()?;
+    Some(if *column_type == ColumnType::Date {
+        Value::Date(date)
+    } else {
+        Value::Timestamp(date.and_hms_opt(0, 0, 0)?)
+    })
+}

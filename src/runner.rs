@@ -1,0 +1,308 @@
+//! One run of a pipeline: refresh, evaluate, plan, deliver, record.
+//!
+//! [`run`] carries out one run and returns its [`RunSummary`]. It does the DuckDB steps on
+//! blocking threads and the deliveries on the async runtime, one activation after another. A
+//! refresh that fails ends the run before anything is evaluated or sent. An activation whose
+//! delivery fails does not stop the others. Keeping one run at a time per pipeline is the
+//! caller's job ([`crate::daemon`] owns one runner task per pipeline; the CLI runs one run).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::NaiveDateTime;
+use segmentd_connectors::{Connector, RetryPolicy};
+
+use crate::config::{ActivationDef, Config, Pipeline};
+use crate::deliver::{self, DeliveryReport, DeltaSize, blocking};
+use crate::store::{self, Store, StoreError};
+
+/// How one segment changed in a run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SegmentSummary {
+    /// The segment's name.
+    pub segment: String,
+    /// Members now.
+    pub size: i64,
+    /// Members after the previous evaluation, if there was one.
+    pub previous: Option<i64>,
+}
+
+/// What happened to one activation in a run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ActivationSummary {
+    /// `<segment>/<activation>`.
+    pub activation: String,
+    /// Members to add.
+    pub adds: i64,
+    /// Members to remove.
+    pub removes: i64,
+    /// Adds the platform confirmed.
+    pub delivered_adds: i64,
+    /// Removes the platform confirmed.
+    pub delivered_removes: i64,
+    /// Members refused.
+    pub rejected: i64,
+    /// Why delivery stopped, if it did.
+    pub error: Option<String>,
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RunSummary {
+    /// The run's id.
+    pub run_id: i64,
+    /// The pipeline.
+    pub pipeline: String,
+    /// What started it: `cli`, `schedule` or `http`.
+    pub trigger: String,
+    /// The evaluation instant, wall-clock time in the pipeline's time zone.
+    pub as_of: String,
+    /// `succeeded`, `partial` (some activation failed) or `failed` (nothing was sent).
+    pub status: String,
+    /// Why the run failed, if it did.
+    pub error: Option<String>,
+    /// Profiles in the master segment after the refresh.
+    pub profiles: i64,
+    /// Segments in dependency order.
+    pub segments: Vec<SegmentSummary>,
+    /// Activations in segment order.
+    pub activations: Vec<ActivationSummary>,
+    /// Wall time of the run.
+    #[serde(serialize_with = "seconds")]
+    pub elapsed: Duration,
+}
+
+fn seconds<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_f64(duration.as_secs_f64())
+}
+
+/// The `as_of` of a run: an explicit one, else the pipeline's pinned one, else now.
+pub fn as_of_for(pipeline: &Pipeline, explicit: Option<NaiveDateTime>) -> NaiveDateTime {
+    explicit.or(pipeline.as_of).unwrap_or_else(|| {
+        chrono::Utc::now().with_timezone(&pipeline.time_zone).naive_local()
+    })
+}
+
+/// An activation ready to deliver: its connector and retry policy.
+struct Destination {
+    segment: String,
+    activation: ActivationDef,
+    connector: Arc<dyn Connector>,
+    policy: RetryPolicy,
+}
+
+fn destinations(config: &Config, pipeline: &Pipeline) -> anyhow::Result<Vec<Destination>> {
+    let mut destinations = Vec::new();
+    for segment in &pipeline.segments {
+        for activation in &segment.activations {
+            let connection = &config.daemon.connections[&activation.connection];
+            let connector = segmentd_connectors::build(
+                &connection.kind,
+                &connection.settings,
+                &activation.settings,
+                &connection.secrets,
+            )
+            .map_err(|errors| {
+                let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                anyhow::anyhow!("activation `{}`: {}", activation.id, errors.join("; "))
+            })?;
+            destinations.push(Destination {
+                segment: segment.name.clone(),
+                activation: activation.clone(),
+                connector: Arc::from(connector),
+                policy: connection.retry.clone(),
+            });
+        }
+    }
+    Ok(destinations)
+}
+
+/// Carries out one run of `pipeline`.
+pub async fn run(
+    store: Arc<Store>,
+    config: &Config,
+    pipeline: &Pipeline,
+    trigger: &str,
+    as_of: Option<NaiveDateTime>,
+) -> anyhow::Result<RunSummary> {
+    let started = Instant::now();
+    let as_of = as_of_for(pipeline, as_of);
+    let destinations = destinations(config, pipeline)?;
+
+    let run_id = {
+        let (name, trigger) = (pipeline.name.clone(), trigger.to_string());
+        blocking(&store, move |c| store::start_run(c, &name, &trigger, as_of)).await?
+    };
+    tracing::info!(pipeline = %pipeline.name, run_id, trigger, as_of = %as_of, "run started");
+    let mut summary = RunSummary {
+        run_id,
+        pipeline: pipeline.name.clone(),
+        trigger: trigger.to_string(),
+        as_of: crate::compile::format_time(as_of),
+        status: "running".into(),
+        error: None,
+        profiles: 0,
+        segments: Vec::new(),
+        activations: Vec::new(),
+        elapsed: Duration::ZERO,
+    };
+
+    match refresh_and_evaluate(&store, pipeline, run_id, as_of, &mut summary).await {
+        Ok(()) => {}
+        Err(err) => {
+            let message = format!("{err:#}");
+            tracing::error!(pipeline = %pipeline.name, run_id, error = %message, "run failed; nothing was changed or sent");
+            summary.status = "failed".into();
+            summary.error = Some(message.clone());
+            summary.elapsed = started.elapsed();
+            blocking(&store, move |c| store::finish_run(c, run_id, "failed", Some(&message))).await?;
+            return Ok(summary);
+        }
+    }
+
+    for destination in destinations {
+        let activation = destination.activation.clone();
+        let delta = {
+            let (pipeline, segment, activation) =
+                (pipeline.clone(), destination.segment.clone(), activation.clone());
+            let batch_size = destination.connector.max_batch_size();
+            blocking(&store, move |c| {
+                deliver::plan(c, &pipeline, &segment, &activation, run_id, batch_size)
+            })
+            .await?
+        };
+        tracing::info!(
+            pipeline = %pipeline.name, activation = %activation.id, run_id,
+            adds = delta.adds, removes = delta.removes, "delta planned"
+        );
+        let report = deliver::deliver(
+            Arc::clone(&store),
+            pipeline,
+            &activation,
+            Arc::clone(&destination.connector),
+            &destination.policy,
+            run_id,
+        )
+        .await?;
+        record_activation(&store, pipeline, &activation, run_id, delta, &report).await?;
+        summary.activations.push(ActivationSummary {
+            activation: activation.id.clone(),
+            adds: delta.adds,
+            removes: delta.removes,
+            delivered_adds: report.delivered_adds,
+            delivered_removes: report.delivered_removes,
+            rejected: report.rejected,
+            error: report.error.clone(),
+        });
+    }
+
+    let failed = summary.activations.iter().filter(|a| a.error.is_some()).count();
+    summary.status = if failed == 0 { "succeeded".into() } else { "partial".into() };
+    if failed > 0 {
+        summary.error = Some(format!("{failed} activation(s) not fully delivered"));
+    }
+    summary.elapsed = started.elapsed();
+    let (status, error) = (summary.status.clone(), summary.error.clone());
+    blocking(&store, move |c| store::finish_run(c, run_id, &status, error.as_deref())).await?;
+    tracing::info!(
+        pipeline = %pipeline.name, run_id, status = %summary.status,
+        elapsed_ms = summary.elapsed.as_millis() as u64, "run finished"
+    );
+    Ok(summary)
+}
+
+async fn refresh_and_evaluate(
+    store: &Arc<Store>,
+    pipeline: &Pipeline,
+    run_id: i64,
+    as_of: NaiveDateTime,
+    summary: &mut RunSummary,
+) -> anyhow::Result<()> {
+    let previous = {
+        let name = pipeline.name.clone();
+        blocking(store, move |c| store::last_sizes(c, &name)).await?
+    };
+    let owned = pipeline.clone();
+    let store = Arc::clone(store);
+    let (report, sizes) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let connection = store.connection()?;
+        let report = crate::refresh::refresh(&connection, &owned)?;
+        let sizes = crate::evaluate::evaluate(&connection, &owned, run_id, as_of)?;
+        Ok((report, sizes))
+    })
+    .await
+    .expect("a DuckDB job panicked")?;
+    summary.profiles = report.profiles;
+    summary.segments = sizes
+        .into_iter()
+        .map(|s| SegmentSummary {
+            previous: previous.get(&s.segment).map(|(size, _)| *size),
+            segment: s.segment,
+            size: s.size,
+        })
+        .collect();
+    Ok(())
+}
+
+async fn record_activation(
+    store: &Arc<Store>,
+    pipeline: &Pipeline,
+    activation: &ActivationDef,
+    run_id: i64,
+    delta: DeltaSize,
+    report: &DeliveryReport,
+) -> Result<(), StoreError> {
+    let (name, id, report) = (pipeline.name.clone(), activation.id.clone(), report.clone());
+    blocking(store, move |c| deliver::record_activation_run(c, &name, &id, run_id, delta, &report))
+        .await
+}
+
+impl RunSummary {
+    /// The summary as a table for a terminal.
+    pub fn to_table(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!(
+            "run {} of pipeline `{}`: {} (as_of {}, {} profiles, {:.1} s)\n",
+            self.run_id,
+            self.pipeline,
+            self.status,
+            self.as_of,
+            self.profiles,
+            self.elapsed.as_secs_f64()
+        ));
+        if let Some(error) = &self.error {
+            out.push_str(&format!("error: {error}\n"));
+        }
+        if !self.segments.is_empty() {
+            let width = self.segments.iter().map(|s| s.segment.len()).max().unwrap_or(7).max(7);
+            out.push_str(&format!("\n{:<width$}  {:>9}  {:>9}\n", "segment", "size", "change"));
+            for segment in &self.segments {
+                let change = match segment.previous {
+                    Some(previous) => format!("{:+}", segment.size - previous),
+                    None => "new".into(),
+                };
+                out.push_str(&format!("{:<width$}  {:>9}  {:>9}\n", segment.segment, segment.size, change));
+            }
+        }
+        if !self.activations.is_empty() {
+            let width =
+                self.activations.iter().map(|a| a.activation.len()).max().unwrap_or(10).max(10);
+            out.push_str(&format!(
+                "\n{:<width$}  {:>8}  {:>8}  {:>9}  {:>8}  status\n",
+                "activation", "adds", "removes", "delivered", "rejected"
+            ));
+            for a in &self.activations {
+                out.push_str(&format!(
+                    "{:<width$}  {:>8}  {:>8}  {:>9}  {:>8}  {}\n",
+                    a.activation,
+                    a.adds,
+                    a.removes,
+                    a.delivered_adds + a.delivered_removes,
+                    a.rejected,
+                    a.error.as_deref().unwrap_or("delivered")
+                ));
+            }
+        }
+        out
+    }
+}
