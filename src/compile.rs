@@ -38,13 +38,31 @@ pub struct CompiledSql {
     pub params: Vec<SqlValue>,
 }
 
-/// Compiles a segment's rule into the query selecting its members' keys, as `key`.
+/// Compiles a segment's rule into the query selecting its members' keys, as `key`, from the
+/// pipeline's live tables.
 pub fn segment_query(
     pipeline: &Pipeline,
     segment: &str,
     as_of: NaiveDateTime,
 ) -> anyhow::Result<CompiledSql> {
-    let mut compiler = Compiler { pipeline, as_of, sql: String::new(), params: Vec::new(), depth: 0 };
+    segment_query_in(pipeline, &pipeline.schema(), segment, as_of)
+}
+
+/// Like [`segment_query`], over the master segment tables in another schema (a plan's).
+pub fn segment_query_in(
+    pipeline: &Pipeline,
+    schema: &str,
+    segment: &str,
+    as_of: NaiveDateTime,
+) -> anyhow::Result<CompiledSql> {
+    let mut compiler = Compiler {
+        pipeline,
+        schema: schema.to_string(),
+        as_of,
+        sql: String::new(),
+        params: Vec::new(),
+        depth: 0,
+    };
     compiler.segment(segment)?;
     Ok(CompiledSql { sql: compiler.sql, params: compiler.params })
 }
@@ -74,6 +92,8 @@ pub fn window_start(window: Window, as_of: NaiveDateTime, zone: chrono_tz::Tz) -
 
 struct Compiler<'a> {
     pipeline: &'a Pipeline,
+    /// The schema holding the master segment tables.
+    schema: String,
     as_of: NaiveDateTime,
     sql: String,
     params: Vec<SqlValue>,
@@ -83,7 +103,7 @@ struct Compiler<'a> {
 
 impl Compiler<'_> {
     fn table(&self, table: &str) -> String {
-        format!("{}.{}", quote_ident(&self.pipeline.schema()), quote_ident(table))
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(table))
     }
 
     fn master_alias(&self) -> String {

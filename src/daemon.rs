@@ -6,29 +6,50 @@
 //! already waiting is coalesced into it. DuckDB work happens on blocking threads, so the API
 //! answers during a long refresh.
 //!
-//! Routes: `GET /health`; `POST /pipelines/{name}/runs` (202, queued or coalesced);
-//! `GET /pipelines/{name}/runs/latest`; `GET /pipelines/{name}/profiles/{key}` (the segments a
-//! profile belongs to now, by the same SQL as the bulk evaluation).
+//! Approvals and plans go through the same runner, so they never overlap a run either. On
+//! start-up each runner first finishes the runs a stop interrupted.
+//!
+//! Routes: `GET /health`; `POST /pipelines/{name}/runs` (202, queued or coalesced; `?force=true`
+//! accepts a refresh its guards would refuse); `GET /pipelines/{name}/runs/latest`;
+//! `POST /pipelines/{name}/runs/{run}/approve` (`?activation=` for one);
+//! `GET /pipelines/{name}/plan`; `GET /pipelines/{name}/deadletter`;
+//! `POST /pipelines/{name}/deadletter/retry`; `GET /pipelines/{name}/profiles/{key}` (the
+//! segments a profile belongs to now, by the same SQL as the bulk evaluation).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::runner::{self, RunSummary};
 use crate::store::Store;
 
-/// Where triggers for each pipeline's runner go.
+/// Where requests for each pipeline's runner go.
 #[derive(Clone)]
 pub struct RunRequests {
-    senders: Arc<BTreeMap<String, mpsc::Sender<String>>>,
+    /// Run triggers: one may wait while a run is in progress; more are coalesced into it.
+    runs: Arc<BTreeMap<String, mpsc::Sender<(String, bool)>>>,
+    /// Approvals and plans, each answered on its own channel.
+    others: Arc<BTreeMap<String, mpsc::Sender<Request>>>,
+}
+
+/// A request other than a run, with where to send the answer.
+enum Request {
+    Approve {
+        run_id: i64,
+        activation: Option<String>,
+        reply: oneshot::Sender<anyhow::Result<Vec<runner::ActivationSummary>>>,
+    },
+    Plan {
+        reply: oneshot::Sender<anyhow::Result<crate::plan::Plan>>,
+    },
 }
 
 /// What became of a trigger.
@@ -45,8 +66,13 @@ pub enum Triggered {
 impl RunRequests {
     /// Asks for a run of `pipeline`.
     pub fn trigger(&self, pipeline: &str, trigger: &str) -> Triggered {
-        let Some(sender) = self.senders.get(pipeline) else { return Triggered::UnknownPipeline };
-        match sender.try_send(trigger.to_string()) {
+        self.trigger_with(pipeline, trigger, false)
+    }
+
+    /// Asks for a run, `force`d past the pipeline's guards or not.
+    pub fn trigger_with(&self, pipeline: &str, trigger: &str, force: bool) -> Triggered {
+        let Some(sender) = self.runs.get(pipeline) else { return Triggered::UnknownPipeline };
+        match sender.try_send((trigger.to_string(), force)) {
             Ok(()) => Triggered::Queued,
             Err(_) => {
                 tracing::info!(pipeline, trigger, "a run is already waiting; trigger coalesced");
@@ -74,31 +100,26 @@ struct AppState {
 pub async fn serve(config: Config, store: Arc<Store>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let status: Arc<Mutex<BTreeMap<String, PipelineStatus>>> = Arc::default();
-    let mut senders = BTreeMap::new();
+    let mut runs = BTreeMap::new();
+    let mut others = BTreeMap::new();
     let mut runners = Vec::new();
 
     for name in config.pipelines.keys() {
-        let interrupted = {
-            let name = name.clone();
-            crate::deliver::blocking(&store, move |c| crate::store::close_interrupted_runs(c, &name))
-                .await?
-        };
-        if interrupted > 0 {
-            tracing::warn!(pipeline = %name, runs = interrupted, "runs interrupted by a stop are marked interrupted; the next run re-plans from the acknowledged state");
-        }
-        let (sender, receiver) = mpsc::channel::<String>(1);
-        senders.insert(name.clone(), sender);
+        let (run_sender, run_receiver) = mpsc::channel(1);
+        let (other_sender, other_receiver) = mpsc::channel(16);
+        runs.insert(name.clone(), run_sender);
+        others.insert(name.clone(), other_sender);
         status.lock().expect("status lock").insert(name.clone(), PipelineStatus::default());
         runners.push(tokio::spawn(runner_task(
             name.clone(),
             Arc::clone(&config),
             Arc::clone(&store),
-            receiver,
+            (run_receiver, other_receiver),
             Arc::clone(&status),
             shutdown.clone(),
         )));
     }
-    let requests = RunRequests { senders: Arc::new(senders) };
+    let requests = RunRequests { runs: Arc::new(runs), others: Arc::new(others) };
 
     let schedules: Vec<(String, String)> = config
         .pipelines
@@ -112,6 +133,10 @@ pub async fn serve(config: Config, store: Arc<Store>, shutdown: CancellationToke
         .route("/health", get(health))
         .route("/pipelines/{name}/runs", post(trigger_run))
         .route("/pipelines/{name}/runs/latest", get(latest_run))
+        .route("/pipelines/{name}/runs/{run}/approve", post(approve))
+        .route("/pipelines/{name}/plan", get(plan))
+        .route("/pipelines/{name}/deadletter", get(dead_letters))
+        .route("/pipelines/{name}/deadletter/retry", post(retry_dead_letters))
         .route("/pipelines/{name}/profiles/{key}", get(profile))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(config.daemon.listen).await.map_err(|err| {
@@ -133,27 +158,57 @@ async fn runner_task(
     name: String,
     config: Arc<Config>,
     store: Arc<Store>,
-    mut receiver: mpsc::Receiver<String>,
+    (mut runs, mut others): (mpsc::Receiver<(String, bool)>, mpsc::Receiver<Request>),
     status: Arc<Mutex<BTreeMap<String, PipelineStatus>>>,
     shutdown: CancellationToken,
 ) {
+    let pipeline = &config.pipelines[&name];
+    set_running(&status, &name, true, None);
+    match runner::resume_interrupted(Arc::clone(&store), &config, pipeline).await {
+        Ok(resumed) => {
+            set_running(&status, &name, false, resumed.into_iter().last());
+        }
+        Err(err) => {
+            tracing::error!(pipeline = %name, error = %format!("{err:#}"), "resuming interrupted runs failed");
+            set_running(&status, &name, false, None);
+        }
+    }
     loop {
-        let trigger = tokio::select! {
+        tokio::select! {
             _ = shutdown.cancelled() => break,
-            trigger = receiver.recv() => match trigger {
-                Some(trigger) => trigger,
+            request = others.recv() => match request {
+                Some(Request::Approve { run_id, activation, reply }) => {
+                    set_running(&status, &name, true, None);
+                    let result = runner::approve(Arc::clone(&store), &config, pipeline, run_id, activation).await;
+                    set_running(&status, &name, false, None);
+                    let _ = reply.send(result);
+                }
+                Some(Request::Plan { reply }) => {
+                    let as_of = runner::as_of_for(pipeline, None);
+                    let owned = pipeline.clone();
+                    let store = Arc::clone(&store);
+                    let result = tokio::task::spawn_blocking(move || {
+                        let connection = store.connection()?;
+                        crate::plan::plan(&connection, &owned, as_of)
+                    })
+                    .await
+                    .expect("a DuckDB job panicked");
+                    let _ = reply.send(result);
+                }
                 None => break,
             },
-        };
-        let pipeline = &config.pipelines[&name];
-        set_running(&status, &name, true, None);
-        // A run in progress finishes its current step; shutdown waits for it.
-        let result = runner::run(Arc::clone(&store), &config, pipeline, &trigger, None).await;
-        match result {
-            Ok(summary) => set_running(&status, &name, false, Some(summary)),
-            Err(err) => {
-                tracing::error!(pipeline = %name, error = %format!("{err:#}"), "run could not be carried out");
-                set_running(&status, &name, false, None);
+            trigger = runs.recv() => {
+                let Some((trigger, force)) = trigger else { break };
+                set_running(&status, &name, true, None);
+                // A run in progress finishes; shutdown waits for it.
+                let options = runner::RunOptions { as_of: None, force };
+                match runner::run(Arc::clone(&store), &config, pipeline, &trigger, options).await {
+                    Ok(summary) => set_running(&status, &name, false, Some(summary)),
+                    Err(err) => {
+                        tracing::error!(pipeline = %name, error = %format!("{err:#}"), "run could not be carried out");
+                        set_running(&status, &name, false, None);
+                    }
+                }
             }
         }
     }
@@ -181,8 +236,18 @@ fn unknown_pipeline(name: &str) -> Response {
     (StatusCode::NOT_FOUND, Json(json!({ "error": format!("no pipeline `{name}`") }))).into_response()
 }
 
-async fn trigger_run(State(state): State<AppState>, Path(name): Path<String>) -> Response {
-    match state.requests.trigger(&name, "http") {
+#[derive(serde::Deserialize)]
+struct RunQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn trigger_run(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<RunQuery>,
+) -> Response {
+    match state.requests.trigger_with(&name, "http", query.force) {
         Triggered::UnknownPipeline => unknown_pipeline(&name),
         triggered => {
             let word = if triggered == Triggered::Queued { "queued" } else { "coalesced" };
@@ -225,9 +290,85 @@ async fn profile(
     match lookup {
         Ok(Some(segments)) => Json(json!({ "pipeline": name, "segments": segments })).into_response(),
         Ok(None) => (StatusCode::NOT_FOUND, Json(json!({ "error": "no such profile" }))).into_response(),
-        Err(err) => {
-            (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({ "error": format!("{err:#}") })))
-                .into_response()
-        }
+        Err(err) => internal_error(&err),
+    }
+}
+
+fn internal_error(err: &anyhow::Error) -> Response {
+    (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({ "error": format!("{err:#}") }))).into_response()
+}
+
+/// Hands a request to the pipeline's runner and waits for its answer.
+async fn ask<T>(
+    state: &AppState,
+    name: &str,
+    request: impl FnOnce(oneshot::Sender<anyhow::Result<T>>) -> Request,
+) -> Result<T, Response> {
+    let Some(sender) = state.requests.others.get(name) else { return Err(unknown_pipeline(name)) };
+    let (reply, answer) = oneshot::channel();
+    if sender.send(request(reply)).await.is_err() {
+        return Err(internal_error(&anyhow::anyhow!("the pipeline's runner has stopped")));
+    }
+    match answer.await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(err)) => Err(internal_error(&err)),
+        Err(_) => Err(internal_error(&anyhow::anyhow!("the pipeline's runner has stopped"))),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ApproveQuery {
+    activation: Option<String>,
+}
+
+async fn approve(
+    State(state): State<AppState>,
+    Path((name, run_id)): Path<(String, i64)>,
+    Query(query): Query<ApproveQuery>,
+) -> Response {
+    let activation = query.activation;
+    match ask(&state, &name, |reply| Request::Approve { run_id, activation, reply }).await {
+        Ok(delivered) => Json(json!({ "pipeline": name, "run_id": run_id, "activations": delivered })).into_response(),
+        Err(response) => response,
+    }
+}
+
+async fn plan(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    match ask(&state, &name, |reply| Request::Plan { reply }).await {
+        Ok(plan) => Json(plan).into_response(),
+        Err(response) => response,
+    }
+}
+
+async fn dead_letters(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    if !state.config.pipelines.contains_key(&name) {
+        return unknown_pipeline(&name);
+    }
+    let store = Arc::clone(&state.store);
+    let pipeline = name.clone();
+    let result = crate::deliver::blocking(&store, move |c| crate::deliver::dead_letters(c, &pipeline)).await;
+    match result {
+        Ok(rows) => Json(json!({ "pipeline": name, "dead_letters": rows })).into_response(),
+        Err(err) => internal_error(&err.into()),
+    }
+}
+
+async fn retry_dead_letters(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<ApproveQuery>,
+) -> Response {
+    if !state.config.pipelines.contains_key(&name) {
+        return unknown_pipeline(&name);
+    }
+    let store = Arc::clone(&state.store);
+    let pipeline = name.clone();
+    let result = crate::deliver::blocking(&store, move |c| {
+        crate::deliver::retry_dead_letters(c, &pipeline, query.activation.as_deref())
+    })
+    .await;
+    match result {
+        Ok(released) => Json(json!({ "pipeline": name, "released": released })).into_response(),
+        Err(err) => internal_error(&err.into()),
     }
 }

@@ -10,7 +10,12 @@
 //!
 //! Removes carry the identifiers that were sent when the member was added, taken from the
 //! acknowledged state, so a member whose email changed is removed by the email the platform
-//! knows.
+//! knows; a member whose identifiers changed gets a remove of the old and an add of the new.
+//!
+//! Safety brakes live here too: a delta that would remove more than the activation's
+//! `max_removal_share` of its audience is held until an operator approves it; `add_only`
+//! activations never remove; members the platform keeps rejecting go to the dead letter after
+//! `dead_letter_after_runs` runs and are left out of later deltas until retried.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,8 +23,8 @@ use std::sync::Arc;
 use duckdb::{Connection, params};
 use segmentd_connectors::{Batch, Change, Connector, Member, Outcome, RetryPolicy};
 
-use crate::config::{ActivationDef, Pipeline};
-use crate::schema::quote_ident;
+use crate::config::{ActivationDef, Mode, Pipeline};
+use crate::schema::{quote_ident, quote_literal};
 use crate::store::{Doing, Store, StoreError, in_transaction};
 
 /// The size of one activation's delta.
@@ -29,6 +34,8 @@ pub struct DeltaSize {
     pub adds: i64,
     /// Members to remove.
     pub removes: i64,
+    /// Whether the removal brake held the delta.
+    pub held: bool,
 }
 
 /// What delivering one activation's delta did.
@@ -45,8 +52,8 @@ pub struct DeliveryReport {
 }
 
 /// The identifiers of every profile as one JSON object per key, for the activation's columns.
-fn identifiers_query(pipeline: &Pipeline, activation: &ActivationDef) -> String {
-    let schema = quote_ident(&pipeline.schema());
+fn identifiers_query(pipeline: &Pipeline, activation: &ActivationDef, master_schema: &str) -> String {
+    let schema = quote_ident(master_schema);
     let key = quote_ident(&pipeline.master.key);
     let mut joins = String::new();
     let mut fields = Vec::new();
@@ -71,7 +78,7 @@ fn identifiers_query(pipeline: &Pipeline, activation: &ActivationDef) -> String 
         };
         fields.push(format!(
             "{}, CAST({alias}.{} AS VARCHAR)",
-            crate::schema::quote_literal(identifier),
+            quote_literal(identifier),
             quote_ident(identifier)
         ));
     }
@@ -86,8 +93,60 @@ fn identifiers_query(pipeline: &Pipeline, activation: &ActivationDef) -> String 
     )
 }
 
+/// The SQL selecting `(key, identifiers)` of the members to add and of those to remove, for
+/// an activation whose segment's members are selected by `members` (a query returning `key`).
+pub fn delta_queries(
+    pipeline: &Pipeline,
+    activation: &ActivationDef,
+    members: &str,
+    master_schema: &str,
+) -> (String, String) {
+    let identifiers = identifiers_query(pipeline, activation, master_schema);
+    let name = quote_literal(&pipeline.name);
+    let id = quote_literal(&activation.id);
+    let current = format!(
+        "SELECT p.key, p.identifiers FROM ({members}) AS s JOIN ({identifiers}) AS p ON p.key = s.key"
+    );
+    let adds = format!(
+        "SELECT c.key, c.identifiers FROM ({current}) AS c \
+         WHERE NOT EXISTS (SELECT 1 FROM segmentd.acknowledged AS a WHERE a.pipeline = {name} \
+             AND a.activation = {id} AND a.key = c.key AND a.identifiers = c.identifiers) \
+         AND NOT EXISTS (SELECT 1 FROM segmentd.dead_letters AS d WHERE d.pipeline = {name} \
+             AND d.activation = {id} AND d.change = 'add' AND d.dead AND d.key = c.key)"
+    );
+    let removes = match activation.mode {
+        Mode::AddOnly => "SELECT key, identifiers FROM segmentd.acknowledged WHERE FALSE".to_string(),
+        Mode::AddRemove => format!(
+            "SELECT a.key, a.identifiers FROM segmentd.acknowledged AS a \
+             WHERE a.pipeline = {name} AND a.activation = {id} \
+             AND NOT EXISTS (SELECT 1 FROM ({current}) AS c \
+                 WHERE c.key = a.key AND c.identifiers = a.identifiers) \
+             AND NOT EXISTS (SELECT 1 FROM segmentd.dead_letters AS d WHERE d.pipeline = {name} \
+                 AND d.activation = {id} AND d.change = 'remove' AND d.dead AND d.key = a.key)"
+        ),
+    };
+    (adds, removes)
+}
+
+/// Members in the activation's acknowledged audience.
+fn audience_size(connection: &Connection, pipeline: &str, activation: &str) -> Result<i64, StoreError> {
+    connection
+        .query_row(
+            "SELECT count(DISTINCT key) FROM segmentd.acknowledged WHERE pipeline = ? AND activation = ?",
+            params![pipeline, activation],
+            |r| r.get(0),
+        )
+        .doing("counting the acknowledged audience")
+}
+
+/// Whether removing `removes` of `audience` members breaks the activation's brake.
+pub fn over_removal_limit(activation: &ActivationDef, removes: i64, audience: i64) -> bool {
+    removes > 0 && audience > 0 && removes as f64 > activation.max_removal_share * audience as f64
+}
+
 /// Writes the activation's delta for this run; earlier unsent deltas are superseded, since
-/// the acknowledged state they were computed from is the one this delta starts from too.
+/// the acknowledged state they were computed from is the one this delta starts from too. A
+/// delta over the removal brake is written as held.
 pub fn plan(
     connection: &Connection,
     pipeline: &Pipeline,
@@ -96,55 +155,55 @@ pub fn plan(
     run_id: i64,
     batch_size: usize,
 ) -> Result<DeltaSize, StoreError> {
-    let identifiers = identifiers_query(pipeline, activation);
+    let members = format!(
+        "SELECT key FROM segmentd.memberships WHERE pipeline = {} AND segment = {}",
+        quote_literal(&pipeline.name),
+        quote_literal(segment)
+    );
+    let (adds_sql, removes_sql) = delta_queries(pipeline, activation, &members, &pipeline.schema());
     let batch_size = batch_size.max(1) as i64;
     in_transaction(connection, |c| {
         c.execute(
             "UPDATE segmentd.deltas SET status = 'superseded' \
-             WHERE pipeline = ? AND activation = ? AND status = 'pending'",
+             WHERE pipeline = ? AND activation = ? AND status IN ('pending', 'held')",
             params![pipeline.name, activation.id],
         )
         .doing("superseding unsent deltas")?;
-        let adds = c
-            .execute(
-                &format!(
-                    "INSERT INTO segmentd.deltas \
-                     (run_id, pipeline, activation, change, sequence, key, identifiers, status) \
-                     SELECT ?, ?, ?, 'add', \
-                            CAST((row_number() OVER (ORDER BY m.key) - 1) // ? AS INTEGER), \
-                            m.key, p.identifiers, 'pending' \
-                     FROM segmentd.memberships AS m \
-                     JOIN ({identifiers}) AS p ON p.key = m.key \
-                     WHERE m.pipeline = ? AND m.segment = ? AND NOT EXISTS ( \
-                         SELECT 1 FROM segmentd.acknowledged AS a \
-                         WHERE a.pipeline = m.pipeline AND a.activation = ? AND a.key = m.key)"
-                ),
-                params![
-                    run_id,
-                    pipeline.name,
-                    activation.id,
-                    batch_size,
-                    pipeline.name,
-                    segment,
-                    activation.id
-                ],
+        let mut sizes = [0i64; 2];
+        for (i, (change, select)) in [("add", &adds_sql), ("remove", &removes_sql)].iter().enumerate() {
+            sizes[i] = c
+                .execute(
+                    &format!(
+                        "INSERT INTO segmentd.deltas \
+                         (run_id, pipeline, activation, change, sequence, key, identifiers, status) \
+                         SELECT ?, ?, ?, ?, \
+                                CAST((row_number() OVER (ORDER BY d.key, d.identifiers) - 1) // ? \
+                                     AS INTEGER), \
+                                d.key, d.identifiers, 'pending' \
+                         FROM ({select}) AS d"
+                    ),
+                    params![run_id, pipeline.name, activation.id, change, batch_size],
+                )
+                .doing(format!("planning {change}s"))? as i64;
+        }
+        let delta = DeltaSize { adds: sizes[0], removes: sizes[1], held: false };
+        let audience = audience_size(c, &pipeline.name, &activation.id)?;
+        if over_removal_limit(activation, delta.removes, audience) {
+            c.execute(
+                "UPDATE segmentd.deltas SET status = 'held' \
+                 WHERE pipeline = ? AND activation = ? AND run_id = ? AND status = 'pending'",
+                params![pipeline.name, activation.id, run_id],
             )
-            .doing("planning adds")?;
-        let removes = c
-            .execute(
-                "INSERT INTO segmentd.deltas \
-                 (run_id, pipeline, activation, change, sequence, key, identifiers, status) \
-                 SELECT ?, a.pipeline, a.activation, 'remove', \
-                        CAST((row_number() OVER (ORDER BY a.key) - 1) // ? AS INTEGER), \
-                        a.key, a.identifiers, 'pending' \
-                 FROM segmentd.acknowledged AS a \
-                 WHERE a.pipeline = ? AND a.activation = ? AND NOT EXISTS ( \
-                     SELECT 1 FROM segmentd.memberships AS m \
-                     WHERE m.pipeline = a.pipeline AND m.segment = ? AND m.key = a.key)",
-                params![run_id, batch_size, pipeline.name, activation.id, segment],
-            )
-            .doing("planning removes")?;
-        Ok(DeltaSize { adds: adds as i64, removes: removes as i64 })
+            .doing("holding the delta")?;
+            tracing::warn!(
+                pipeline = %pipeline.name, activation = %activation.id, run_id,
+                removes = delta.removes, audience, limit = activation.max_removal_share,
+                "delta held: it would remove more than the activation's max_removal_share; \
+                 nothing is sent until an operator approves it"
+            );
+            return Ok(DeltaSize { held: true, ..delta });
+        }
+        Ok(delta)
     })
 }
 
@@ -228,6 +287,7 @@ fn record_outcome(
     pipeline: &str,
     batch: &Batch,
     outcome: &Outcome,
+    dead_letter_after_runs: u32,
 ) -> Result<(), StoreError> {
     in_transaction(connection, |c| {
         c.execute_batch(
@@ -237,7 +297,8 @@ fn record_outcome(
         .doing("recording a batch")?;
         {
             let mut appender = c.appender("batch_outcome").doing("recording a batch")?;
-            for key in &outcome.accepted {
+            let accepted: std::collections::BTreeSet<&String> = outcome.accepted.iter().collect();
+            for key in accepted {
                 appender
                     .append_row(params![key, "delivered", None::<String>])
                     .doing("recording a batch")?;
@@ -268,14 +329,196 @@ fn record_outcome(
                 scope,
             ),
             Change::Remove => c.execute(
-                "DELETE FROM segmentd.acknowledged AS a WHERE a.pipeline = ? AND a.activation = ? \
-                 AND a.key IN (SELECT key FROM batch_outcome WHERE status = 'delivered')",
-                params![pipeline, batch.activation],
+                "DELETE FROM segmentd.acknowledged AS a USING segmentd.deltas AS d, batch_outcome AS o \
+                 WHERE d.pipeline = ? AND d.activation = ? AND d.run_id = ? AND d.change = ? \
+                 AND d.sequence = ? AND o.status = 'delivered' AND o.key = d.key \
+                 AND a.pipeline = d.pipeline AND a.activation = d.activation \
+                 AND a.key = d.key AND a.identifiers = d.identifiers",
+                scope,
             ),
         }
         .doing("advancing the acknowledged state")?;
+        record_rejections(c, pipeline, batch, dead_letter_after_runs)?;
         Ok(())
     })
+}
+
+/// Counts each rejected member's rejections; at `dead_letter_after_runs` it is dead-lettered.
+/// A member the platform accepted starts again from zero.
+fn record_rejections(
+    connection: &Connection,
+    pipeline: &str,
+    batch: &Batch,
+    dead_letter_after_runs: u32,
+) -> Result<(), StoreError> {
+    let scope = params![pipeline, batch.activation, batch.change.as_str()];
+    connection
+        .execute(
+            "DELETE FROM segmentd.dead_letters WHERE pipeline = ? AND activation = ? \
+             AND change = ? AND key IN (SELECT key FROM batch_outcome WHERE status = 'delivered')",
+            scope,
+        )
+        .doing("clearing rejections")?;
+    connection
+        .execute(
+            "UPDATE segmentd.dead_letters AS d SET rejections = d.rejections + 1, \
+             reason = o.reason, run_id = $4, at = current_timestamp::TIMESTAMP, \
+             dead = d.rejections + 1 >= $5 \
+             FROM batch_outcome AS o WHERE o.status = 'rejected' AND o.key = d.key \
+             AND d.pipeline = $1 AND d.activation = $2 AND d.change = $3",
+            params![pipeline, batch.activation, batch.change.as_str(), batch.run_id, dead_letter_after_runs],
+        )
+        .doing("counting rejections")?;
+    connection
+        .execute(
+            "INSERT INTO segmentd.dead_letters \
+             (pipeline, activation, key, change, reason, rejections, dead, run_id, at) \
+             SELECT $1, $2, o.key, $3, coalesce(o.reason, 'rejected'), 1, 1 >= $5, $4, \
+                    current_timestamp::TIMESTAMP \
+             FROM batch_outcome AS o WHERE o.status = 'rejected' AND NOT EXISTS ( \
+                 SELECT 1 FROM segmentd.dead_letters AS d WHERE d.pipeline = $1 \
+                 AND d.activation = $2 AND d.change = $3 AND d.key = o.key)",
+            params![pipeline, batch.activation, batch.change.as_str(), batch.run_id, dead_letter_after_runs],
+        )
+        .doing("counting rejections")?;
+    Ok(())
+}
+
+/// One dead-lettered member.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeadLetter {
+    /// The activation.
+    pub activation: String,
+    /// The profile key.
+    pub key: String,
+    /// `add` or `remove`.
+    pub change: String,
+    /// The platform's last reason.
+    pub reason: String,
+    /// In how many runs it was rejected.
+    pub rejections: i32,
+    /// The last run that rejected it.
+    pub run_id: i64,
+}
+
+/// The pipeline's dead-lettered members.
+pub fn dead_letters(connection: &Connection, pipeline: &str) -> Result<Vec<DeadLetter>, StoreError> {
+    let mut statement = connection
+        .prepare(
+            "SELECT activation, key, change, reason, rejections, run_id FROM segmentd.dead_letters \
+             WHERE pipeline = ? AND dead ORDER BY activation, change, key",
+        )
+        .doing("reading the dead letter")?;
+    let rows = statement
+        .query_map(params![pipeline], |r| {
+            Ok(DeadLetter {
+                activation: r.get(0)?,
+                key: r.get(1)?,
+                change: r.get(2)?,
+                reason: r.get(3)?,
+                rejections: r.get(4)?,
+                run_id: r.get(5)?,
+            })
+        })
+        .doing("reading the dead letter")?;
+    rows.collect::<Result<_, _>>().doing("reading the dead letter")
+}
+
+/// Releases dead-lettered members (of one activation, or all) so the next run offers them
+/// again; returns how many.
+pub fn retry_dead_letters(
+    connection: &Connection,
+    pipeline: &str,
+    activation: Option<&str>,
+) -> Result<usize, StoreError> {
+    connection
+        .execute(
+            "DELETE FROM segmentd.dead_letters WHERE pipeline = ? AND dead \
+             AND (? IS NULL OR activation = ?)",
+            params![pipeline, activation, activation],
+        )
+        .doing("releasing the dead letter")
+}
+
+/// Why an approval was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ApproveError {
+    /// Nothing of that run is held.
+    #[error("run {run_id} of pipeline `{pipeline}` has no held delta{}", activation.as_ref().map(|a| format!(" for activation `{a}`")).unwrap_or_default())]
+    NothingHeld {
+        /// The pipeline.
+        pipeline: String,
+        /// The run.
+        run_id: i64,
+        /// The activation asked for, if one was.
+        activation: Option<String>,
+    },
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Releases a run's held deltas (of one activation, or all) for delivery; returns the
+/// activations released.
+pub fn approve(
+    connection: &Connection,
+    pipeline: &str,
+    run_id: i64,
+    activation: Option<&str>,
+) -> Result<Vec<String>, ApproveError> {
+    let released = in_transaction(connection, |c| {
+        let mut statement = c
+            .prepare(
+                "SELECT DISTINCT activation FROM segmentd.deltas WHERE pipeline = ? AND run_id = ? \
+                 AND status = 'held' AND (? IS NULL OR activation = ?) ORDER BY activation",
+            )
+            .doing("finding held deltas")?;
+        let activations: Vec<String> = statement
+            .query_map(params![pipeline, run_id, activation, activation], |r| r.get(0))
+            .doing("finding held deltas")?
+            .collect::<Result<_, _>>()
+            .doing("finding held deltas")?;
+        for id in &activations {
+            c.execute(
+                "UPDATE segmentd.deltas SET status = 'pending' \
+                 WHERE pipeline = ? AND run_id = ? AND activation = ? AND status = 'held'",
+                params![pipeline, run_id, id],
+            )
+            .doing("releasing held deltas")?;
+            c.execute(
+                "UPDATE segmentd.activation_runs SET status = 'approved' \
+                 WHERE pipeline = ? AND run_id = ? AND activation = ?",
+                params![pipeline, run_id, id],
+            )
+            .doing("recording the approval")?;
+        }
+        Ok(activations)
+    })?;
+    if released.is_empty() {
+        return Err(ApproveError::NothingHeld {
+            pipeline: pipeline.to_string(),
+            run_id,
+            activation: activation.map(str::to_string),
+        });
+    }
+    Ok(released)
+}
+
+/// Activations of a run that still have batches to send (after an interruption or an
+/// approval).
+pub fn activations_with_pending(
+    connection: &Connection,
+    pipeline: &str,
+    run_id: i64,
+) -> Result<Vec<String>, StoreError> {
+    let mut statement = connection
+        .prepare(
+            "SELECT DISTINCT activation FROM segmentd.deltas WHERE pipeline = ? AND run_id = ? \
+             AND status = 'pending' ORDER BY activation",
+        )
+        .doing("finding pending deltas")?;
+    let rows = statement.query_map(params![pipeline, run_id], |r| r.get(0)).doing("finding pending deltas")?;
+    rows.collect::<Result<_, _>>().doing("finding pending deltas")
 }
 
 /// Sends an activation's pending batches for a run: adds first, then removes. Stops at the
@@ -317,7 +560,9 @@ pub async fn deliver(
                         rejected = outcome.rejected.len(), "batch delivered"
                     );
                     let name = pipeline.name.clone();
-                    blocking(&store, move |c| record_outcome(c, &name, &batch, &outcome)).await?;
+                    let after = activation.dead_letter_after_runs;
+                    blocking(&store, move |c| record_outcome(c, &name, &batch, &outcome, after))
+                        .await?;
                 }
                 Err(err) => {
                     tracing::error!(
@@ -360,7 +605,11 @@ pub fn record_activation_run(
     delta: DeltaSize,
     report: &DeliveryReport,
 ) -> Result<(), StoreError> {
-    let status = if report.error.is_some() { "failed" } else { "delivered" };
+    let status = match (&report.error, delta.held) {
+        (Some(_), _) => "failed",
+        (None, true) => "held",
+        (None, false) => "delivered",
+    };
     connection
         .execute(
             "INSERT INTO segmentd.activation_runs (run_id, pipeline, activation, adds, removes, \

@@ -2,10 +2,14 @@
 //!
 //! Segments are evaluated in dependency order with the compiled SQL of [`crate::compile`], and
 //! the new memberships replace the old ones in one transaction, with each segment's size
-//! recorded for the run. A profile look-up runs the same compiled SQL for one key.
+//! recorded for the run. Who entered and who left each segment is kept as membership history,
+//! with the reason: the segment's rule (or one it refers to) changed, the source data changed,
+//! only time passed, or the refresh was forced. A profile look-up runs the same compiled SQL
+//! for one key.
 
 use chrono::NaiveDateTime;
 use duckdb::{Connection, params, params_from_iter};
+use sha2::{Digest, Sha256};
 
 use crate::compile::segment_query;
 use crate::config::Pipeline;
@@ -20,51 +24,171 @@ pub struct SegmentSize {
     pub size: i64,
 }
 
-/// Evaluates every segment and replaces the pipeline's memberships.
+/// Why a run is evaluating: recorded with every membership change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inputs {
+    /// A fingerprint of the source files (names, sizes, modification times).
+    pub data_fingerprint: String,
+    /// Whether the operator forced the refresh past its guards.
+    pub forced: bool,
+}
+
+/// A fingerprint of a segment's rule and of the rules it refers to.
+pub fn rule_fingerprint(pipeline: &Pipeline, segment: &str) -> String {
+    let mut hasher = Sha256::new();
+    let mut pending = vec![segment.to_string()];
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(name) = pending.pop() {
+        if !seen.insert(name.clone()) {
+            continue;
+        }
+        if let Ok(definition) = pipeline.segment(&name) {
+            hasher.update(format!("{name}={:?};", definition.rule).as_bytes());
+            pending.extend(definition.references.iter().cloned());
+        }
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// Evaluates every segment, records who entered and left and why, and replaces the
+/// pipeline's memberships, in one transaction.
 pub fn evaluate(
     connection: &Connection,
     pipeline: &Pipeline,
     run_id: i64,
     as_of: NaiveDateTime,
+    inputs: &Inputs,
 ) -> Result<Vec<SegmentSize>, anyhow::Error> {
     let queries = pipeline
         .segments
         .iter()
         .map(|segment| Ok((segment.name.clone(), segment_query(pipeline, &segment.name, as_of)?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let previous_data: Option<String> = connection
+        .query_row(
+            "SELECT arg_max(data_fingerprint, run_id) FROM segmentd.runs \
+             WHERE pipeline = ? AND run_id < ? AND data_fingerprint IS NOT NULL",
+            params![pipeline.name, run_id],
+            |r| r.get(0),
+        )
+        .doing("reading the previous run")?;
+    connection
+        .execute(
+            "UPDATE segmentd.runs SET data_fingerprint = ? WHERE run_id = ?",
+            params![inputs.data_fingerprint, run_id],
+        )
+        .doing("recording the run's inputs")?;
 
     let sizes = in_transaction(connection, |c| {
-        c.execute("DELETE FROM segmentd.memberships WHERE pipeline = ?", params![pipeline.name])
-            .doing("clearing memberships")?;
         let mut sizes = Vec::new();
         for (segment, query) in &queries {
-            let mut values = vec![
-                duckdb::types::Value::Text(pipeline.name.clone()),
-                duckdb::types::Value::Text(segment.clone()),
-            ];
+            let fingerprint = rule_fingerprint(pipeline, segment);
+            let previous_rule: Option<String> = c
+                .query_row(
+                    "SELECT arg_max(rule_fingerprint, run_id) FROM segmentd.segment_sizes \
+                     WHERE pipeline = ? AND segment = ?",
+                    params![pipeline.name, segment],
+                    |r| r.get(0),
+                )
+                .doing("reading the previous rule")?;
+            let reason = match (&previous_rule, inputs.forced) {
+                (None, _) => "first evaluation",
+                (_, true) => "forced",
+                (Some(rule), _) if *rule != fingerprint => "rule change",
+                _ if previous_data.as_deref() != Some(inputs.data_fingerprint.as_str()) => {
+                    "data change"
+                }
+                _ => "time passing",
+            };
+
+            let mut values = Vec::new();
             values.extend(sql_params(&query.params));
+            c.execute_batch("DROP TABLE IF EXISTS evaluated")
+                .doing("preparing an evaluation")?;
+            c.execute(
+                &format!("CREATE TEMP TABLE evaluated AS SELECT DISTINCT key FROM ({}) AS m", query.sql),
+                params_from_iter(values),
+            )
+            .doing(format!("evaluating segment {segment}"))?;
+            let scope = params![run_id, reason, pipeline.name, segment];
+            c.execute(
+                "INSERT INTO segmentd.membership_history \
+                 (pipeline, segment, key, run_id, event, reason, at) \
+                 SELECT m.pipeline, m.segment, m.key, ?, 'left', ?, current_timestamp::TIMESTAMP \
+                 FROM segmentd.memberships AS m \
+                 WHERE m.pipeline = ? AND m.segment = ? \
+                 AND NOT EXISTS (SELECT 1 FROM evaluated AS e WHERE e.key = m.key)",
+                scope,
+            )
+            .doing("recording who left")?;
+            c.execute(
+                "INSERT INTO segmentd.membership_history \
+                 (pipeline, segment, key, run_id, event, reason, at) \
+                 SELECT $3, $4, e.key, $1, 'entered', $2, current_timestamp::TIMESTAMP \
+                 FROM evaluated AS e WHERE NOT EXISTS (SELECT 1 FROM segmentd.memberships AS m \
+                 WHERE m.pipeline = $3 AND m.segment = $4 AND m.key = e.key)",
+                scope,
+            )
+            .doing("recording who entered")?;
+            c.execute(
+                "DELETE FROM segmentd.memberships WHERE pipeline = ? AND segment = ?",
+                params![pipeline.name, segment],
+            )
+            .doing("replacing memberships")?;
             let size = c
                 .execute(
-                    &format!(
-                        "INSERT INTO segmentd.memberships (pipeline, segment, key) \
-                         SELECT ?, ?, key FROM ({}) AS members",
-                        query.sql
-                    ),
-                    params_from_iter(values),
+                    "INSERT INTO segmentd.memberships (pipeline, segment, key) \
+                     SELECT ?, ?, key FROM evaluated",
+                    params![pipeline.name, segment],
                 )
-                .doing(format!("evaluating segment {segment}"))?;
+                .doing("replacing memberships")? as i64;
             c.execute(
-                "INSERT INTO segmentd.segment_sizes (run_id, pipeline, segment, size) \
-                 VALUES (?, ?, ?, ?)",
-                params![run_id, pipeline.name, segment, size as i64],
+                "INSERT INTO segmentd.segment_sizes \
+                 (run_id, pipeline, segment, size, rule_fingerprint) VALUES (?, ?, ?, ?, ?)",
+                params![run_id, pipeline.name, segment, size, fingerprint],
             )
             .doing("recording segment sizes")?;
             tracing::info!(pipeline = %pipeline.name, segment = %segment, size, "segment evaluated");
-            sizes.push(SegmentSize { segment: segment.clone(), size: size as i64 });
+            sizes.push(SegmentSize { segment: segment.clone(), size });
         }
+        c.execute_batch("DROP TABLE IF EXISTS evaluated").doing("cleaning up")?;
         Ok::<_, StoreError>(sizes)
     })?;
     Ok(sizes)
+}
+
+/// One entry of a member's history in a segment.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HistoryEvent {
+    /// The run that saw the change.
+    pub run_id: i64,
+    /// `entered` or `left`.
+    pub event: String,
+    /// `first evaluation`, `rule change`, `data change`, `time passing` or `forced`.
+    pub reason: String,
+    /// When it was recorded (UTC).
+    pub at: String,
+}
+
+/// When a profile entered and left a segment, oldest first.
+pub fn history(
+    connection: &Connection,
+    pipeline: &str,
+    segment: &str,
+    key: &str,
+) -> Result<Vec<HistoryEvent>, StoreError> {
+    let mut statement = connection
+        .prepare(
+            "SELECT run_id, event, reason, CAST(at AS VARCHAR) FROM segmentd.membership_history \
+             WHERE pipeline = ? AND segment = ? AND key = ? ORDER BY run_id",
+        )
+        .doing("reading membership history")?;
+    let rows = statement
+        .query_map(params![pipeline, segment, key], |r| {
+            Ok(HistoryEvent { run_id: r.get(0)?, event: r.get(1)?, reason: r.get(2)?, at: r.get(3)? })
+        })
+        .doing("reading membership history")?;
+    rows.collect::<Result<_, _>>().doing("reading membership history")
 }
 
 /// The segments a profile belongs to at `as_of`, by the same SQL as the bulk evaluation.

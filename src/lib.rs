@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod deliver;
 pub mod evaluate;
+pub mod plan;
 pub mod refresh;
 pub mod rules;
 pub mod runner;

@@ -37,9 +37,51 @@ enum Command {
         /// pinned `as_of` or now, e.g. "2011-12-09 12:50:00".
         #[arg(long)]
         as_of: Option<String>,
+        /// Accept a refresh that the pipeline's guards would refuse (an empty or shrunken
+        /// master segment).
+        #[arg(long)]
+        force: bool,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Shows what a run would do now (sizes, adds and removes per activation) without
+    /// changing any state or sending anything.
+    Plan {
+        /// The pipeline's name.
+        pipeline: String,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approves a run's held delta (held by the removal brake) and delivers it.
+    Approve {
+        /// The pipeline's name.
+        pipeline: String,
+        /// The run whose delta was held.
+        run: i64,
+        /// Only this activation (`<segment>/<name>`); default: every held activation.
+        activation: Option<String>,
+    },
+    /// Lists members the platforms keep rejecting; `--retry` offers them again next run.
+    Deadletter {
+        /// The pipeline's name.
+        pipeline: String,
+        /// Release the dead letter (of one activation with --activation) for the next run.
+        #[arg(long)]
+        retry: bool,
+        /// Limit --retry to this activation.
+        #[arg(long)]
+        activation: Option<String>,
+    },
+    /// Shows when a profile entered and left a segment, in which run and why.
+    History {
+        /// The pipeline's name.
+        pipeline: String,
+        /// The segment's name.
+        segment: String,
+        /// The profile key.
+        key: String,
     },
     /// Checks config.toml and every pipeline; reports every problem and exits non-zero if any.
     Validate,
@@ -104,7 +146,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Refresh { pipeline, as_of, json } => {
+        Command::Refresh { pipeline, as_of, force, json } => {
             let config = load(&cli.config)?;
             let definition = config.pipeline(&pipeline)?.clone();
             let as_of = match as_of {
@@ -114,19 +156,98 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => None,
             };
             let store = open_store(&config)?;
+            let options = segmentd::runner::RunOptions { as_of, force };
             let summary = runtime()?.block_on(segmentd::runner::run(
                 store,
                 &config,
                 &definition,
                 "cli",
-                as_of,
+                options,
             ))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
             } else {
                 print!("{}", summary.to_table());
             }
-            Ok(if summary.status == "succeeded" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            let ok = matches!(summary.status.as_str(), "succeeded" | "held");
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Plan { pipeline, json } => {
+            let config = load(&cli.config)?;
+            let definition = config.pipeline(&pipeline)?;
+            let store = open_store(&config)?;
+            let as_of = segmentd::runner::as_of_for(definition, None);
+            let plan = segmentd::plan::plan(&store.connection()?, definition, as_of)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+            } else {
+                print!("{}", plan.to_table());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Approve { pipeline, run, activation } => {
+            let config = load(&cli.config)?;
+            let definition = config.pipeline(&pipeline)?.clone();
+            let store = open_store(&config)?;
+            let delivered = runtime()?.block_on(segmentd::runner::approve(
+                store,
+                &config,
+                &definition,
+                run,
+                activation,
+            ))?;
+            let mut failed = false;
+            for a in &delivered {
+                failed |= a.error.is_some();
+                println!(
+                    "{}: {} adds and {} removes delivered, {} rejected{}",
+                    a.activation,
+                    a.delivered_adds,
+                    a.delivered_removes,
+                    a.rejected,
+                    a.error.as_deref().map(|e| format!("; {e}")).unwrap_or_default()
+                );
+            }
+            Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
+        Command::Deadletter { pipeline, retry, activation } => {
+            let config = load(&cli.config)?;
+            let definition = config.pipeline(&pipeline)?;
+            let store = open_store(&config)?;
+            let connection = store.connection()?;
+            if retry {
+                let released = segmentd::deliver::retry_dead_letters(
+                    &connection,
+                    &definition.name,
+                    activation.as_deref(),
+                )?;
+                println!("{released} members released; the next run offers them again");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let rows = segmentd::deliver::dead_letters(&connection, &definition.name)?;
+            println!("{:<40}  {:<12}  {:<6}  {:>10}  {:>6}  reason", "activation", "key", "change", "rejections", "run");
+            for row in rows {
+                println!(
+                    "{:<40}  {:<12}  {:<6}  {:>10}  {:>6}  {}",
+                    row.activation, row.key, row.change, row.rejections, row.run_id, row.reason
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::History { pipeline, segment, key } => {
+            let config = load(&cli.config)?;
+            let definition = config.pipeline(&pipeline)?;
+            definition.segment(&segment)?;
+            let store = open_store(&config)?;
+            let events =
+                segmentd::evaluate::history(&store.connection()?, &definition.name, &segment, &key)?;
+            if events.is_empty() {
+                println!("profile `{key}` has never been a member of `{segment}`");
+            }
+            for event in events {
+                println!("run {:>6}  {:<8}  {:<17}  {}", event.run_id, event.event, event.reason, event.at);
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Segments { pipeline } => {
             let config = load(&cli.config)?;

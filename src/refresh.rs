@@ -40,6 +40,15 @@ pub enum RefreshError {
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The refreshed master segment broke a guard; nothing was changed.
+    #[error(
+        "refresh refused: {message}; the previous master segment stays. If this is expected, \
+         run again with --force"
+    )]
+    Guard {
+        /// Which guard and by how much.
+        message: String,
+    },
 }
 
 /// What a successful refresh loaded.
@@ -49,36 +58,75 @@ pub struct RefreshReport {
     pub source_rows: Vec<(String, i64)>,
     /// Profiles in the master table.
     pub profiles: i64,
-    /// Rows per behaviour table.
-    pub behaviour_rows: Vec<(String, i64)>,
 }
 
-/// Refreshes the pipeline's master segment. On error nothing live has changed.
-pub fn refresh(connection: &Connection, pipeline: &Pipeline) -> Result<RefreshReport, RefreshError> {
+/// Refreshes the pipeline's master segment. On error, or when a guard refuses the result
+/// (unless `force`), nothing live has changed.
+pub fn refresh(
+    connection: &Connection,
+    pipeline: &Pipeline,
+    force: bool,
+) -> Result<RefreshReport, RefreshError> {
     let live = quote_ident(&pipeline.schema());
-    let sources = quote_ident(&format!("{}_sources", pipeline.schema()));
     connection
-        .execute_batch(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {live}; DROP SCHEMA IF EXISTS {sources} CASCADE; \
-             CREATE SCHEMA {sources};"
-        ))
-        .doing("preparing the staging schema")?;
-
-    let result = build_and_swap(connection, pipeline, &live, &sources);
-
-    // Staging is dropped whether the refresh succeeded or not; the live tables stay.
-    let _ = connection.execute_batch(&format!("DROP SCHEMA IF EXISTS {sources} CASCADE;"));
-    for table in pipeline.tables() {
-        let staging = quote_ident(&format!("{}__staging", table.table_name()));
-        let _ = connection.execute_batch(&format!("DROP TABLE IF EXISTS {live}.{staging};"));
-    }
+        .execute_batch(&format!("CREATE SCHEMA IF NOT EXISTS {live};"))
+        .doing("preparing the pipeline's schema")?;
+    let result = stage(connection, pipeline, &live, STAGING).and_then(|report| {
+        if !force {
+            check_guards(connection, pipeline, &live, report.profiles)?;
+        }
+        swap(connection, pipeline, &live)?;
+        Ok(report)
+    });
+    drop_staging(connection, pipeline, &live, STAGING);
     result
 }
 
-fn build_and_swap(
+/// Builds the master segment from the sources into `schema` under the tables' own names,
+/// leaving the live tables alone: what a plan evaluates against. The caller drops `schema`.
+pub fn build_into(
     connection: &Connection,
     pipeline: &Pipeline,
-    live: &str,
+    schema: &str,
+) -> Result<RefreshReport, RefreshError> {
+    let schema = quote_ident(schema);
+    connection
+        .execute_batch(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema};"))
+        .doing("preparing the plan's schema")?;
+    stage(connection, pipeline, &schema, "")
+}
+
+/// The suffix of staging tables next to the live ones.
+const STAGING: &str = "__staging";
+
+fn drop_staging(connection: &Connection, pipeline: &Pipeline, schema: &str, suffix: &str) {
+    for table in pipeline.tables() {
+        let staging = quote_ident(&format!("{}{suffix}", table.table_name()));
+        let _ = connection.execute_batch(&format!("DROP TABLE IF EXISTS {schema}.{staging};"));
+    }
+}
+
+/// Loads the sources and builds every table as `<schema>.<table><suffix>`, with key checks.
+fn stage(
+    connection: &Connection,
+    pipeline: &Pipeline,
+    schema: &str,
+    suffix: &str,
+) -> Result<RefreshReport, RefreshError> {
+    let sources = quote_ident(&format!("{}_sources", pipeline.schema()));
+    connection
+        .execute_batch(&format!("DROP SCHEMA IF EXISTS {sources} CASCADE; CREATE SCHEMA {sources};"))
+        .doing("preparing the sources schema")?;
+    let result = stage_from_sources(connection, pipeline, schema, suffix, &sources);
+    let _ = connection.execute_batch(&format!("DROP SCHEMA IF EXISTS {sources} CASCADE;"));
+    result
+}
+
+fn stage_from_sources(
+    connection: &Connection,
+    pipeline: &Pipeline,
+    schema: &str,
+    suffix: &str,
     sources: &str,
 ) -> Result<RefreshReport, RefreshError> {
     let mut source_rows = Vec::new();
@@ -92,12 +140,67 @@ fn build_and_swap(
     connection
         .execute_batch(&format!("SET search_path = {};", quote_literal(&unquote(sources))))
         .doing("setting the search path")?;
-    let built = pipeline.tables().try_for_each(|table| build_table(connection, table, live, sources));
+    let built = pipeline
+        .tables()
+        .try_for_each(|table| build_table(connection, table, schema, suffix, sources));
     connection.execute_batch("RESET search_path;").doing("resetting the search path")?;
     built?;
 
-    check_keys(connection, pipeline, live)?;
+    check_keys(connection, pipeline, schema, suffix)?;
+    let master = format!("{schema}.{}", quote_ident(&format!("master{suffix}")));
+    let profiles = connection
+        .query_row(&format!("SELECT count(*) FROM {master}"), [], |r| r.get(0))
+        .doing("counting profiles")?;
+    Ok(RefreshReport { source_rows, profiles })
+}
 
+/// Refuses a master segment that is too small, or that shrank too much since the live one.
+fn check_guards(
+    connection: &Connection,
+    pipeline: &Pipeline,
+    live: &str,
+    profiles: i64,
+) -> Result<(), RefreshError> {
+    let guards = pipeline.guards;
+    if (profiles as u64) < guards.min_profiles {
+        return Err(RefreshError::Guard {
+            message: format!(
+                "the master segment has {profiles} profiles, fewer than guards.min_profiles = {}",
+                guards.min_profiles
+            ),
+        });
+    }
+    let exists: bool = connection
+        .query_row(
+            "SELECT count(*) > 0 FROM duckdb_tables() WHERE schema_name = ? AND table_name = 'master'",
+            [pipeline.schema()],
+            |r| r.get(0),
+        )
+        .doing("looking for the live master table")?;
+    if !exists {
+        return Ok(());
+    }
+    let previous: i64 = connection
+        .query_row(&format!("SELECT count(*) FROM {live}.master"), [], |r| r.get(0))
+        .doing("counting the live profiles")?;
+    if previous > 0 {
+        let shrink = 1.0 - profiles as f64 / previous as f64;
+        if shrink > guards.max_shrink_share {
+            return Err(RefreshError::Guard {
+                message: format!(
+                    "the master segment would shrink from {previous} to {profiles} profiles \
+                     ({:.0} %), more than guards.max_shrink_share = {}",
+                    shrink * 100.0,
+                    guards.max_shrink_share
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Replaces the live tables by the staging tables in one transaction.
+fn swap(connection: &Connection, pipeline: &Pipeline, live: &str) -> Result<(), RefreshError> {
     in_transaction(connection, |c| {
         for table in pipeline.tables() {
             let name = table.table_name();
@@ -105,29 +208,13 @@ fn build_and_swap(
                 "DROP TABLE IF EXISTS {live}.{live_name}; \
                  ALTER TABLE {live}.{staging} RENAME TO {live_name};",
                 live_name = quote_ident(&name),
-                staging = quote_ident(&format!("{name}__staging")),
+                staging = quote_ident(&format!("{name}{STAGING}")),
             ))
             .doing(format!("swapping in the refreshed table {name}"))?;
         }
         Ok(())
     })?;
-
-    let count = |table: &TableDef| -> Result<i64, StoreError> {
-        connection
-            .query_row(
-                &format!("SELECT count(*) FROM {live}.{}", quote_ident(&table.table_name())),
-                [],
-                |r| r.get(0),
-            )
-            .doing("counting rows")
-    };
-    let profiles = count(&pipeline.master)?;
-    let behaviour_rows = pipeline
-        .behaviours
-        .iter()
-        .map(|t| Ok((t.name.clone(), count(t)?)))
-        .collect::<Result<_, StoreError>>()?;
-    Ok(RefreshReport { source_rows, profiles, behaviour_rows })
+    Ok(())
 }
 
 fn unquote(quoted: &str) -> String {
@@ -331,7 +418,8 @@ fn table_label(table: &TableDef) -> String {
 fn build_table(
     connection: &Connection,
     table: &TableDef,
-    live: &str,
+    schema: &str,
+    suffix: &str,
     sources: &str,
 ) -> Result<(), RefreshError> {
     let select = match &table.from {
@@ -344,9 +432,9 @@ fn build_table(
         .map(|(name, column_type)| format!("CAST({q} AS {column_type}) AS {q}", q = quote_ident(name)))
         .collect::<Vec<_>>()
         .join(", ");
-    let staging = quote_ident(&format!("{}__staging", table.table_name()));
+    let staging = quote_ident(&format!("{}{suffix}", table.table_name()));
     let create = format!(
-        "CREATE OR REPLACE TABLE {live}.{staging} AS SELECT {casts} FROM ({select}\n) AS built"
+        "CREATE OR REPLACE TABLE {schema}.{staging} AS SELECT {casts} FROM ({select}\n) AS built"
     );
     connection.execute_batch(&create).map_err(|err| RefreshError::Table {
         table: table_label(table),
@@ -355,9 +443,14 @@ fn build_table(
 }
 
 /// Master and attribute keys must be present and unique; behaviour keys present.
-fn check_keys(connection: &Connection, pipeline: &Pipeline, live: &str) -> Result<(), RefreshError> {
+fn check_keys(
+    connection: &Connection,
+    pipeline: &Pipeline,
+    schema: &str,
+    suffix: &str,
+) -> Result<(), RefreshError> {
     for table in pipeline.tables() {
-        let staging = format!("{live}.{}", quote_ident(&format!("{}__staging", table.table_name())));
+        let staging = format!("{schema}.{}", quote_ident(&format!("{}{suffix}", table.table_name())));
         let key = quote_ident(&table.key);
         let missing: i64 = connection
             .query_row(&format!("SELECT count(*) FROM {staging} WHERE {key} IS NULL"), [], |r| r.get(0))

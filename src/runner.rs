@@ -42,6 +42,8 @@ pub struct ActivationSummary {
     pub delivered_removes: i64,
     /// Members refused.
     pub rejected: i64,
+    /// Whether the removal brake held the delta for an operator's approval.
+    pub held: bool,
     /// Why delivery stopped, if it did.
     pub error: Option<String>,
 }
@@ -57,7 +59,8 @@ pub struct RunSummary {
     pub trigger: String,
     /// The evaluation instant, wall-clock time in the pipeline's time zone.
     pub as_of: String,
-    /// `succeeded`, `partial` (some activation failed) or `failed` (nothing was sent).
+    /// `succeeded`, `held` (some activation waits for approval), `partial` (some activation
+    /// failed) or `failed` (the refresh failed or was refused: nothing changed, nothing sent).
     pub status: String,
     /// Why the run failed, if it did.
     pub error: Option<String>,
@@ -117,16 +120,183 @@ fn destinations(config: &Config, pipeline: &Pipeline) -> anyhow::Result<Vec<Dest
     Ok(destinations)
 }
 
-/// Carries out one run of `pipeline`.
+/// How a run is asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Evaluate at this wall-clock time instead of the pinned `as_of` or now.
+    pub as_of: Option<NaiveDateTime>,
+    /// Accept a refresh that breaks the pipeline's guards.
+    pub force: bool,
+}
+
+/// A fingerprint of the source files: their paths, sizes and modification times.
+fn data_fingerprint(pipeline: &Pipeline) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for source in &pipeline.sources {
+        let metadata = std::fs::metadata(&source.path).ok();
+        let size = metadata.as_ref().map(|m| m.len()).unwrap_or(0);
+        let modified = metadata
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        hasher.update(format!("{}|{size}|{modified};", source.path.display()).as_bytes());
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// Finishes runs a stopped process left unfinished: delivers their pending batches, then
+/// records how they ended. Returns their summaries.
+pub async fn resume_interrupted(
+    store: Arc<Store>,
+    config: &Config,
+    pipeline: &Pipeline,
+) -> anyhow::Result<Vec<RunSummary>> {
+    let runs = {
+        let name = pipeline.name.clone();
+        blocking(&store, move |c| store::unfinished_runs(c, &name)).await?
+    };
+    let mut summaries = Vec::new();
+    for (run_id, trigger, as_of) in runs {
+        tracing::warn!(pipeline = %pipeline.name, run_id, "resuming a run a stop interrupted");
+        let started = Instant::now();
+        let activations = deliver_pending(&store, config, pipeline, run_id).await?;
+        if activations.is_empty() {
+            // Stopped before any delta was written: nothing to resume, the next run starts over.
+            let message = "the process stopped before any delta was planned; nothing was sent";
+            blocking(&store, move |c| store::finish_run(c, run_id, "interrupted", Some(message)))
+                .await?;
+            continue;
+        }
+        let mut summary = RunSummary {
+            run_id,
+            pipeline: pipeline.name.clone(),
+            trigger,
+            as_of,
+            status: String::new(),
+            error: None,
+            profiles: 0,
+            segments: Vec::new(),
+            activations,
+            elapsed: Duration::ZERO,
+        };
+        finish(&store, &mut summary, started).await?;
+        summaries.push(summary);
+    }
+    Ok(summaries)
+}
+
+/// Delivers a run's pending batches (after an interruption or an approval), activation by
+/// activation.
+pub async fn deliver_pending(
+    store: &Arc<Store>,
+    config: &Config,
+    pipeline: &Pipeline,
+    run_id: i64,
+) -> anyhow::Result<Vec<ActivationSummary>> {
+    let pending = {
+        let name = pipeline.name.clone();
+        blocking(store, move |c| deliver::activations_with_pending(c, &name, run_id)).await?
+    };
+    let mut summaries = Vec::new();
+    for destination in destinations(config, pipeline)? {
+        if !pending.contains(&destination.activation.id) {
+            continue;
+        }
+        let report = deliver::deliver(
+            Arc::clone(store),
+            pipeline,
+            &destination.activation,
+            Arc::clone(&destination.connector),
+            &destination.policy,
+            run_id,
+        )
+        .await?;
+        summaries.push(ActivationSummary {
+            activation: destination.activation.id.clone(),
+            adds: report.delivered_adds,
+            removes: report.delivered_removes,
+            delivered_adds: report.delivered_adds,
+            delivered_removes: report.delivered_removes,
+            rejected: report.rejected,
+            held: false,
+            error: report.error,
+        });
+    }
+    for id in pending {
+        if !summaries.iter().any(|s| s.activation == id) {
+            tracing::warn!(pipeline = %pipeline.name, run_id, activation = %id, "pending batches of an activation that is no longer configured are left unsent");
+        }
+    }
+    Ok(summaries)
+}
+
+/// Approves a run's held deltas (of one activation or all) and delivers them.
+pub async fn approve(
+    store: Arc<Store>,
+    config: &Config,
+    pipeline: &Pipeline,
+    run_id: i64,
+    activation: Option<String>,
+) -> anyhow::Result<Vec<ActivationSummary>> {
+    let name = pipeline.name.clone();
+    let released =
+        tokio::task::spawn_blocking({
+            let store = Arc::clone(&store);
+            move || -> anyhow::Result<Vec<String>> {
+                let connection = store.connection()?;
+                Ok(deliver::approve(&connection, &name, run_id, activation.as_deref())?)
+            }
+        })
+        .await
+        .expect("a DuckDB job panicked")?;
+    tracing::info!(pipeline = %pipeline.name, run_id, activations = released.len(), "held deltas approved");
+    deliver_pending(&store, config, pipeline, run_id).await
+}
+
+/// Sets a summary's final status and records it.
+async fn finish(store: &Arc<Store>, summary: &mut RunSummary, started: Instant) -> anyhow::Result<()> {
+    let failed = summary.activations.iter().filter(|a| a.error.is_some()).count();
+    let held = summary.activations.iter().filter(|a| a.held).count();
+    summary.status = match (failed, held) {
+        (0, 0) => "succeeded",
+        (0, _) => "held",
+        _ => "partial",
+    }
+    .into();
+    let mut notes = Vec::new();
+    if failed > 0 {
+        notes.push(format!("{failed} activation(s) not fully delivered"));
+    }
+    if held > 0 {
+        notes.push(format!(
+            "{held} activation(s) held by the removal brake; approve with `segmentd approve {} {}`",
+            summary.pipeline, summary.run_id
+        ));
+    }
+    summary.error = if notes.is_empty() { None } else { Some(notes.join("; ")) };
+    summary.elapsed = started.elapsed();
+    let (run_id, status, error) = (summary.run_id, summary.status.clone(), summary.error.clone());
+    blocking(store, move |c| store::finish_run(c, run_id, &status, error.as_deref())).await?;
+    tracing::info!(
+        pipeline = %summary.pipeline, run_id, status = %summary.status,
+        elapsed_ms = summary.elapsed.as_millis() as u64, "run finished"
+    );
+    Ok(())
+}
+
+/// Carries out one run of `pipeline`, after finishing any run a stop interrupted.
 pub async fn run(
     store: Arc<Store>,
     config: &Config,
     pipeline: &Pipeline,
     trigger: &str,
-    as_of: Option<NaiveDateTime>,
+    options: RunOptions,
 ) -> anyhow::Result<RunSummary> {
+    resume_interrupted(Arc::clone(&store), config, pipeline).await?;
     let started = Instant::now();
-    let as_of = as_of_for(pipeline, as_of);
+    let as_of = as_of_for(pipeline, options.as_of);
     let destinations = destinations(config, pipeline)?;
 
     let run_id = {
@@ -147,7 +317,8 @@ pub async fn run(
         elapsed: Duration::ZERO,
     };
 
-    match refresh_and_evaluate(&store, pipeline, run_id, as_of, &mut summary).await {
+    let inputs = crate::evaluate::Inputs { data_fingerprint: data_fingerprint(pipeline), forced: options.force };
+    match refresh_and_evaluate(&store, pipeline, run_id, as_of, &inputs, &mut summary).await {
         Ok(()) => {}
         Err(err) => {
             let message = format!("{err:#}");
@@ -173,17 +344,21 @@ pub async fn run(
         };
         tracing::info!(
             pipeline = %pipeline.name, activation = %activation.id, run_id,
-            adds = delta.adds, removes = delta.removes, "delta planned"
+            adds = delta.adds, removes = delta.removes, held = delta.held, "delta planned"
         );
-        let report = deliver::deliver(
-            Arc::clone(&store),
-            pipeline,
-            &activation,
-            Arc::clone(&destination.connector),
-            &destination.policy,
-            run_id,
-        )
-        .await?;
+        let report = if delta.held {
+            DeliveryReport::default()
+        } else {
+            deliver::deliver(
+                Arc::clone(&store),
+                pipeline,
+                &activation,
+                Arc::clone(&destination.connector),
+                &destination.policy,
+                run_id,
+            )
+            .await?
+        };
         record_activation(&store, pipeline, &activation, run_id, delta, &report).await?;
         summary.activations.push(ActivationSummary {
             activation: activation.id.clone(),
@@ -192,22 +367,12 @@ pub async fn run(
             delivered_adds: report.delivered_adds,
             delivered_removes: report.delivered_removes,
             rejected: report.rejected,
+            held: delta.held,
             error: report.error.clone(),
         });
     }
 
-    let failed = summary.activations.iter().filter(|a| a.error.is_some()).count();
-    summary.status = if failed == 0 { "succeeded".into() } else { "partial".into() };
-    if failed > 0 {
-        summary.error = Some(format!("{failed} activation(s) not fully delivered"));
-    }
-    summary.elapsed = started.elapsed();
-    let (status, error) = (summary.status.clone(), summary.error.clone());
-    blocking(&store, move |c| store::finish_run(c, run_id, &status, error.as_deref())).await?;
-    tracing::info!(
-        pipeline = %pipeline.name, run_id, status = %summary.status,
-        elapsed_ms = summary.elapsed.as_millis() as u64, "run finished"
-    );
+    finish(&store, &mut summary, started).await?;
     Ok(summary)
 }
 
@@ -216,6 +381,7 @@ async fn refresh_and_evaluate(
     pipeline: &Pipeline,
     run_id: i64,
     as_of: NaiveDateTime,
+    inputs: &crate::evaluate::Inputs,
     summary: &mut RunSummary,
 ) -> anyhow::Result<()> {
     let previous = {
@@ -224,10 +390,11 @@ async fn refresh_and_evaluate(
     };
     let owned = pipeline.clone();
     let store = Arc::clone(store);
+    let inputs = inputs.clone();
     let (report, sizes) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let connection = store.connection()?;
-        let report = crate::refresh::refresh(&connection, &owned)?;
-        let sizes = crate::evaluate::evaluate(&connection, &owned, run_id, as_of)?;
+        let report = crate::refresh::refresh(&connection, &owned, inputs.forced)?;
+        let sizes = crate::evaluate::evaluate(&connection, &owned, run_id, as_of, &inputs)?;
         Ok((report, sizes))
     })
     .await
@@ -299,7 +466,11 @@ impl RunSummary {
                     a.removes,
                     a.delivered_adds + a.delivered_removes,
                     a.rejected,
-                    a.error.as_deref().unwrap_or("delivered")
+                    match (&a.error, a.held) {
+                        (Some(error), _) => error.as_str(),
+                        (None, true) => "held: waiting for approval",
+                        (None, false) => "delivered",
+                    }
                 ));
             }
         }

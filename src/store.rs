@@ -68,13 +68,35 @@ CREATE TABLE IF NOT EXISTS segmentd.runs (
     started_at TIMESTAMP NOT NULL,
     finished_at TIMESTAMP,
     status VARCHAR NOT NULL,
-    error VARCHAR
+    error VARCHAR,
+    data_fingerprint VARCHAR
 );
 CREATE TABLE IF NOT EXISTS segmentd.segment_sizes (
     run_id BIGINT NOT NULL,
     pipeline VARCHAR NOT NULL,
     segment VARCHAR NOT NULL,
-    size BIGINT NOT NULL
+    size BIGINT NOT NULL,
+    rule_fingerprint VARCHAR NOT NULL
+);
+CREATE TABLE IF NOT EXISTS segmentd.membership_history (
+    pipeline VARCHAR NOT NULL,
+    segment VARCHAR NOT NULL,
+    key VARCHAR NOT NULL,
+    run_id BIGINT NOT NULL,
+    event VARCHAR NOT NULL,
+    reason VARCHAR NOT NULL,
+    at TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS segmentd.dead_letters (
+    pipeline VARCHAR NOT NULL,
+    activation VARCHAR NOT NULL,
+    key VARCHAR NOT NULL,
+    change VARCHAR NOT NULL,
+    reason VARCHAR NOT NULL,
+    rejections INTEGER NOT NULL,
+    dead BOOLEAN NOT NULL,
+    run_id BIGINT NOT NULL,
+    at TIMESTAMP NOT NULL
 );
 CREATE TABLE IF NOT EXISTS segmentd.memberships (
     pipeline VARCHAR NOT NULL,
@@ -216,16 +238,21 @@ pub fn finish_run(
     Ok(())
 }
 
-/// Marks runs left `running` by a process that stopped as interrupted; returns how many.
-pub fn close_interrupted_runs(connection: &Connection, pipeline: &str) -> Result<usize, StoreError> {
-    connection
-        .execute(
-            "UPDATE segmentd.runs SET status = 'interrupted', \
-             error = 'the process stopped during the run' \
-             WHERE pipeline = ? AND status = 'running'",
-            params![pipeline],
+/// Runs a stopped process left `running`: `(run_id, trigger, as_of)`, oldest first.
+pub fn unfinished_runs(
+    connection: &Connection,
+    pipeline: &str,
+) -> Result<Vec<(i64, String, String)>, StoreError> {
+    let mut statement = connection
+        .prepare(
+            "SELECT run_id, trigger, CAST(as_of AS VARCHAR) FROM segmentd.runs \
+             WHERE pipeline = ? AND status = 'running' ORDER BY run_id",
         )
-        .doing("closing interrupted runs")
+        .doing("finding unfinished runs")?;
+    let rows = statement
+        .query_map(params![pipeline], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .doing("finding unfinished runs")?;
+    rows.collect::<Result<_, _>>().doing("finding unfinished runs")
 }
 
 /// The last recorded size of each segment of a pipeline, from its latest run that evaluated it.

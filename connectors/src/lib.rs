@@ -10,8 +10,14 @@
 //!   connector (exponential backoff with full jitter, bounded attempts and total time,
 //!   `Retry-After` honoured and capped).
 //! - [`file`] writes batches as files into a folder; [`webhook`] POSTs them as JSON.
+//! - [`meta`] keeps a Meta Custom Audience in step; [`mailchimp`] a Mailchimp audience.
+//! - [`identifiers`] normalises and hashes identifiers the way the platforms match them.
 
 pub mod file;
+mod http;
+pub mod identifiers;
+pub mod mailchimp;
+pub mod meta;
 pub mod retry;
 mod settings;
 pub mod webhook;
@@ -175,15 +181,39 @@ pub fn build(
             .map(|c| Box::new(c) as Box<dyn Connector>),
         "webhook" => webhook::WebhookConnector::from_settings(connection, activation, secrets)
             .map(|c| Box::new(c) as Box<dyn Connector>),
-        other => Err(vec![SettingsError {
-            field: "type".into(),
-            message: format!(
-                "unknown connection type `{other}`; known types: {}",
-                KINDS.join(", ")
-            ),
-        }]),
+        "meta" => meta::MetaConnector::from_settings(connection, activation, secrets)
+            .map(|c| Box::new(c) as Box<dyn Connector>),
+        "mailchimp" => mailchimp::MailchimpConnector::from_settings(connection, activation, secrets)
+            .map(|c| Box::new(c) as Box<dyn Connector>),
+        other => Err(vec![unknown_kind(other)]),
+    }
+}
+
+/// Checks a connection's settings alone, before any activation uses it: the settings an
+/// activation must supply (Meta's `audience_id`, Mailchimp's `list_id`) are not asked for.
+/// Returns every problem found.
+pub fn check_connection(
+    kind: &str,
+    connection: &toml::Table,
+    secrets: &BTreeMap<String, String>,
+) -> Result<(), Vec<SettingsError>> {
+    match kind {
+        "meta" => meta::MetaConnector::check_connection(connection, secrets),
+        "mailchimp" => mailchimp::MailchimpConnector::check_connection(connection, secrets),
+        "file" | "webhook" => build(kind, connection, &toml::Table::new(), secrets).map(|_| ()),
+        other => Err(vec![unknown_kind(other)]),
+    }
+}
+
+fn unknown_kind(kind: &str) -> SettingsError {
+    SettingsError {
+        field: "type".into(),
+        message: format!(
+            "unknown connection type `{kind}`; known types: {}",
+            KINDS.join(", ")
+        ),
     }
 }
 
 /// The connection types this build knows.
-pub const KINDS: &[&str] = &["file", "webhook"];
+pub const KINDS: &[&str] = &["file", "webhook", "meta", "mailchimp"];

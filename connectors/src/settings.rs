@@ -122,6 +122,63 @@ impl Problems {
             }
         }
     }
+    /// The `http` or `https` URL with a host at `key`, if present; anything else is a problem.
+    pub(crate) fn http_url(
+        &mut self,
+        table: &toml::Table,
+        place: Place,
+        key: &str,
+    ) -> Option<reqwest::Url> {
+        let text = self.string(table, place, key)?;
+        match reqwest::Url::parse(&text) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => Some(url),
+            Ok(url) => {
+                let scheme = url.scheme();
+                self.push(
+                    key,
+                    format!("must be an http or https URL with a host, got `{scheme}:`"),
+                );
+                None
+            }
+            Err(error) => {
+                self.push(key, format!("not a valid URL: {error}"));
+                None
+            }
+        }
+    }
+
+    /// The secret resolved from the environment variable named by `<secret>_env` in the
+    /// connection settings. A missing `<secret>_env` is a problem explained by `purpose`
+    /// (what the variable must hold); a variable that was not set is another.
+    pub(crate) fn secret(
+        &mut self,
+        connection: &toml::Table,
+        secrets: &std::collections::BTreeMap<String, String>,
+        secret: &str,
+        purpose: &str,
+    ) -> Option<String> {
+        let key = format!("{secret}_env");
+        if !connection.contains_key(&key) {
+            self.push(
+                &key,
+                format!("missing; set it to the name of the environment variable holding {purpose}"),
+            );
+            return None;
+        }
+        let variable = self.string(connection, Place::Connection, &key)?;
+        match secrets.get(secret) {
+            Some(value) if !value.is_empty() => Some(value.clone()),
+            _ => {
+                self.push(
+                    &key,
+                    format!(
+                        "the environment variable `{variable}` is not set; export it with {purpose}"
+                    ),
+                );
+                None
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ use std::time::{Duration, SystemTime};
 use reqwest::header::{AUTHORIZATION, HeaderName, HeaderValue, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
 
+use crate::http::{self, error_chain, quote, quoted_body, requested_wait};
 use crate::settings::{Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
@@ -39,12 +40,6 @@ const MAX_BATCH_SIZE: i64 = 10_000;
 const DEFAULT_TIMEOUT_SECONDS: i64 = 30;
 /// The largest `timeout_seconds` accepted.
 const MAX_TIMEOUT_SECONDS: i64 = 3600;
-/// The longest wait for a connection, whatever the request timeout.
-const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How much of an answer's body goes into an error message or a rejection reason.
-const MAX_QUOTED_CHARS: usize = 200;
-/// How much of a failed answer's body is read at most.
-const MAX_ERROR_BODY_BYTES: usize = 4096;
 /// The header carrying the batch identity, so a platform can drop a repeated request.
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
@@ -105,12 +100,7 @@ impl WebhookConnector {
         let timeout = Duration::from_secs(
             u64::try_from(timeout_seconds).expect("timeout_seconds within 1..=3600"),
         );
-        let client = reqwest::Client::builder()
-            .connect_timeout(timeout.min(MAX_CONNECT_TIMEOUT))
-            .timeout(timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .build();
-        let client = match client {
+        let client = match http::client(timeout) {
             Ok(client) => Some(client),
             Err(error) => {
                 problems.push("url", format!("the HTTP client cannot be set up: {error}"));
@@ -225,18 +215,7 @@ impl WebhookConnector {
     }
 
     fn transport_failure(&self, error: reqwest::Error) -> DeliveryError {
-        let what = if error.is_timeout() {
-            "timed out"
-        } else {
-            "failed"
-        };
-        DeliveryError::Retryable {
-            message: format!(
-                "POST to {} {what}: {}",
-                self.shown_url(),
-                error_chain(&error.without_url())
-            ),
-        }
+        http::transport_failure("POST", &self.shown_url(), error)
     }
 
     /// The URL without credentials, query or fragment, fit for messages and logs.
@@ -390,89 +369,13 @@ fn classify_failure(
     }
 }
 
-/// The wait a `Retry-After` value asks for: delta-seconds, or an HTTP-date (one in the past
-/// asks for no wait). `None` when it is neither.
-fn requested_wait(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
-    let text = value.to_str().ok()?.trim();
-    if !text.is_empty() && text.bytes().all(|byte| byte.is_ascii_digit()) {
-        // Digits too many for a u64 are a wait far beyond any cap.
-        return Some(Duration::from_secs(text.parse().unwrap_or(u64::MAX)));
-    }
-    let date = httpdate::parse_http_date(text).ok()?;
-    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
-}
 
-/// The start of a failed answer's body, quoted for an error message.
-async fn quoted_body(mut response: reqwest::Response) -> String {
-    let mut bytes = Vec::new();
-    while bytes.len() < MAX_ERROR_BODY_BYTES {
-        match response.chunk().await {
-            Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
-            Ok(None) | Err(_) => break,
-        }
-    }
-    quote(&String::from_utf8_lossy(&bytes))
-}
 
-/// `text` cut to its first [`MAX_QUOTED_CHARS`] characters, with `...` when cut.
-fn quote(text: &str) -> String {
-    let text = text.trim();
-    match text.char_indices().nth(MAX_QUOTED_CHARS) {
-        Some((end, _)) => format!("{}...", &text[..end]),
-        None => text.to_owned(),
-    }
-}
 
-/// An error and its sources, `: `-separated: reqwest's own message alone says little.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn header(text: &str) -> HeaderValue {
-        HeaderValue::from_str(text).unwrap()
-    }
-
-    #[test]
-    fn retry_after_in_seconds_is_the_wait() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-
-        assert_eq!(
-            requested_wait(&header("120"), now),
-            Some(Duration::from_secs(120))
-        );
-        assert_eq!(requested_wait(&header(" 0 "), now), Some(Duration::ZERO));
-    }
-
-    #[test]
-    fn retry_after_as_a_date_waits_until_then_and_not_at_all_when_past() {
-        // Sun, 06 Nov 1994 08:49:37 GMT is 784111777 seconds after the epoch.
-        let date = header("Sun, 06 Nov 1994 08:49:37 GMT");
-        let before = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777 - 90);
-        let after = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777 + 90);
-
-        assert_eq!(requested_wait(&date, before), Some(Duration::from_secs(90)));
-        assert_eq!(requested_wait(&date, after), Some(Duration::ZERO));
-    }
-
-    #[test]
-    fn retry_after_that_is_neither_form_asks_for_no_particular_wait() {
-        let now = SystemTime::now();
-
-        assert_eq!(requested_wait(&header("soon"), now), None);
-        assert_eq!(requested_wait(&header("-5"), now), None);
-        assert_eq!(requested_wait(&header(""), now), None);
-    }
 
     #[test]
     fn statuses_are_classified_by_what_sending_again_would_do() {
@@ -512,16 +415,6 @@ mod tests {
                 (504, "retryable"),
             ]
         );
-    }
-
-    #[test]
-    fn quoted_text_stops_after_two_hundred_characters() {
-        let long = "é".repeat(250);
-
-        let quoted = quote(&long);
-
-        assert_eq!(quoted, format!("{}...", "é".repeat(200)));
-        assert_eq!(quote("short"), "short");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 pub use pipeline::{Pipeline, TableDef};
-pub use segment::{ActivationDef, SegmentDef};
+pub use segment::{ActivationDef, Mode, SegmentDef};
 
 /// One problem in the configuration, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 //! a time column), its time zone, its schedule and an optional pinned `as_of`. This module
 //! checks all of that and then loads the pipeline's segments; it reads no data.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -32,6 +32,26 @@ struct RawPipeline {
     attributes: IndexMap<String, Spanned<RawTable>>,
     #[serde(default)]
     behaviours: IndexMap<String, Spanned<RawTable>>,
+    #[serde(default)]
+    guards: RawGuards,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGuards {
+    min_profiles: Option<Spanned<u64>>,
+    max_shrink_share: Option<Spanned<f64>>,
+}
+
+/// Checks on a refreshed master segment before it replaces the live one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Guards {
+    /// Fewer profiles than this refuses the refresh (`min_profiles`, default 1: an empty
+    /// master segment is refused).
+    pub min_profiles: u64,
+    /// A master segment smaller than the live one by more than this share refuses the
+    /// refresh (`max_shrink_share`, default 0.5).
+    pub max_shrink_share: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,6 +101,8 @@ pub struct Pipeline {
     pub behaviours: Vec<TableDef>,
     /// The segments, in dependency order (a segment after those it refers to).
     pub segments: Vec<segment::SegmentDef>,
+    /// Refusals of a suspicious refresh.
+    pub guards: Guards,
 }
 
 impl Pipeline {
@@ -261,7 +283,6 @@ pub(super) fn load(
         .iter()
         .filter_map(|(name, raw)| check_source(&source, dir, name, raw, problems))
         .collect();
-    let source_names: HashSet<&str> = sources.iter().map(|s| s.name.as_str()).collect();
 
     let master = match &raw.master {
         Some(master) => {
@@ -286,7 +307,21 @@ pub(super) fn load(
             check_table(&source, name, TableRole::Behaviour, raw, &sources, problems)
         })
         .collect();
-    let _ = source_names;
+
+    let guards = Guards {
+        min_profiles: raw.guards.min_profiles.as_ref().map_or(1, |m| *m.get_ref()),
+        max_shrink_share: match &raw.guards.max_shrink_share {
+            Some(share) if !(0.0..=1.0).contains(share.get_ref()) => {
+                problems.push(source.problem_at(
+                    share,
+                    "guards.max_shrink_share is a share from 0 to 1, such as 0.5",
+                ));
+                0.5
+            }
+            Some(share) => *share.get_ref(),
+            None => 0.5,
+        },
+    };
 
     let master = master?;
     if problems.len() > before {
@@ -315,6 +350,7 @@ pub(super) fn load(
         attributes,
         behaviours,
         segments,
+        guards,
     })
 }
 

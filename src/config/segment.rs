@@ -33,6 +33,9 @@ struct RawActivation {
     identifiers: Vec<Spanned<String>>,
     #[serde(default)]
     settings: toml::Table,
+    mode: Option<Spanned<String>>,
+    max_removal_share: Option<Spanned<f64>>,
+    dead_letter_after_runs: Option<Spanned<u32>>,
 }
 
 /// One checked segment.
@@ -72,7 +75,30 @@ pub struct ActivationDef {
     pub identifiers: Vec<String>,
     /// The activation's own connector settings.
     pub settings: toml::Table,
+    /// Whether removes are sent.
+    pub mode: Mode,
+    /// The largest share of the acknowledged audience one run may remove before the delta is
+    /// held for an operator's approval (`max_removal_share`, default 0.2).
+    pub max_removal_share: f64,
+    /// After how many runs in which the platform rejected a member it goes to the dead
+    /// letter (`dead_letter_after_runs`, default 3).
+    pub dead_letter_after_runs: u32,
 }
+
+/// How an activation treats members who leave the segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Send adds and removes (`add_remove`, the default).
+    AddRemove,
+    /// Send adds only; members who leave stay on the destination (`add_only`).
+    AddOnly,
+}
+
+/// The default of `max_removal_share`.
+pub const DEFAULT_MAX_REMOVAL_SHARE: f64 = 0.2;
+
+/// The default of `dead_letter_after_runs`.
+pub const DEFAULT_DEAD_LETTER_AFTER_RUNS: u32 = 3;
 
 /// Every `.toml` file under `dir`, sorted.
 fn segment_files(dir: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -253,7 +279,54 @@ fn load_one(
             }
             continue;
         }
+        let mode = match spec.mode.as_ref().map(|m| m.get_ref().as_str()) {
+            None | Some("add_remove") => Mode::AddRemove,
+            Some("add_only") => Mode::AddOnly,
+            Some("mirror") => {
+                problems.push(source.problem_at(
+                    spec.mode.as_ref().expect("set"),
+                    format!(
+                        "activation `{activation_name}`: connection type `{}` cannot replace a \
+                         whole list, so `mirror` is not available; use add_remove or add_only",
+                        connection.kind
+                    ),
+                ));
+                continue;
+            }
+            Some(other) => {
+                problems.push(source.problem_at(
+                    spec.mode.as_ref().expect("set"),
+                    format!("activation `{activation_name}`: mode `{other}` is not one of add_remove, add_only"),
+                ));
+                continue;
+            }
+        };
+        let max_removal_share = match &spec.max_removal_share {
+            Some(share) if !(0.0..=1.0).contains(share.get_ref()) => {
+                problems.push(source.problem_at(
+                    share,
+                    format!("activation `{activation_name}`: max_removal_share is a share from 0 to 1, such as 0.2"),
+                ));
+                continue;
+            }
+            Some(share) => *share.get_ref(),
+            None => DEFAULT_MAX_REMOVAL_SHARE,
+        };
+        let dead_letter_after_runs = match &spec.dead_letter_after_runs {
+            Some(runs) if *runs.get_ref() == 0 => {
+                problems.push(source.problem_at(
+                    runs,
+                    format!("activation `{activation_name}`: dead_letter_after_runs must be 1 or more"),
+                ));
+                continue;
+            }
+            Some(runs) => *runs.get_ref(),
+            None => DEFAULT_DEAD_LETTER_AFTER_RUNS,
+        };
         activations.push(ActivationDef {
+            mode,
+            max_removal_share,
+            dead_letter_after_runs,
             id: format!("{name}/{activation_name}"),
             connection: connection.name.clone(),
             kind: connection.kind.clone(),

@@ -1,0 +1,947 @@
+//! The `meta` connector: members of a Meta (Facebook/Instagram) customer-file Custom Audience.
+//!
+//! This module owns the request (`POST {base_url}/{api_version}/{audience_id}/users` for adds,
+//! `DELETE` on the same edge for removes, a multi-key `payload` of SHA-256 rows and a
+//! one-request `session`), the preparation of rows from members' identifiers through
+//! [`crate::identifiers`], and the classification of Graph API answers. It does not create
+//! audiences, check an audience's `operation_status` beforehand, or retry;
+//! [`crate::deliver_with_retries`] does that.
+//!
+//! The body sent, as JSON (the access token travels in the body, never in the URL):
+//!
+//! ```json
+//! {"access_token": "...",
+//!  "payload": {"schema": ["EMAIL", "PHONE"], "data": [["<sha256>", ""]]},
+//!  "session": {"session_id": 123, "batch_seq": 1, "last_batch_flag": true,
+//!              "estimated_num_total": 1}}
+//! ```
+//!
+//! Each batch is its own session: the [`Batch`] contract does not say which batch of a run is
+//! the last, so no session spans batches. The session id is derived from the batch identity,
+//! so a batch sent again after a timeout reuses its session.
+//!
+//! Meta reports invalid rows as a count (`num_invalid_entries`) and a few samples, never as a
+//! list of rows. A request in which every row is invalid rejects every member sent; a request
+//! with some invalid rows accepts every member and logs the count, because which members were
+//! invalid is not known.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::{Method, StatusCode, Url};
+use sha2::{Digest, Sha256};
+
+use crate::http::{self, Secret, quote};
+use crate::identifiers::{self, Invalid};
+use crate::settings::{Place, Problems};
+use crate::{
+    Batch, BoxFuture, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
+};
+
+/// Connection keys the Meta connector knows.
+const CONNECTION_KEYS: &[&str] = &[
+    "access_token_env",
+    "base_url",
+    "api_version",
+    "batch_size",
+    "timeout_seconds",
+];
+/// Activation keys the Meta connector knows.
+const ACTIVATION_KEYS: &[&str] = &["audience_id", "schema"];
+/// The Graph API host.
+const DEFAULT_BASE_URL: &str = "https://graph.facebook.com";
+/// The Graph API version used unless `api_version` says otherwise.
+const DEFAULT_API_VERSION: &str = "v25.0";
+/// The most rows Meta takes in one request, and the default batch size.
+const MAX_ROWS: i64 = 10_000;
+/// Seconds a request may take unless `timeout_seconds` says otherwise.
+const DEFAULT_TIMEOUT_SECONDS: i64 = 60;
+/// The largest `timeout_seconds` accepted.
+const MAX_TIMEOUT_SECONDS: i64 = 3600;
+/// The schema used when an activation sets none: hashed e-mail from the `email` identifier.
+const DEFAULT_SCHEMA: &[(SchemaKey, &str)] = &[(SchemaKey::Email, "email")];
+
+/// A key of Meta's customer-file schema. Columns are always sent in the order declared here,
+/// whatever order the activation's `schema` table lists them in, so that a removal sends the
+/// same rows as the add it undoes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum SchemaKey {
+    ExternId,
+    Email,
+    Phone,
+    Gender,
+    BirthYear,
+    BirthMonth,
+    BirthDay,
+    LastName,
+    FirstName,
+    FirstInitial,
+    City,
+    State,
+    Zip,
+    Madid,
+    Country,
+}
+
+impl SchemaKey {
+    const ALL: [SchemaKey; 15] = [
+        SchemaKey::ExternId,
+        SchemaKey::Email,
+        SchemaKey::Phone,
+        SchemaKey::Gender,
+        SchemaKey::BirthYear,
+        SchemaKey::BirthMonth,
+        SchemaKey::BirthDay,
+        SchemaKey::LastName,
+        SchemaKey::FirstName,
+        SchemaKey::FirstInitial,
+        SchemaKey::City,
+        SchemaKey::State,
+        SchemaKey::Zip,
+        SchemaKey::Madid,
+        SchemaKey::Country,
+    ];
+
+    /// The key's name on the wire and in the `schema` setting.
+    fn name(self) -> &'static str {
+        match self {
+            SchemaKey::ExternId => "EXTERN_ID",
+            SchemaKey::Email => "EMAIL",
+            SchemaKey::Phone => "PHONE",
+            SchemaKey::Gender => "GEN",
+            SchemaKey::BirthYear => "DOBY",
+            SchemaKey::BirthMonth => "DOBM",
+            SchemaKey::BirthDay => "DOBD",
+            SchemaKey::LastName => "LN",
+            SchemaKey::FirstName => "FN",
+            SchemaKey::FirstInitial => "FI",
+            SchemaKey::City => "CT",
+            SchemaKey::State => "ST",
+            SchemaKey::Zip => "ZIP",
+            SchemaKey::Madid => "MADID",
+            SchemaKey::Country => "COUNTRY",
+        }
+    }
+
+    fn parse(name: &str) -> Option<SchemaKey> {
+        SchemaKey::ALL.into_iter().find(|key| key.name() == name)
+    }
+
+    /// The value sent for `raw`: SHA-256 of the normalised text, except for `EXTERN_ID` and
+    /// `MADID`, sent trimmed in clear. `country` is the member's raw country, which decides
+    /// how a ZIP code is cut.
+    fn prepare(self, raw: &str, country: Option<&str>) -> Result<String, Invalid> {
+        use identifiers::hash_normalised as hash;
+        match self {
+            SchemaKey::ExternId | SchemaKey::Madid => identifiers::clear(raw),
+            SchemaKey::Email => hash(raw, identifiers::email),
+            SchemaKey::Phone => hash(raw, identifiers::phone_digits),
+            SchemaKey::Gender => hash(raw, identifiers::gender),
+            SchemaKey::BirthYear => hash(raw, identifiers::birth_year),
+            SchemaKey::BirthMonth => hash(raw, identifiers::birth_month),
+            SchemaKey::BirthDay => hash(raw, identifiers::birth_day),
+            SchemaKey::LastName | SchemaKey::FirstName | SchemaKey::City | SchemaKey::State => {
+                hash(raw, identifiers::letters)
+            }
+            SchemaKey::FirstInitial => hash(raw, identifiers::first_initial),
+            SchemaKey::Zip => hash(raw, |raw| identifiers::zip(raw, country)),
+            SchemaKey::Country => hash(raw, identifiers::country),
+        }
+    }
+}
+
+/// Adds and removes members of one Meta Custom Audience.
+///
+/// Connection settings:
+/// - `access_token_env` (required): the environment variable holding the access token (a
+///   system-user token is recommended; user tokens expire); the engine passes its value as the
+///   `access_token` secret.
+/// - `base_url`: the Graph API host, default `https://graph.facebook.com`.
+/// - `api_version`: the Graph API version, `v<major>.<minor>`, default `v25.0`.
+/// - `batch_size`: rows per request, 1 to 10000, default 10000.
+/// - `timeout_seconds`: per request, default 60.
+///
+/// Activation settings:
+/// - `audience_id` (required): the Custom Audience's numeric id, as a string or an integer.
+/// - `schema`: a table from Meta schema keys (`EXTERN_ID`, `EMAIL`, `PHONE`, `GEN`, `DOBY`,
+///   `DOBM`, `DOBD`, `LN`, `FN`, `FI`, `CT`, `ST`, `ZIP`, `MADID`, `COUNTRY`) to the member
+///   identifier each is read from, default `{ EMAIL = "email" }`.
+#[derive(Debug, Clone)]
+pub struct MetaConnector {
+    client: reqwest::Client,
+    /// `{base_url}/{api_version}/{audience_id}/users`; carries no credential.
+    users_url: Url,
+    access_token: Secret,
+    /// Schema keys in wire order, each with the member identifier it is read from.
+    schema: Vec<(SchemaKey, String)>,
+    batch_size: usize,
+}
+
+/// The connection's settings, checked.
+struct ConnectionSettings {
+    client: reqwest::Client,
+    base_url: Url,
+    api_version: String,
+    access_token: Secret,
+    batch_size: usize,
+}
+
+/// The activation's settings, checked.
+struct ActivationSettings {
+    audience_id: String,
+    schema: Vec<(SchemaKey, String)>,
+}
+
+impl MetaConnector {
+    /// Builds the connector from its connection and activation settings and the resolved
+    /// secrets (`access_token`), returning every problem found.
+    pub fn from_settings(
+        connection: &toml::Table,
+        activation: &toml::Table,
+        secrets: &BTreeMap<String, String>,
+    ) -> Result<Self, Vec<SettingsError>> {
+        let mut problems = Problems::default();
+        let connection = read_connection(&mut problems, connection, secrets);
+        let activation = read_activation(&mut problems, activation);
+        problems.finish(|| {
+            let connection = connection.expect("connection settings when there are no problems");
+            let activation = activation.expect("activation settings when there are no problems");
+            MetaConnector::new(connection, activation)
+        })
+    }
+
+    /// Checks the connection settings alone, as when a connection is loaded before any
+    /// activation uses it; returns every problem found.
+    pub fn check_connection(
+        connection: &toml::Table,
+        secrets: &BTreeMap<String, String>,
+    ) -> Result<(), Vec<SettingsError>> {
+        let mut problems = Problems::default();
+        read_connection(&mut problems, connection, secrets);
+        problems.finish(|| ())
+    }
+
+    fn new(connection: ConnectionSettings, activation: ActivationSettings) -> MetaConnector {
+        let mut users_url = connection.base_url;
+        users_url
+            .path_segments_mut()
+            .expect("an http URL has path segments")
+            .pop_if_empty()
+            .extend([
+                connection.api_version.as_str(),
+                activation.audience_id.as_str(),
+                "users",
+            ]);
+        users_url.set_query(None);
+        users_url.set_fragment(None);
+        MetaConnector {
+            client: connection.client,
+            users_url,
+            access_token: connection.access_token,
+            schema: activation.schema,
+            batch_size: connection.batch_size,
+        }
+    }
+
+    /// Sends one batch once and classifies the answer.
+    async fn send(&self, batch: &Batch) -> Result<Outcome, DeliveryError> {
+        let (rows, mut outcome) = self.prepare(batch);
+        if rows.is_empty() {
+            return Ok(outcome);
+        }
+
+        let body = serde_json::json!({
+            "access_token": self.access_token.expose(),
+            "payload": {
+                "schema": self.schema.iter().map(|(key, _)| key.name()).collect::<Vec<_>>(),
+                "data": rows.iter().map(|(_, row)| row).collect::<Vec<_>>(),
+            },
+            "session": {
+                "session_id": session_id(batch),
+                "batch_seq": 1,
+                "last_batch_flag": true,
+                "estimated_num_total": rows.len(),
+            },
+        });
+        let method = match batch.change {
+            Change::Add => Method::POST,
+            Change::Remove => Method::DELETE,
+        };
+        let response = self
+            .client
+            .request(method.clone(), self.users_url.clone())
+            .json(&body)
+            .send()
+            .await
+            .map_err(|error| {
+                http::transport_failure(method.as_str(), self.users_url.as_str(), error)
+            })?;
+
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = http::body_start(response, 1 << 20).await;
+        let sent: Vec<&str> = rows.iter().map(|(key, _)| *key).collect();
+        match self.read_answer(batch, status, &headers, &body, sent.len()) {
+            Answer::Accepted => outcome.accepted.extend(sent.iter().map(|key| key.to_string())),
+            Answer::Rejected(reason) => outcome
+                .rejected
+                .extend(sent.iter().map(|key| Rejection {
+                    key: key.to_string(),
+                    reason: reason.clone(),
+                })),
+            Answer::Failed(error) => return Err(error),
+        }
+        Ok(outcome)
+    }
+
+    /// The row of each member that has at least one usable identifier, with its key, and an
+    /// outcome holding a rejection for every member that has none.
+    fn prepare<'a>(&self, batch: &'a Batch) -> (Vec<(&'a str, Vec<String>)>, Outcome) {
+        let mut rows = Vec::with_capacity(batch.members.len());
+        let mut outcome = Outcome::default();
+        for member in &batch.members {
+            match self.row(member) {
+                Ok(row) => rows.push((member.key.as_str(), row)),
+                Err(reason) => outcome.rejected.push(Rejection {
+                    key: member.key.clone(),
+                    reason,
+                }),
+            }
+        }
+        if !outcome.rejected.is_empty() {
+            tracing::debug!(
+                activation = %batch.activation,
+                change = batch.change.as_str(),
+                sequence = batch.sequence,
+                rejected = outcome.rejected.len(),
+                "members without a usable identifier are not sent to meta"
+            );
+        }
+        (rows, outcome)
+    }
+
+    /// One member's row in schema order, `""` for each identifier that is missing or invalid;
+    /// the reasons when none is usable.
+    fn row(&self, member: &Member) -> Result<Vec<String>, String> {
+        let country = self
+            .schema
+            .iter()
+            .find(|(key, _)| *key == SchemaKey::Country)
+            .and_then(|(_, identifier)| member.identifiers.get(identifier))
+            .map(String::as_str);
+        let mut row = Vec::with_capacity(self.schema.len());
+        let mut reasons = Vec::new();
+        for (key, identifier) in &self.schema {
+            let prepared = match member.identifiers.get(identifier) {
+                Some(raw) => key.prepare(raw, country),
+                None => Err(Invalid::Empty),
+            };
+            match prepared {
+                Ok(value) => row.push(value),
+                Err(invalid) => {
+                    reasons.push(format!("{} (`{identifier}`) {invalid}", key.name()));
+                    row.push(String::new());
+                }
+            }
+        }
+        if row.iter().all(String::is_empty) {
+            Err(format!("no usable identifier: {}", reasons.join("; ")))
+        } else {
+            Ok(row)
+        }
+    }
+
+    /// What Meta's answer to a request of `sent` rows means for them.
+    fn read_answer(
+        &self,
+        batch: &Batch,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[u8],
+        sent: usize,
+    ) -> Answer {
+        if status.is_success() {
+            return read_counts(batch, body, sent);
+        }
+        let message = format!("{} answered {status}", self.users_url);
+        match serde_json::from_slice::<ErrorEnvelope>(body) {
+            Ok(envelope) => classify_graph_error(
+                batch.change,
+                status,
+                headers,
+                &envelope.error,
+                message,
+                SystemTime::now(),
+            ),
+            Err(_) => Answer::Failed(classify_bare_failure(
+                status,
+                headers,
+                body,
+                message,
+                SystemTime::now(),
+            )),
+        }
+    }
+}
+
+impl Connector for MetaConnector {
+    fn kind(&self) -> &'static str {
+        "meta"
+    }
+
+    fn max_batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    fn deliver<'a>(&'a self, batch: &'a Batch) -> BoxFuture<'a, Result<Outcome, DeliveryError>> {
+        Box::pin(self.send(batch))
+    }
+}
+
+/// What an answer means for the rows sent.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    /// Every row sent is accepted.
+    Accepted,
+    /// Every row sent is rejected, for this reason.
+    Rejected(String),
+    /// The request failed as a whole.
+    Failed(DeliveryError),
+}
+
+/// The counts of a successful answer.
+#[derive(serde::Deserialize)]
+struct Counts {
+    #[serde(default)]
+    num_received: Option<u64>,
+    #[serde(default)]
+    num_invalid_entries: u64,
+}
+
+/// Graph API's error envelope.
+#[derive(serde::Deserialize)]
+struct ErrorEnvelope {
+    error: GraphError,
+}
+
+/// The fields of a Graph API error this connector reads.
+#[derive(Debug, Default, serde::Deserialize)]
+struct GraphError {
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    code: Option<i64>,
+    #[serde(default)]
+    error_subcode: Option<i64>,
+    #[serde(default)]
+    is_transient: Option<bool>,
+    #[serde(default)]
+    fbtrace_id: Option<String>,
+}
+
+impl GraphError {
+    /// `(#17) User request limit reached (code 17, subcode 2446079, fbtrace_id AbC)`.
+    fn describe(&self) -> String {
+        let mut details = Vec::new();
+        if let Some(code) = self.code {
+            details.push(format!("code {code}"));
+        }
+        if let Some(subcode) = self.error_subcode {
+            details.push(format!("subcode {subcode}"));
+        }
+        if let Some(trace) = &self.fbtrace_id {
+            details.push(format!("fbtrace_id {trace}"));
+        }
+        format!("{} ({})", quote(&self.message), details.join(", "))
+    }
+}
+
+/// Reads `num_received` / `num_invalid_entries` of a 2xx answer.
+fn read_counts(batch: &Batch, body: &[u8], sent: usize) -> Answer {
+    let Ok(counts) = serde_json::from_slice::<Counts>(body) else {
+        tracing::warn!(
+            activation = %batch.activation,
+            change = batch.change.as_str(),
+            sequence = batch.sequence,
+            sent,
+            "meta answered 2xx without readable counts; counting every row as accepted"
+        );
+        return Answer::Accepted;
+    };
+    let invalid = counts.num_invalid_entries;
+    if invalid > 0 && invalid >= sent as u64 {
+        return Answer::Rejected(format!(
+            "Meta counted every row of the request as invalid ({invalid} of {sent}); check the \
+             identifier mapping in `schema`"
+        ));
+    }
+    if invalid > 0 || counts.num_received.is_some_and(|received| received != sent as u64) {
+        tracing::warn!(
+            activation = %batch.activation,
+            change = batch.change.as_str(),
+            sequence = batch.sequence,
+            sent,
+            received = counts.num_received,
+            invalid,
+            "meta counted some rows as invalid without saying which; counting every row as \
+             accepted"
+        );
+    }
+    Answer::Accepted
+}
+
+/// The meaning of a Graph API error envelope.
+fn classify_graph_error(
+    change: Change,
+    status: StatusCode,
+    headers: &HeaderMap,
+    error: &GraphError,
+    message: String,
+    now: SystemTime,
+) -> Answer {
+    let message = format!("{message}: {}", error.describe());
+    let code = error.code.unwrap_or(0);
+    let failure = match code {
+        190 | 102 => DeliveryError::Auth {
+            message: format!("{message}; renew the access token"),
+        },
+        4 | 17 | 32 | 613 | 80_000..=80_014 => DeliveryError::RateLimited {
+            wait: usage_wait(headers).or_else(|| retry_after(headers, now)),
+            message,
+        },
+        1 | 2 => DeliveryError::Retryable { message },
+        _ if error.is_transient == Some(true) => DeliveryError::Retryable { message },
+        _ if change == Change::Remove && is_audience_too_small(&error.message) => {
+            return Answer::Rejected(
+                "Meta refused the removal because the audience would become too small; remove \
+                 again once the audience has grown"
+                    .to_owned(),
+            );
+        }
+        _ if status.is_server_error() && status != StatusCode::NOT_IMPLEMENTED => {
+            DeliveryError::Retryable { message }
+        }
+        _ => DeliveryError::Permanent { message },
+    };
+    Answer::Failed(failure)
+}
+
+/// True for Meta's refusal to remove users from an audience that would become too small.
+fn is_audience_too_small(message: &str) -> bool {
+    let message = message.to_lowercase();
+    message.contains("audience size too low") || message.contains("cannot remove users")
+}
+
+/// The meaning of a failed answer without a Graph API error envelope (an HTML error page, a
+/// proxy's answer, an empty body).
+fn classify_bare_failure(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+    message: String,
+    now: SystemTime,
+) -> DeliveryError {
+    let text = String::from_utf8_lossy(body);
+    let is_html = text.trim_start().starts_with('<');
+    let message = if is_html {
+        format!("{message} with an HTML page instead of a Graph API error")
+    } else {
+        format!("{message}: {}", quote(&text))
+    };
+    match status.as_u16() {
+        429 => DeliveryError::RateLimited {
+            wait: retry_after(headers, now),
+            message,
+        },
+        401 => DeliveryError::Auth { message },
+        413 | 414 => DeliveryError::Permanent {
+            message: format!("{message}; the request is too large, lower `batch_size`"),
+        },
+        408 | 500 | 502..=599 if is_html => DeliveryError::Retryable {
+            message: format!(
+                "{message}; Meta also answers oversized requests this way, lower `batch_size` if \
+                 it persists"
+            ),
+        },
+        408 | 500 | 502..=599 => DeliveryError::Retryable { message },
+        _ => DeliveryError::Permanent { message },
+    }
+}
+
+/// The wait a `Retry-After` header asks for, if any.
+fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    http::requested_wait(headers.get(RETRY_AFTER)?, now)
+}
+
+/// The longest `estimated_time_to_regain_access` (minutes) in an `X-Business-Use-Case-Usage`
+/// header, `{"<id>": [{"type": ..., "estimated_time_to_regain_access": 5}]}`; `None` when the
+/// header is absent, unreadable or asks for no wait.
+fn usage_wait(headers: &HeaderMap) -> Option<Duration> {
+    let text = headers.get("x-business-use-case-usage")?.to_str().ok()?;
+    let usage: BTreeMap<String, Vec<serde_json::Value>> = serde_json::from_str(text).ok()?;
+    let minutes = usage
+        .values()
+        .flatten()
+        .filter_map(|entry| entry.get("estimated_time_to_regain_access")?.as_u64())
+        .max()?;
+    (minutes > 0).then(|| Duration::from_secs(minutes.saturating_mul(60)))
+}
+
+/// A positive 63-bit session id derived from the batch identity, stable across restarts.
+fn session_id(batch: &Batch) -> i64 {
+    let identity = format!(
+        "{}\n{}\n{}\n{}",
+        batch.run_id,
+        batch.activation,
+        batch.change.as_str(),
+        batch.sequence
+    );
+    let digest = Sha256::digest(identity.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    let id = i64::try_from(u64::from_be_bytes(first) >> 1).expect("63 bits fit an i64");
+    id.max(1)
+}
+
+/// The checked connection settings, `None` when any is wrong (the problems say which).
+fn read_connection(
+    problems: &mut Problems,
+    table: &toml::Table,
+    secrets: &BTreeMap<String, String>,
+) -> Option<ConnectionSettings> {
+    problems.reject_unknown_keys(table, Place::Connection, CONNECTION_KEYS);
+    let access_token = problems.secret(
+        table,
+        secrets,
+        "access_token",
+        "a Meta access token with ads_management permission",
+    );
+    let base_url = match table.contains_key("base_url") {
+        true => problems.http_url(table, Place::Connection, "base_url"),
+        false => Some(Url::parse(DEFAULT_BASE_URL).expect("the default base URL parses")),
+    };
+    let api_version = read_api_version(problems, table);
+    let batch_size = problems
+        .integer(table, Place::Connection, "batch_size", 1..=MAX_ROWS)
+        .unwrap_or(MAX_ROWS);
+    let timeout_seconds = problems
+        .integer(
+            table,
+            Place::Connection,
+            "timeout_seconds",
+            1..=MAX_TIMEOUT_SECONDS,
+        )
+        .unwrap_or(DEFAULT_TIMEOUT_SECONDS);
+
+    let timeout = Duration::from_secs(u64::try_from(timeout_seconds).expect("within 1..=3600"));
+    let client = match http::client(timeout) {
+        Ok(client) => Some(client),
+        Err(error) => {
+            problems.push(
+                "base_url",
+                format!("the HTTP client cannot be set up: {error}"),
+            );
+            None
+        }
+    };
+    Some(ConnectionSettings {
+        client: client?,
+        base_url: base_url?,
+        api_version: api_version?,
+        access_token: Secret(access_token?),
+        batch_size: usize::try_from(batch_size).expect("within 1..=10000"),
+    })
+}
+
+/// `api_version`, `v<major>.<minor>`, or the default.
+fn read_api_version(problems: &mut Problems, table: &toml::Table) -> Option<String> {
+    if !table.contains_key("api_version") {
+        return Some(DEFAULT_API_VERSION.to_owned());
+    }
+    let version = problems.string(table, Place::Connection, "api_version")?;
+    let shaped = version.strip_prefix('v').and_then(|rest| rest.split_once('.')).is_some_and(
+        |(major, minor)| {
+            [major, minor]
+                .iter()
+                .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+        },
+    );
+    if shaped {
+        Some(version)
+    } else {
+        problems.push(
+            "api_version",
+            format!("expected a Graph API version such as `{DEFAULT_API_VERSION}`, got `{version}`"),
+        );
+        None
+    }
+}
+
+/// The checked activation settings, `None` when any is wrong (the problems say which).
+fn read_activation(problems: &mut Problems, table: &toml::Table) -> Option<ActivationSettings> {
+    problems.reject_unknown_keys(table, Place::Activation, ACTIVATION_KEYS);
+    let audience_id = match table.get("audience_id") {
+        None => {
+            problems.push(
+                "audience_id",
+                "missing; set it to the Custom Audience's numeric id",
+            );
+            None
+        }
+        Some(toml::Value::Integer(id)) if *id > 0 => Some(id.to_string()),
+        Some(toml::Value::String(id))
+            if !id.is_empty() && id.bytes().all(|byte| byte.is_ascii_digit()) =>
+        {
+            Some(id.clone())
+        }
+        Some(_) => {
+            problems.push(
+                "audience_id",
+                "expected the Custom Audience's numeric id, digits only",
+            );
+            None
+        }
+    };
+    let schema = read_schema(problems, table);
+    Some(ActivationSettings {
+        audience_id: audience_id?,
+        schema: schema?,
+    })
+}
+
+/// `schema`, a table from Meta schema keys to member identifiers, in wire order.
+fn read_schema(problems: &mut Problems, table: &toml::Table) -> Option<Vec<(SchemaKey, String)>> {
+    let Some(value) = table.get("schema") else {
+        return Some(
+            DEFAULT_SCHEMA
+                .iter()
+                .map(|(key, identifier)| (*key, identifier.to_string()))
+                .collect(),
+        );
+    };
+    let Some(entries) = value.as_table() else {
+        problems.push(
+            "schema",
+            format!(
+                "expected a table such as {{ EMAIL = \"email\" }}, found {}",
+                value.type_str()
+            ),
+        );
+        return None;
+    };
+    let known: Vec<&str> = SchemaKey::ALL.iter().map(|key| key.name()).collect();
+    let mut schema = Vec::new();
+    let mut ok = true;
+    for (name, identifier) in entries {
+        let key = SchemaKey::parse(name);
+        let identifier = identifier.as_str().filter(|text| !text.is_empty());
+        match (key, identifier) {
+            (Some(key), Some(identifier)) => schema.push((key, identifier.to_owned())),
+            (None, _) => {
+                ok = false;
+                problems.push(
+                    &format!("schema.{name}"),
+                    format!("unknown Meta schema key; known keys: {}", known.join(", ")),
+                );
+            }
+            (Some(_), None) => {
+                ok = false;
+                problems.push(
+                    &format!("schema.{name}"),
+                    "expected the name of a member identifier, as a non-empty string",
+                );
+            }
+        }
+    }
+    if ok && schema.is_empty() {
+        problems.push("schema", "empty; map at least one Meta schema key to an identifier");
+        return None;
+    }
+    schema.sort_by_key(|(key, _)| *key);
+    ok.then_some(schema)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(change: Change, sequence: u32) -> Batch {
+        Batch {
+            run_id: 42,
+            activation: "vip/meta".into(),
+            change,
+            sequence,
+            members: Vec::new(),
+        }
+    }
+
+    fn graph_error(code: i64, message: &str) -> GraphError {
+        GraphError {
+            message: message.into(),
+            code: Some(code),
+            ..GraphError::default()
+        }
+    }
+
+    fn kind(answer: &Answer) -> &'static str {
+        match answer {
+            Answer::Accepted => "accepted",
+            Answer::Rejected(_) => "rejected",
+            Answer::Failed(DeliveryError::Retryable { .. }) => "retryable",
+            Answer::Failed(DeliveryError::RateLimited { .. }) => "rate limited",
+            Answer::Failed(DeliveryError::Auth { .. }) => "auth",
+            Answer::Failed(DeliveryError::Permanent { .. }) => "permanent",
+        }
+    }
+
+    #[test]
+    fn graph_error_codes_are_classified_by_what_sending_again_would_do() {
+        let classify = |code: i64| {
+            let error = graph_error(code, "something");
+            let answer = classify_graph_error(
+                Change::Add,
+                StatusCode::BAD_REQUEST,
+                &HeaderMap::new(),
+                &error,
+                String::new(),
+                SystemTime::now(),
+            );
+            (code, kind(&answer))
+        };
+
+        let kinds: Vec<(i64, &str)> = [1, 2, 4, 10, 17, 32, 100, 102, 190, 200, 613, 80003, 80015]
+            .into_iter()
+            .map(classify)
+            .collect();
+
+        assert_eq!(
+            kinds,
+            [
+                (1, "retryable"),
+                (2, "retryable"),
+                (4, "rate limited"),
+                (10, "permanent"),
+                (17, "rate limited"),
+                (32, "rate limited"),
+                (100, "permanent"),
+                (102, "auth"),
+                (190, "auth"),
+                (200, "permanent"),
+                (613, "rate limited"),
+                (80003, "rate limited"),
+                (80015, "permanent"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_transient_flag_makes_an_unknown_code_retryable() {
+        let error = GraphError {
+            is_transient: Some(true),
+            ..graph_error(9999, "try later")
+        };
+
+        let answer = classify_graph_error(
+            Change::Add,
+            StatusCode::BAD_REQUEST,
+            &HeaderMap::new(),
+            &error,
+            String::new(),
+            SystemTime::now(),
+        );
+
+        assert_eq!(kind(&answer), "retryable");
+    }
+
+    #[test]
+    fn audience_too_small_rejects_a_removal_and_fails_anything_else() {
+        let error = graph_error(
+            2650,
+            "Audience Size too low: cannot remove users from this audience",
+        );
+        let classify = |change| {
+            classify_graph_error(
+                change,
+                StatusCode::BAD_REQUEST,
+                &HeaderMap::new(),
+                &error,
+                String::new(),
+                SystemTime::now(),
+            )
+        };
+
+        assert_eq!(kind(&classify(Change::Remove)), "rejected");
+        assert_eq!(kind(&classify(Change::Add)), "permanent");
+    }
+
+    #[test]
+    fn the_usage_header_wait_is_its_largest_estimate_in_minutes() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-business-use-case-usage",
+            concat!(
+                r#"{"123": [{"type": "custom_audience", "estimated_time_to_regain_access": 2}, "#,
+                r#"{"type": "ads_management", "estimated_time_to_regain_access": 5}]}"#
+            )
+            .parse()
+            .unwrap(),
+        );
+
+        assert_eq!(usage_wait(&headers), Some(Duration::from_secs(300)));
+    }
+
+    #[test]
+    fn a_zero_or_unreadable_usage_estimate_asks_for_no_particular_wait() {
+        let mut zero = HeaderMap::new();
+        zero.insert(
+            "x-business-use-case-usage",
+            r#"{"123": [{"estimated_time_to_regain_access": 0}]}"#.parse().unwrap(),
+        );
+        let mut unreadable = HeaderMap::new();
+        unreadable.insert("x-business-use-case-usage", "n/a".parse().unwrap());
+
+        assert_eq!(usage_wait(&zero), None);
+        assert_eq!(usage_wait(&unreadable), None);
+        assert_eq!(usage_wait(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn an_html_page_is_retryable_on_5xx_and_permanent_when_too_large() {
+        let html = b"<!DOCTYPE html><html><body>Sorry, something went wrong.</body></html>";
+        let classify = |code: u16| {
+            let status = StatusCode::from_u16(code).unwrap();
+            let error =
+                classify_bare_failure(status, &HeaderMap::new(), html, "x".into(), SystemTime::now());
+            kind(&Answer::Failed(error))
+        };
+
+        assert_eq!(classify(500), "retryable");
+        assert_eq!(classify(502), "retryable");
+        assert_eq!(classify(413), "permanent");
+        assert_eq!(classify(404), "permanent");
+    }
+
+    #[test]
+    fn the_session_id_is_stable_per_batch_and_differs_between_batches() {
+        let first = session_id(&batch(Change::Add, 0));
+
+        assert_eq!(first, session_id(&batch(Change::Add, 0)));
+        assert_ne!(first, session_id(&batch(Change::Add, 1)));
+        assert_ne!(first, session_id(&batch(Change::Remove, 0)));
+        assert!(first > 0);
+    }
+
+    #[test]
+    fn schema_columns_follow_the_wire_order_whatever_the_table_order() {
+        let mut problems = Problems::default();
+        let table = toml::toml! {
+            schema = { COUNTRY = "country", PHONE = "phone", EMAIL = "email" }
+        };
+
+        let schema = read_schema(&mut problems, &table).unwrap();
+
+        let names: Vec<&str> = schema.iter().map(|(key, _)| key.name()).collect();
+        assert_eq!(names, ["EMAIL", "PHONE", "COUNTRY"]);
+    }
+}

@@ -1,0 +1,189 @@
+//! Plans: what a run would do, without doing it.
+//!
+//! A plan loads the sources into a schema of its own (never the live tables), evaluates every
+//! segment there, and computes each activation's delta against the acknowledged state with the
+//! same SQL a run uses, then drops what it built. It writes no state table and sends nothing.
+
+use chrono::NaiveDateTime;
+use duckdb::{Connection, params_from_iter};
+
+use crate::compile::segment_query_in;
+use crate::config::Pipeline;
+use crate::deliver::{delta_queries, over_removal_limit};
+use crate::schema::{quote_ident, quote_literal};
+use crate::store::{Doing, sql_params};
+
+/// How many member keys a plan shows per change.
+const SAMPLE: usize = 5;
+
+/// A segment in a plan.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SegmentPlan {
+    /// The segment's name.
+    pub segment: String,
+    /// Members it would have.
+    pub size: i64,
+    /// Members it has now.
+    pub current: i64,
+}
+
+/// An activation in a plan.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ActivationPlan {
+    /// `<segment>/<activation>`.
+    pub activation: String,
+    /// Members it would add.
+    pub adds: i64,
+    /// Members it would remove.
+    pub removes: i64,
+    /// Some keys it would add.
+    pub sample_adds: Vec<String>,
+    /// Some keys it would remove.
+    pub sample_removes: Vec<String>,
+    /// Whether the removal brake would hold the delta.
+    pub would_hold: bool,
+}
+
+/// What a run would do now.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Plan {
+    /// The pipeline.
+    pub pipeline: String,
+    /// The evaluation instant.
+    pub as_of: String,
+    /// Profiles the refreshed master segment would have.
+    pub profiles: i64,
+    /// Segments in dependency order.
+    pub segments: Vec<SegmentPlan>,
+    /// Activations in segment order.
+    pub activations: Vec<ActivationPlan>,
+}
+
+/// Computes the plan; everything it builds is dropped before it returns.
+pub fn plan(connection: &Connection, pipeline: &Pipeline, as_of: NaiveDateTime) -> anyhow::Result<Plan> {
+    let schema = format!("{}_plan", pipeline.schema());
+    let result = plan_in(connection, pipeline, as_of, &schema);
+    let _ = connection.execute_batch(&format!(
+        "DROP TABLE IF EXISTS planned_members; DROP SCHEMA IF EXISTS {} CASCADE;",
+        quote_ident(&schema)
+    ));
+    result
+}
+
+fn plan_in(
+    connection: &Connection,
+    pipeline: &Pipeline,
+    as_of: NaiveDateTime,
+    schema: &str,
+) -> anyhow::Result<Plan> {
+    let report = crate::refresh::build_into(connection, pipeline, schema)?;
+    connection
+        .execute_batch("CREATE OR REPLACE TEMP TABLE planned_members (segment VARCHAR, key VARCHAR)")
+        .doing("preparing the plan")?;
+
+    let mut segments = Vec::new();
+    for segment in &pipeline.segments {
+        let query = segment_query_in(pipeline, schema, &segment.name, as_of)?;
+        let mut values = vec![duckdb::types::Value::Text(segment.name.clone())];
+        values.extend(sql_params(&query.params));
+        let size = connection
+            .execute(
+                &format!(
+                    "INSERT INTO planned_members SELECT DISTINCT ?, key FROM ({}) AS m",
+                    query.sql
+                ),
+                params_from_iter(values),
+            )
+            .doing(format!("evaluating segment {}", segment.name))? as i64;
+        let current: i64 = connection
+            .query_row(
+                "SELECT count(*) FROM segmentd.memberships WHERE pipeline = ? AND segment = ?",
+                [&pipeline.name, &segment.name],
+                |r| r.get(0),
+            )
+            .doing("counting current members")?;
+        segments.push(SegmentPlan { segment: segment.name.clone(), size, current });
+    }
+
+    let mut activations = Vec::new();
+    for segment in &pipeline.segments {
+        let members = format!(
+            "SELECT key FROM planned_members WHERE segment = {}",
+            quote_literal(&segment.name)
+        );
+        for activation in &segment.activations {
+            let (adds_sql, removes_sql) = delta_queries(pipeline, activation, &members, schema);
+            let (adds, sample_adds) = count_and_sample(connection, &adds_sql)?;
+            let (removes, sample_removes) = count_and_sample(connection, &removes_sql)?;
+            let audience: i64 = connection
+                .query_row(
+                    "SELECT count(DISTINCT key) FROM segmentd.acknowledged \
+                     WHERE pipeline = ? AND activation = ?",
+                    [&pipeline.name, &activation.id],
+                    |r| r.get(0),
+                )
+                .doing("counting the acknowledged audience")?;
+            activations.push(ActivationPlan {
+                activation: activation.id.clone(),
+                adds,
+                removes,
+                sample_adds,
+                sample_removes,
+                would_hold: over_removal_limit(activation, removes, audience),
+            });
+        }
+    }
+
+    Ok(Plan {
+        pipeline: pipeline.name.clone(),
+        as_of: crate::compile::format_time(as_of),
+        profiles: report.profiles,
+        segments,
+        activations,
+    })
+}
+
+fn count_and_sample(connection: &Connection, select: &str) -> anyhow::Result<(i64, Vec<String>)> {
+    let count: i64 = connection
+        .query_row(&format!("SELECT count(*) FROM ({select}) AS d"), [], |r| r.get(0))
+        .doing("counting a delta")?;
+    let mut statement = connection
+        .prepare(&format!("SELECT d.key FROM ({select}) AS d ORDER BY d.key LIMIT {SAMPLE}"))
+        .doing("sampling a delta")?;
+    let keys = statement
+        .query_map([], |r| r.get::<_, String>(0))
+        .doing("sampling a delta")?
+        .collect::<Result<Vec<_>, _>>()
+        .doing("sampling a delta")?;
+    Ok((count, keys))
+}
+
+impl Plan {
+    /// The plan as a table for a terminal.
+    pub fn to_table(&self) -> String {
+        let mut out = format!(
+            "plan for pipeline `{}` (as_of {}, {} profiles); nothing has been changed or sent\n",
+            self.pipeline, self.as_of, self.profiles
+        );
+        let width = self.segments.iter().map(|s| s.segment.len()).max().unwrap_or(7).max(7);
+        out.push_str(&format!("\n{:<width$}  {:>9}  {:>9}\n", "segment", "size", "change"));
+        for s in &self.segments {
+            out.push_str(&format!("{:<width$}  {:>9}  {:>+9}\n", s.segment, s.size, s.size - s.current));
+        }
+        if !self.activations.is_empty() {
+            let width = self.activations.iter().map(|a| a.activation.len()).max().unwrap_or(10).max(10);
+            out.push_str(&format!("\n{:<width$}  {:>8}  {:>8}  note\n", "activation", "adds", "removes"));
+            for a in &self.activations {
+                let note = if a.would_hold { "would be held by the removal brake" } else { "" };
+                out.push_str(&format!("{:<width$}  {:>8}  {:>8}  {note}\n", a.activation, a.adds, a.removes));
+                if !a.sample_adds.is_empty() {
+                    out.push_str(&format!("{:<width$}    adds e.g. {}\n", "", a.sample_adds.join(", ")));
+                }
+                if !a.sample_removes.is_empty() {
+                    out.push_str(&format!("{:<width$}    removes e.g. {}\n", "", a.sample_removes.join(", ")));
+                }
+            }
+        }
+        out
+    }
+}

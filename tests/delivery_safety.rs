@@ -1,0 +1,249 @@
+//! Delivery an operator can trust: guards on the source, the removal brake with approval,
+//! plans that change nothing, add-only activations, the dead letter and membership history.
+//! The destination is a fake platform on loopback that keeps the audience it was sent.
+
+mod common;
+
+use common::platform::FakePlatform;
+use common::{Project, activation};
+use segmentd::store::Store;
+
+const PIPELINE: &str = r#"
+time_zone = "UTC"
+as_of = "2024-06-30 12:00:00"
+
+[sources.people]
+format = "csv"
+path = "people.csv"
+columns = { id = "BIGINT", score = "INTEGER" }
+
+[master]
+key = "id"
+source = "people"
+columns = { id = "BIGINT", score = "INTEGER" }
+"#;
+
+/// A segment of profiles with `score >= minimum`, sent to the fake platform.
+fn segment(minimum: i64, activation_extra: &str) -> String {
+    format!(
+        "[rule]\nattribute = \"score\"\nop = \">=\"\nvalue = {minimum}\n\n\
+         [[activations]]\nname = \"audience\"\nconnection = \"platform\"\n{activation_extra}\n"
+    )
+}
+
+/// People 1..=n, each with score = id.
+fn people(n: i64) -> String {
+    let mut csv = String::from("id,score\n");
+    for id in 1..=n {
+        csv.push_str(&format!("{id},{id}\n"));
+    }
+    csv
+}
+
+fn keys(range: std::ops::RangeInclusive<i64>) -> Vec<String> {
+    let mut keys: Vec<String> = range.map(|k| k.to_string()).collect();
+    keys.sort();
+    keys
+}
+
+fn project(platform: &FakePlatform, minimum: i64, extra: &str) -> Project {
+    let project = Project::new();
+    project.write("config.toml", &platform.config(20));
+    project.write("pipelines/shop/pipeline.toml", PIPELINE);
+    project.write("pipelines/shop/people.csv", &people(50));
+    project.write("pipelines/shop/segments/scored.toml", &segment(minimum, extra));
+    project
+}
+
+const ID: &str = "scored/audience";
+
+/// Every state table of segmentd, as text.
+fn state_tables(project: &Project) -> String {
+    let store = Store::open(&project.path("var/segmentd.duckdb"), "1GB", 1).unwrap();
+    let connection = store.connection().unwrap();
+    let mut dump = String::new();
+    for table in [
+        "runs", "segment_sizes", "memberships", "acknowledged", "deltas", "activation_runs",
+        "membership_history", "dead_letters",
+    ] {
+        let text: Option<String> = connection
+            .query_row(
+                &format!(
+                    "SELECT string_agg(CAST(t AS VARCHAR), '\n' ORDER BY CAST(t AS VARCHAR)) \
+                     FROM segmentd.{table} AS t"
+                ),
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        dump.push_str(&format!("{table}:\n{}\n", text.unwrap_or_default()));
+    }
+    dump
+}
+
+#[test]
+fn an_empty_source_is_refused_and_removes_nothing() {
+    let platform = FakePlatform::start();
+    let project = project(&platform, 1, "");
+    assert!(project.refresh("shop").0);
+    assert_eq!(platform.audience(), keys(1..=50));
+
+    project.write("pipelines/shop/people.csv", "id,score\n");
+    let (ok, summary, _) = project.refresh("shop");
+    assert!(!ok);
+    assert_eq!(summary["status"], "failed");
+    let error = summary["error"].as_str().unwrap();
+    assert!(error.contains("refresh refused") && error.contains("min_profiles"), "{error}");
+    assert_eq!(platform.audience(), keys(1..=50));
+
+    // Forced past the guard, the removal brake still holds the mass removal.
+    let output = project.segmentd(&["refresh", "shop", "--force", "--json"]);
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(summary["status"], "held", "{summary}");
+    assert_eq!(activation(&summary, ID)["held"], true);
+    assert_eq!(platform.audience(), keys(1..=50));
+}
+
+#[test]
+fn a_source_that_shrinks_past_the_limit_is_refused() {
+    let platform = FakePlatform::start();
+    let project = project(&platform, 1, "");
+    assert!(project.refresh("shop").0);
+    project.write("pipelines/shop/people.csv", &people(20));
+    let (ok, summary, _) = project.refresh("shop");
+    assert!(!ok);
+    let error = summary["error"].as_str().unwrap();
+    assert!(error.contains("shrink from 50 to 20 profiles"), "{error}");
+    assert_eq!(platform.audience(), keys(1..=50));
+}
+
+#[test]
+fn a_mass_removal_is_held_until_an_operator_approves_it() {
+    let platform = FakePlatform::start();
+    let project = project(&platform, 1, "");
+    assert!(project.refresh("shop").0);
+
+    // The edit would remove 40 of 50 members (80 %), over the default limit of 20 %.
+    project.write("pipelines/shop/segments/scored.toml", &segment(41, ""));
+    let (ok, summary, stderr) = project.refresh("shop");
+    assert!(ok, "a held run is not a failure: {stderr}");
+    assert_eq!(summary["status"], "held");
+    let entry = activation(&summary, ID);
+    assert_eq!((entry["removes"].as_i64(), entry["held"].as_bool()), (Some(40), Some(true)));
+    assert_eq!(platform.audience(), keys(1..=50), "nothing removed while held");
+    let run = summary["run_id"].as_i64().unwrap().to_string();
+
+    let refused = project.segmentd(&["approve", "shop", "999"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("run 999 of pipeline `shop` has no held delta"));
+
+    let approved = project.segmentd(&["approve", "shop", &run]);
+    assert!(approved.status.success(), "{}", String::from_utf8_lossy(&approved.stderr));
+    assert!(String::from_utf8_lossy(&approved.stdout).contains("scored/audience: 0 adds and 40 removes delivered"));
+    assert_eq!(platform.audience(), keys(41..=50));
+
+    // Approved once is done: the next run sends nothing.
+    let (ok, summary, _) = project.refresh("shop");
+    assert!(ok);
+    assert_eq!((activation(&summary, ID)["adds"].as_i64(), activation(&summary, ID)["removes"].as_i64()), (Some(0), Some(0)));
+}
+
+#[test]
+fn a_plan_changes_no_state_and_sends_nothing() {
+    let platform = FakePlatform::start();
+    let project = project(&platform, 1, "");
+    assert!(project.refresh("shop").0);
+    project.write("pipelines/shop/segments/scored.toml", &segment(46, ""));
+    project.write("pipelines/shop/people.csv", &people(55));
+
+    let before = state_tables(&project);
+    let requests = platform.state.lock().unwrap().requests;
+    let output = project.segmentd(&["plan", "shop", "--json"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(plan["profiles"], 55);
+    assert_eq!(plan["segments"][0]["size"], 10);
+    assert_eq!(plan["segments"][0]["current"], 50);
+    let entry = &plan["activations"][0];
+    assert_eq!((entry["adds"].as_i64(), entry["removes"].as_i64()), (Some(5), Some(45)));
+    assert_eq!(entry["sample_adds"], serde_json::json!(["51", "52", "53", "54", "55"]));
+    assert_eq!(entry["would_hold"], true);
+
+    assert_eq!(state_tables(&project), before);
+    assert_eq!(platform.state.lock().unwrap().requests, requests);
+    assert_eq!(platform.audience(), keys(1..=50));
+}
+
+#[test]
+fn an_add_only_activation_never_removes() {
+    let platform = FakePlatform::start();
+    let project = project(&platform, 1, "mode = \"add_only\"");
+    assert!(project.refresh("shop").0);
+    project.write("pipelines/shop/segments/scored.toml", &segment(41, "mode = \"add_only\""));
+    let (ok, summary, _) = project.refresh("shop");
+    assert!(ok);
+    assert_eq!(activation(&summary, ID)["removes"], 0);
+    assert_eq!(platform.audience(), keys(1..=50));
+}
+
+#[test]
+fn members_rejected_run_after_run_go_to_the_dead_letter_until_retried() {
+    let platform = FakePlatform::start();
+    platform.state.lock().unwrap().rejects.insert("7".into());
+    let project = project(&platform, 1, "dead_letter_after_runs = 2");
+
+    for expected_adds in [50, 1] {
+        let (ok, summary, _) = project.refresh("shop");
+        assert!(ok);
+        assert_eq!(activation(&summary, ID)["adds"], expected_adds);
+        assert_eq!(activation(&summary, ID)["rejected"], 1);
+    }
+    let listed = project.segmentd(&["deadletter", "shop"]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    let row = text.lines().find(|l| l.starts_with(ID)).expect("member 7 is dead-lettered");
+    let fields: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(fields[..5], [ID, "7", "add", "2", "2"]);
+    assert!(row.ends_with("invalid address"));
+
+    // Dead-lettered: no longer offered.
+    let (_, summary, _) = project.refresh("shop");
+    assert_eq!(activation(&summary, ID)["adds"], 0);
+
+    let retried = project.segmentd(&["deadletter", "shop", "--retry"]);
+    assert!(String::from_utf8_lossy(&retried.stdout).contains("1 members released"));
+    platform.state.lock().unwrap().rejects.clear();
+    let (_, summary, _) = project.refresh("shop");
+    assert_eq!(activation(&summary, ID)["delivered_adds"], 1);
+    assert_eq!(platform.audience(), keys(1..=50));
+}
+
+#[test]
+fn history_says_when_and_why_a_member_entered_and_left() {
+    let platform = FakePlatform::start();
+    let project = project(&platform, 45, "max_removal_share = 1.0");
+    assert!(project.refresh("shop").0); // run 1: 45..50 enter
+    project.write("pipelines/shop/segments/scored.toml", &segment(48, "max_removal_share = 1.0"));
+    assert!(project.refresh("shop").0); // run 2: 45..47 leave by rule change
+    project.write("pipelines/shop/people.csv", &people(50).replace("\n46,46\n", "\n46,460\n"));
+    assert!(project.refresh("shop").0); // run 3: 46 enters by data change
+
+    let output = project.segmentd(&["history", "shop", "scored", "46"]);
+    let text = String::from_utf8_lossy(&output.stdout);
+    // Each line: run, id, event, reason words, then the date and time it was recorded.
+    let events: Vec<String> = text
+        .lines()
+        .map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            words[..words.len() - 2].join(" ")
+        })
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "run 1 entered first evaluation",
+            "run 2 left rule change",
+            "run 3 entered data change",
+        ],
+        "{text}"
+    );
+}
