@@ -10,10 +10,15 @@
 //! answers for a segment on its own: the bulk evaluation and a single-profile look-up run the
 //! same SQL.
 
-use chrono::{Days, Months, NaiveDateTime, TimeZone};
+use chrono::{Datelike, Days, Months, NaiveDate, NaiveDateTime, NaiveTime, TimeZone};
 
 use crate::config::Pipeline;
-use crate::rules::{Aggregate, BehaviourCondition, Filter, Predicate, Rule, TimeUnit, Value, Window};
+use crate::dialect::{Dialect, DuckDb};
+use crate::rules::{
+    Aggregate, BehaviourCondition, CalendarSpan, CalendarUnit, Filter, Predicate, RelativeTime,
+    Rule, TextTest, TimeUnit, Value, Window,
+};
+use crate::schema::ColumnType;
 use crate::schema::quote_ident;
 
 /// A value bound to a placeholder.
@@ -62,9 +67,13 @@ pub fn segment_query_in(
         sql: String::new(),
         params: Vec::new(),
         depth: 0,
+        dialect: &DuckDb,
     };
     compiler.segment(segment)?;
-    Ok(CompiledSql { sql: compiler.sql, params: compiler.params })
+    Ok(CompiledSql {
+        sql: compiler.sql,
+        params: compiler.params,
+    })
 }
 
 /// The first instant of a window ending at `as_of` (a wall-clock time in `zone`).
@@ -76,7 +85,11 @@ pub fn window_start(window: Window, as_of: NaiveDateTime, zone: chrono_tz::Tz) -
     let amount = window.amount;
     match window.unit {
         TimeUnit::Minutes | TimeUnit::Hours => {
-            let minutes = if window.unit == TimeUnit::Hours { amount * 60 } else { amount };
+            let minutes = if window.unit == TimeUnit::Hours {
+                amount * 60
+            } else {
+                amount
+            };
             let instant = zone
                 .from_local_datetime(&as_of)
                 .earliest()
@@ -85,8 +98,12 @@ pub fn window_start(window: Window, as_of: NaiveDateTime, zone: chrono_tz::Tz) -
         }
         TimeUnit::Days => as_of - Days::new(u64::from(amount)),
         TimeUnit::Weeks => as_of - Days::new(7 * u64::from(amount)),
-        TimeUnit::Months => as_of.checked_sub_months(Months::new(amount)).unwrap_or(as_of),
-        TimeUnit::Years => as_of.checked_sub_months(Months::new(12 * amount)).unwrap_or(as_of),
+        TimeUnit::Months => as_of
+            .checked_sub_months(Months::new(amount))
+            .unwrap_or(as_of),
+        TimeUnit::Years => as_of
+            .checked_sub_months(Months::new(12 * amount))
+            .unwrap_or(as_of),
     }
 }
 
@@ -99,6 +116,8 @@ struct Compiler<'a> {
     params: Vec<SqlValue>,
     /// Nesting depth of segment queries, for unique table aliases.
     depth: usize,
+    /// The engine's spellings.
+    dialect: &'static dyn Dialect,
 }
 
 impl Compiler<'_> {
@@ -115,16 +134,28 @@ impl Compiler<'_> {
     }
 
     fn bind(&mut self, value: &Value) {
+        let placeholder = self.placeholder(value);
+        self.sql.push_str(&placeholder);
+    }
+
+    /// Records the value's parameter and returns its placeholder, to place in the SQL next.
+    fn placeholder(&mut self, value: &Value) -> String {
         let (placeholder, bound) = match value {
             Value::Bool(b) => ("?", SqlValue::Bool(*b)),
             Value::Int(i) => ("?", SqlValue::Int(*i)),
             Value::Float(f) => ("?", SqlValue::Float(*f)),
             Value::Text(t) => ("?", SqlValue::Text(t.clone())),
-            Value::Timestamp(t) => ("CAST(? AS TIMESTAMP)", SqlValue::Text(format_time(*t))),
-            Value::Date(d) => ("CAST(? AS DATE)", SqlValue::Text(d.to_string())),
+            Value::Timestamp(t) => (
+                self.dialect.timestamp_placeholder(),
+                SqlValue::Text(format_time(*t)),
+            ),
+            Value::Date(d) => (
+                self.dialect.date_placeholder(),
+                SqlValue::Text(d.to_string()),
+            ),
         };
-        self.sql.push_str(placeholder);
         self.params.push(bound);
+        placeholder.to_string()
     }
 
     fn bind_time(&mut self, time: NaiveDateTime) {
@@ -166,7 +197,11 @@ impl Compiler<'_> {
         match rule {
             Rule::Everyone => self.sql.push_str("TRUE"),
             Rule::All(rules) | Rule::Any(rules) => {
-                let joiner = if matches!(rule, Rule::All(_)) { " AND " } else { " OR " };
+                let joiner = if matches!(rule, Rule::All(_)) {
+                    " AND "
+                } else {
+                    " OR "
+                };
                 self.sql.push('(');
                 for (i, inner) in rules.iter().enumerate() {
                     if i > 0 {
@@ -175,7 +210,8 @@ impl Compiler<'_> {
                     self.rule(inner)?;
                 }
                 if rules.is_empty() {
-                    self.sql.push_str(if joiner == " AND " { "TRUE" } else { "FALSE" });
+                    self.sql
+                        .push_str(if joiner == " AND " { "TRUE" } else { "FALSE" });
                 }
                 self.sql.push(')');
             }
@@ -185,7 +221,11 @@ impl Compiler<'_> {
                 self.sql.push(')');
             }
             Rule::Segment(name) => {
-                let key = format!("{}.{}", self.master_alias(), quote_ident(&self.pipeline.master.key));
+                let key = format!(
+                    "{}.{}",
+                    self.master_alias(),
+                    quote_ident(&self.pipeline.master.key)
+                );
                 self.sql.push_str(&format!("(CAST({key} AS VARCHAR) IN ("));
                 self.depth += 1;
                 self.segment(name)?;
@@ -198,7 +238,7 @@ impl Compiler<'_> {
                     None => self.master_alias(),
                 };
                 let expression = format!("{table}.{}", quote_ident(&column.column));
-                self.predicate(&expression, predicate);
+                self.predicate(&expression, &column.column_type, predicate);
             }
             Rule::Behaviour(condition) => self.behaviour(condition),
         }
@@ -206,8 +246,118 @@ impl Compiler<'_> {
     }
 
     /// Writes `COALESCE(<expression> <predicate>, FALSE)`: a missing value never matches.
-    fn predicate(&mut self, expression: &str, predicate: &Predicate) {
+    fn predicate(&mut self, expression: &str, column_type: &ColumnType, predicate: &Predicate) {
         self.sql.push_str("COALESCE(");
+        match predicate {
+            Predicate::Text {
+                test,
+                pattern,
+                negated,
+            } => {
+                let test_sql = match test {
+                    TextTest::Matches => {
+                        let placeholder = self.placeholder(&Value::Text(pattern.clone()));
+                        self.dialect.regex_matches(expression, &placeholder)
+                    }
+                    TextTest::Contains | TextTest::StartsWith | TextTest::EndsWith => {
+                        let escaped = escape_like(pattern);
+                        let like = match test {
+                            TextTest::Contains => format!("%{escaped}%"),
+                            TextTest::StartsWith => format!("{escaped}%"),
+                            _ => format!("%{escaped}"),
+                        };
+                        let placeholder = self.placeholder(&Value::Text(like));
+                        format!("{expression} LIKE {placeholder} ESCAPE '\\'")
+                    }
+                };
+                if *negated {
+                    self.sql.push_str(&format!("NOT ({test_sql})"));
+                } else {
+                    self.sql.push_str(&test_sql);
+                }
+                self.sql.push_str(", FALSE)");
+                return;
+            }
+            Predicate::Relative(relative) => {
+                let (start, end) = relative_bounds(*relative, self.as_of, self.pipeline.time_zone);
+                let date = *column_type == ColumnType::Date;
+                let mut parts = Vec::new();
+                if let Some((start, inclusive)) = start {
+                    // A DATE is in the window when its day is: the start's day counts.
+                    let (value, op) = match (date, inclusive) {
+                        (true, _) => (Value::Date(start.date()), ">="),
+                        (false, true) => (Value::Timestamp(start), ">="),
+                        (false, false) => (Value::Timestamp(start), ">"),
+                    };
+                    let placeholder = self.placeholder(&value);
+                    parts.push(format!("{expression} {op} {placeholder}"));
+                }
+                if let Some((end, inclusive)) = end {
+                    let value = if date {
+                        Value::Date(end.date())
+                    } else {
+                        Value::Timestamp(end)
+                    };
+                    let op = if inclusive { "<=" } else { "<" };
+                    let placeholder = self.placeholder(&value);
+                    parts.push(format!("{expression} {op} {placeholder}"));
+                }
+                self.sql.push_str(&format!("({})", parts.join(" AND ")));
+                self.sql.push_str(", FALSE)");
+                return;
+            }
+            Predicate::Anniversary(span) => {
+                let days = anniversary_days(*span, self.as_of.date());
+                match days {
+                    Anniversary::Month(month) => {
+                        let placeholder = self.placeholder(&Value::Int(i64::from(month)));
+                        self.sql
+                            .push_str(&format!("EXTRACT(MONTH FROM {expression}) = {placeholder}"));
+                    }
+                    Anniversary::Days(days) => {
+                        let placeholders: Vec<String> = days
+                            .iter()
+                            .map(|d| self.placeholder(&Value::Int(i64::from(*d))))
+                            .collect();
+                        self.sql.push_str(&format!(
+                            "(EXTRACT(MONTH FROM {expression}) * 100 + EXTRACT(DAY FROM {expression})) IN ({})",
+                            placeholders.join(", ")
+                        ));
+                    }
+                }
+                self.sql.push_str(", FALSE)");
+                return;
+            }
+            Predicate::ListCount {
+                values,
+                comparison,
+                count,
+            } => {
+                let present: Vec<String> = values
+                    .iter()
+                    .map(|value| {
+                        let placeholder = self.placeholder(value);
+                        format!(
+                            "CASE WHEN {} THEN 1 ELSE 0 END",
+                            self.dialect.list_contains(expression, &placeholder)
+                        )
+                    })
+                    .collect();
+                let sum = if present.is_empty() {
+                    "0".to_string()
+                } else {
+                    present.join(" + ")
+                };
+                // A missing list holds nothing and matches nothing.
+                self.sql.push_str(&format!(
+                    "CASE WHEN {expression} IS NULL THEN NULL ELSE ({sum}) END {} {count}",
+                    comparison.sql()
+                ));
+                self.sql.push_str(", FALSE)");
+                return;
+            }
+            _ => {}
+        }
         self.sql.push_str(expression);
         match predicate {
             Predicate::Compare(comparison, value) => {
@@ -216,7 +366,8 @@ impl Compiler<'_> {
             }
             Predicate::In(values) | Predicate::NotIn(values) => {
                 let negated = matches!(predicate, Predicate::NotIn(_));
-                self.sql.push_str(if negated { " NOT IN (" } else { " IN (" });
+                self.sql
+                    .push_str(if negated { " NOT IN (" } else { " IN (" });
                 for (i, value) in values.iter().enumerate() {
                     if i > 0 {
                         self.sql.push_str(", ");
@@ -233,6 +384,10 @@ impl Compiler<'_> {
             }
             Predicate::IsNull => self.sql.push_str(" IS NULL"),
             Predicate::IsNotNull => self.sql.push_str(" IS NOT NULL"),
+            Predicate::Text { .. }
+            | Predicate::Relative(_)
+            | Predicate::Anniversary(_)
+            | Predicate::ListCount { .. } => unreachable!("written above"),
         }
         self.sql.push_str(", FALSE)");
     }
@@ -249,7 +404,10 @@ impl Compiler<'_> {
             .expect("checked behaviour table")
             .clone();
         let alias = format!("b{}", self.depth);
-        let column = condition.column.as_deref().map(|c| format!("{alias}.{}", quote_ident(c)));
+        let column = condition
+            .column
+            .as_deref()
+            .map(|c| format!("{alias}.{}", quote_ident(c)));
         let aggregate = match (condition.aggregate, &column) {
             (Aggregate::Count, None) => "count(*)".to_string(),
             (Aggregate::Count, Some(c)) => format!("count({c})"),
@@ -258,9 +416,31 @@ impl Compiler<'_> {
             (Aggregate::Average, Some(c)) => format!("avg({c})"),
             (Aggregate::Min, Some(c)) => format!("min({c})"),
             (Aggregate::Max, Some(c)) => format!("max({c})"),
+            (Aggregate::First | Aggregate::Last, Some(c)) => {
+                let time = table
+                    .time
+                    .as_deref()
+                    .expect("behaviour tables have a time column");
+                let by = format!("{alias}.{}", quote_ident(time));
+                self.dialect
+                    .value_at_extreme(c, &by, condition.aggregate == Aggregate::Last)
+            }
             (_, None) => "count(*)".to_string(),
         };
-        let counts = matches!(condition.aggregate, Aggregate::Count | Aggregate::CountDistinct);
+        let aggregate_type = match (condition.aggregate, &condition.column) {
+            (Aggregate::First | Aggregate::Last | Aggregate::Min | Aggregate::Max, Some(c)) => {
+                table
+                    .column_type(c)
+                    .cloned()
+                    .unwrap_or(ColumnType::Float("DOUBLE"))
+            }
+            (Aggregate::Count | Aggregate::CountDistinct, _) => ColumnType::Integer("BIGINT"),
+            _ => ColumnType::Float("DOUBLE"),
+        };
+        let counts = matches!(
+            condition.aggregate,
+            Aggregate::Count | Aggregate::CountDistinct
+        );
         let subquery_start = format!(
             "(SELECT {aggregate} FROM {table_sql} AS {alias} WHERE {alias}.{bkey} = {master}.{mkey}",
             table_sql = self.table(&table.table_name()),
@@ -271,7 +451,10 @@ impl Compiler<'_> {
         let (subquery, subquery_params) = self.detached(|this| {
             this.sql.push_str(&subquery_start);
             if let Some(window) = condition.window {
-                let time = table.time.as_deref().expect("behaviour tables have a time column");
+                let time = table
+                    .time
+                    .as_deref()
+                    .expect("behaviour tables have a time column");
                 let time = format!("{alias}.{}", quote_ident(time));
                 let start = window_start(window, this.as_of, this.pipeline.time_zone);
                 this.sql.push_str(&format!(" AND {time} >= "));
@@ -285,10 +468,29 @@ impl Compiler<'_> {
             }
             this.sql.push(')');
         });
-        let wrapped = if counts { format!("COALESCE({subquery}, 0)") } else { subquery };
-        // The subquery's placeholders stand before the predicate's in the text.
+        let wrapped = if counts {
+            format!("COALESCE({subquery}, 0)")
+        } else {
+            subquery
+        };
+        if reads_expression_once(&condition.predicate) {
+            // The subquery's placeholders stand before the predicate's in the text.
+            self.params.extend(subquery_params);
+            self.predicate(&wrapped, &aggregate_type, &condition.predicate);
+            return;
+        }
+        // A predicate that reads its value more than once reads it from a derived column, so
+        // the subquery is written, bound and computed once.
+        let value = format!("{alias}_value");
+        let (predicate, predicate_params) = self.detached(|this| {
+            this.predicate(&quote_ident(&value), &aggregate_type, &condition.predicate);
+        });
+        self.sql.push_str(&format!(
+            "(SELECT {predicate} FROM (SELECT {wrapped} AS {}) AS {alias}_aggregate)",
+            quote_ident(&value)
+        ));
+        self.params.extend(predicate_params);
         self.params.extend(subquery_params);
-        self.predicate(&wrapped, &condition.predicate);
     }
 
     /// Runs `write` against empty buffers and returns what it wrote, leaving ours as they were.
@@ -322,8 +524,16 @@ impl Compiler<'_> {
                 self.filter(alias, inner);
                 self.sql.push(')');
             }
-            Filter::Column { column, predicate, .. } => {
-                self.predicate(&format!("{alias}.{}", quote_ident(column)), predicate);
+            Filter::Column {
+                column,
+                column_type,
+                predicate,
+            } => {
+                self.predicate(
+                    &format!("{alias}.{}", quote_ident(column)),
+                    column_type,
+                    predicate,
+                );
             }
         }
     }
@@ -337,7 +547,9 @@ pub fn format_time(time: NaiveDateTime) -> String {
 fn collect_attribute_tables(rule: &Rule, tables: &mut Vec<String>) {
     match rule {
         Rule::All(rules) | Rule::Any(rules) => {
-            rules.iter().for_each(|r| collect_attribute_tables(r, tables));
+            rules
+                .iter()
+                .for_each(|r| collect_attribute_tables(r, tables));
         }
         Rule::Not(inner) => collect_attribute_tables(inner, tables),
         Rule::Attribute { column, .. } => {
@@ -348,5 +560,236 @@ fn collect_attribute_tables(rule: &Rule, tables: &mut Vec<String>) {
             }
         }
         Rule::Everyone | Rule::Segment(_) | Rule::Behaviour(_) => {}
+    }
+}
+
+/// Whether the SQL of `predicate` names the tested expression once: comparisons, lists and
+/// text tests do; time spans, anniversaries and list counts name it several times.
+fn reads_expression_once(predicate: &Predicate) -> bool {
+    !matches!(
+        predicate,
+        Predicate::Relative(_) | Predicate::Anniversary(_) | Predicate::ListCount { .. }
+    )
+}
+
+/// Escapes `%`, `_` and `\` for a `LIKE` pattern with `ESCAPE '\'`.
+fn escape_like(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+/// A bound of a relative time: the instant and whether it is included.
+type Bound = Option<(NaiveDateTime, bool)>;
+
+/// The bounds of a relative time around `as_of`.
+pub fn relative_bounds(
+    relative: RelativeTime,
+    as_of: NaiveDateTime,
+    zone: chrono_tz::Tz,
+) -> (Bound, Bound) {
+    match relative {
+        RelativeTime::WithinLast(window) => (
+            Some((window_start(window, as_of, zone), true)),
+            Some((as_of, true)),
+        ),
+        RelativeTime::WithinNext(window) => (
+            Some((as_of, true)),
+            Some((window_end(window, as_of, zone), true)),
+        ),
+        RelativeTime::MoreThanAgo(window) => {
+            (None, Some((window_start(window, as_of, zone), false)))
+        }
+        RelativeTime::During(span) => {
+            let (start, end) = calendar_bounds(span, as_of.date());
+            (
+                Some((start.and_time(NaiveTime::MIN), true)),
+                Some((end.and_time(NaiveTime::MIN), false)),
+            )
+        }
+    }
+}
+
+/// The end of a window starting at `as_of` and running forward.
+pub fn window_end(window: Window, as_of: NaiveDateTime, zone: chrono_tz::Tz) -> NaiveDateTime {
+    let amount = window.amount;
+    match window.unit {
+        TimeUnit::Minutes | TimeUnit::Hours => {
+            let minutes = if window.unit == TimeUnit::Hours {
+                amount * 60
+            } else {
+                amount
+            };
+            let instant = zone
+                .from_local_datetime(&as_of)
+                .earliest()
+                .unwrap_or_else(|| zone.from_utc_datetime(&as_of));
+            (instant + chrono::Duration::minutes(i64::from(minutes))).naive_local()
+        }
+        TimeUnit::Days => as_of + Days::new(u64::from(amount)),
+        TimeUnit::Weeks => as_of + Days::new(7 * u64::from(amount)),
+        TimeUnit::Months => as_of
+            .checked_add_months(Months::new(amount))
+            .unwrap_or(as_of),
+        TimeUnit::Years => as_of
+            .checked_add_months(Months::new(12 * amount))
+            .unwrap_or(as_of),
+    }
+}
+
+/// The first day of a calendar span and the first day after it.
+pub fn calendar_bounds(span: CalendarSpan, today: NaiveDate) -> (NaiveDate, NaiveDate) {
+    let shift_months = |date: NaiveDate, months: i32| -> NaiveDate {
+        if months >= 0 {
+            date.checked_add_months(Months::new(months as u32))
+                .unwrap_or(date)
+        } else {
+            date.checked_sub_months(Months::new((-months) as u32))
+                .unwrap_or(date)
+        }
+    };
+    let shift_days = |date: NaiveDate, days: i64| -> NaiveDate {
+        date.checked_add_signed(chrono::Duration::days(days))
+            .unwrap_or(date)
+    };
+    match span.unit {
+        CalendarUnit::Day => {
+            let start = shift_days(today, i64::from(span.offset));
+            (start, shift_days(start, 1))
+        }
+        CalendarUnit::Week => {
+            let monday = shift_days(today, -i64::from(today.weekday().num_days_from_monday()));
+            let start = shift_days(monday, 7 * i64::from(span.offset));
+            (start, shift_days(start, 7))
+        }
+        CalendarUnit::Month | CalendarUnit::Quarter | CalendarUnit::Year => {
+            let (length, first_month) = match span.unit {
+                CalendarUnit::Month => (1, today.month()),
+                CalendarUnit::Quarter => (3, (today.month() - 1) / 3 * 3 + 1),
+                _ => (12, 1),
+            };
+            let first =
+                NaiveDate::from_ymd_opt(today.year(), first_month, 1).expect("a valid date");
+            let start = shift_months(first, span.offset * length);
+            (start, shift_months(start, length))
+        }
+    }
+}
+
+/// The recurring days an anniversary condition accepts.
+enum Anniversary {
+    /// Any day of this month (1-12).
+    Month(u32),
+    /// Any of these days, written month * 100 + day.
+    Days(Vec<u32>),
+}
+
+fn anniversary_days(span: CalendarSpan, today: NaiveDate) -> Anniversary {
+    let (start, end) = calendar_bounds(span, today);
+    if span.unit == CalendarUnit::Month {
+        return Anniversary::Month(start.month());
+    }
+    let mut days = Vec::new();
+    let mut day = start;
+    while day < end {
+        days.push(day.month() * 100 + day.day());
+        // In a year without 29 February, its anniversaries fall on the 28th.
+        if day.month() == 2
+            && day.day() == 28
+            && NaiveDate::from_ymd_opt(day.year(), 2, 29).is_none()
+        {
+            days.push(229);
+        }
+        day = day.succ_opt().expect("a next day");
+    }
+    Anniversary::Days(days)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn date(text: &str) -> NaiveDate {
+        NaiveDate::parse_from_str(text, "%Y-%m-%d").unwrap()
+    }
+
+    fn time(text: &str) -> NaiveDateTime {
+        NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S").unwrap()
+    }
+
+    fn span(text: &str) -> CalendarSpan {
+        CalendarSpan::parse(text).unwrap()
+    }
+
+    #[test]
+    fn calendar_spans_align_to_their_units() {
+        let today = date("2024-05-15"); // a Wednesday
+        assert_eq!(
+            calendar_bounds(span("this week"), today),
+            (date("2024-05-13"), date("2024-05-20"))
+        );
+        assert_eq!(
+            calendar_bounds(span("last month"), today),
+            (date("2024-04-01"), date("2024-05-01"))
+        );
+        assert_eq!(
+            calendar_bounds(span("next quarter"), today),
+            (date("2024-07-01"), date("2024-10-01"))
+        );
+        assert_eq!(
+            calendar_bounds(span("last year"), today),
+            (date("2023-01-01"), date("2024-01-01"))
+        );
+        assert_eq!(
+            calendar_bounds(span("yesterday"), date("2024-03-01")),
+            (date("2024-02-29"), date("2024-03-01"))
+        );
+    }
+
+    #[test]
+    fn day_windows_keep_the_wall_clock_across_daylight_saving() {
+        let zone: chrono_tz::Tz = "Europe/London".parse().unwrap();
+        // Clocks went forward at 01:00 on 2024-03-31: one day back from noon that day is
+        // still noon on the wall clock.
+        let as_of = time("2024-03-31 12:00:00");
+        let day = Window {
+            amount: 1,
+            unit: TimeUnit::Days,
+        };
+        assert_eq!(window_start(day, as_of, zone), time("2024-03-30 12:00:00"));
+        // Twenty-four real hours back lose the skipped hour: 11:00 on the wall clock.
+        let hours = Window {
+            amount: 24,
+            unit: TimeUnit::Hours,
+        };
+        assert_eq!(
+            window_start(hours, as_of, zone),
+            time("2024-03-30 11:00:00")
+        );
+        // Forward from the day before, 24 hours land at 13:00 on the wall clock.
+        let before = time("2024-03-30 12:00:00");
+        assert_eq!(window_end(hours, before, zone), time("2024-03-31 13:00:00"));
+    }
+
+    #[test]
+    fn february_29_anniversaries_fall_on_the_28th_in_other_years() {
+        let Anniversary::Days(days) = anniversary_days(span("today"), date("2023-02-28")) else {
+            panic!("days expected");
+        };
+        assert_eq!(days, [228, 229]);
+        let Anniversary::Days(days) = anniversary_days(span("today"), date("2024-02-28")) else {
+            panic!("days expected");
+        };
+        assert_eq!(days, [228]);
+    }
+
+    #[test]
+    fn like_patterns_escape_their_wildcards() {
+        assert_eq!(escape_like("50%_off\\"), "50\\%\\_off\\\\");
     }
 }

@@ -71,11 +71,17 @@ impl RunRequests {
 
     /// Asks for a run, `force`d past the pipeline's guards or not.
     pub fn trigger_with(&self, pipeline: &str, trigger: &str, force: bool) -> Triggered {
-        let Some(sender) = self.runs.get(pipeline) else { return Triggered::UnknownPipeline };
+        let Some(sender) = self.runs.get(pipeline) else {
+            return Triggered::UnknownPipeline;
+        };
         match sender.try_send((trigger.to_string(), force)) {
             Ok(()) => Triggered::Queued,
             Err(_) => {
-                tracing::info!(pipeline, trigger, "a run is already waiting; trigger coalesced");
+                tracing::info!(
+                    pipeline,
+                    trigger,
+                    "a run is already waiting; trigger coalesced"
+                );
                 Triggered::Coalesced
             }
         }
@@ -97,7 +103,11 @@ struct AppState {
 }
 
 /// Runs the daemon until `shutdown` is cancelled.
-pub async fn serve(config: Config, store: Arc<Store>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    config: Config,
+    store: Arc<Store>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let status: Arc<Mutex<BTreeMap<String, PipelineStatus>>> = Arc::default();
     let mut runs = BTreeMap::new();
@@ -109,7 +119,10 @@ pub async fn serve(config: Config, store: Arc<Store>, shutdown: CancellationToke
         let (other_sender, other_receiver) = mpsc::channel(16);
         runs.insert(name.clone(), run_sender);
         others.insert(name.clone(), other_sender);
-        status.lock().expect("status lock").insert(name.clone(), PipelineStatus::default());
+        status
+            .lock()
+            .expect("status lock")
+            .insert(name.clone(), PipelineStatus::default());
         runners.push(tokio::spawn(runner_task(
             name.clone(),
             Arc::clone(&config),
@@ -119,7 +132,10 @@ pub async fn serve(config: Config, store: Arc<Store>, shutdown: CancellationToke
             shutdown.clone(),
         )));
     }
-    let requests = RunRequests { runs: Arc::new(runs), others: Arc::new(others) };
+    let requests = RunRequests {
+        runs: Arc::new(runs),
+        others: Arc::new(others),
+    };
 
     let schedules: Vec<(String, String)> = config
         .pipelines
@@ -128,7 +144,12 @@ pub async fn serve(config: Config, store: Arc<Store>, shutdown: CancellationToke
         .collect();
     let mut scheduler = crate::scheduler::start(schedules, requests.clone()).await?;
 
-    let state = AppState { config: Arc::clone(&config), store, requests, status };
+    let state = AppState {
+        config: Arc::clone(&config),
+        store,
+        requests,
+        status,
+    };
     let app = axum::Router::new()
         .route("/health", get(health))
         .route("/pipelines/{name}/runs", post(trigger_run))
@@ -136,16 +157,21 @@ pub async fn serve(config: Config, store: Arc<Store>, shutdown: CancellationToke
         .route("/pipelines/{name}/runs/{run}/approve", post(approve))
         .route("/pipelines/{name}/plan", get(plan))
         .route("/pipelines/{name}/deadletter", get(dead_letters))
-        .route("/pipelines/{name}/deadletter/retry", post(retry_dead_letters))
+        .route(
+            "/pipelines/{name}/deadletter/retry",
+            post(retry_dead_letters),
+        )
         .route("/pipelines/{name}/profiles/{key}", get(profile))
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind(config.daemon.listen).await.map_err(|err| {
-        anyhow::anyhow!("cannot listen on {}: {err}", config.daemon.listen)
-    })?;
+    let listener = tokio::net::TcpListener::bind(config.daemon.listen)
+        .await
+        .map_err(|err| anyhow::anyhow!("cannot listen on {}: {err}", config.daemon.listen))?;
     tracing::info!(listen = %listener.local_addr()?, "http api listening");
 
     let stop = shutdown.clone();
-    axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await?;
     scheduler.shutdown().await?;
     for runner in runners {
         let _ = runner.await;
@@ -233,7 +259,11 @@ async fn health() -> Json<serde_json::Value> {
 }
 
 fn unknown_pipeline(name: &str) -> Response {
-    (StatusCode::NOT_FOUND, Json(json!({ "error": format!("no pipeline `{name}`") }))).into_response()
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({ "error": format!("no pipeline `{name}`") })),
+    )
+        .into_response()
 }
 
 #[derive(serde::Deserialize)]
@@ -250,8 +280,16 @@ async fn trigger_run(
     match state.requests.trigger_with(&name, "http", query.force) {
         Triggered::UnknownPipeline => unknown_pipeline(&name),
         triggered => {
-            let word = if triggered == Triggered::Queued { "queued" } else { "coalesced" };
-            (StatusCode::ACCEPTED, Json(json!({ "pipeline": name, "status": word }))).into_response()
+            let word = if triggered == Triggered::Queued {
+                "queued"
+            } else {
+                "coalesced"
+            };
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({ "pipeline": name, "status": word })),
+            )
+                .into_response()
         }
     }
 }
@@ -283,19 +321,34 @@ async fn profile(
             return Ok(None);
         }
         let as_of = runner::as_of_for(&pipeline, None);
-        Ok(Some(crate::evaluate::profile_segments(&connection, &pipeline, &key, as_of)?))
+        Ok(Some(crate::evaluate::profile_segments(
+            &connection,
+            &pipeline,
+            &key,
+            as_of,
+        )?))
     })
     .await
     .expect("a DuckDB job panicked");
     match lookup {
-        Ok(Some(segments)) => Json(json!({ "pipeline": name, "segments": segments })).into_response(),
-        Ok(None) => (StatusCode::NOT_FOUND, Json(json!({ "error": "no such profile" }))).into_response(),
+        Ok(Some(segments)) => {
+            Json(json!({ "pipeline": name, "segments": segments })).into_response()
+        }
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": "no such profile" })),
+        )
+            .into_response(),
         Err(err) => internal_error(&err),
     }
 }
 
 fn internal_error(err: &anyhow::Error) -> Response {
-    (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({ "error": format!("{err:#}") }))).into_response()
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        Json(json!({ "error": format!("{err:#}") })),
+    )
+        .into_response()
 }
 
 /// Hands a request to the pipeline's runner and waits for its answer.
@@ -304,15 +357,21 @@ async fn ask<T>(
     name: &str,
     request: impl FnOnce(oneshot::Sender<anyhow::Result<T>>) -> Request,
 ) -> Result<T, Response> {
-    let Some(sender) = state.requests.others.get(name) else { return Err(unknown_pipeline(name)) };
+    let Some(sender) = state.requests.others.get(name) else {
+        return Err(unknown_pipeline(name));
+    };
     let (reply, answer) = oneshot::channel();
     if sender.send(request(reply)).await.is_err() {
-        return Err(internal_error(&anyhow::anyhow!("the pipeline's runner has stopped")));
+        return Err(internal_error(&anyhow::anyhow!(
+            "the pipeline's runner has stopped"
+        )));
     }
     match answer.await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(err)) => Err(internal_error(&err)),
-        Err(_) => Err(internal_error(&anyhow::anyhow!("the pipeline's runner has stopped"))),
+        Err(_) => Err(internal_error(&anyhow::anyhow!(
+            "the pipeline's runner has stopped"
+        ))),
     }
 }
 
@@ -327,8 +386,17 @@ async fn approve(
     Query(query): Query<ApproveQuery>,
 ) -> Response {
     let activation = query.activation;
-    match ask(&state, &name, |reply| Request::Approve { run_id, activation, reply }).await {
-        Ok(delivered) => Json(json!({ "pipeline": name, "run_id": run_id, "activations": delivered })).into_response(),
+    match ask(&state, &name, |reply| Request::Approve {
+        run_id,
+        activation,
+        reply,
+    })
+    .await
+    {
+        Ok(delivered) => {
+            Json(json!({ "pipeline": name, "run_id": run_id, "activations": delivered }))
+                .into_response()
+        }
         Err(response) => response,
     }
 }
@@ -346,7 +414,8 @@ async fn dead_letters(State(state): State<AppState>, Path(name): Path<String>) -
     }
     let store = Arc::clone(&state.store);
     let pipeline = name.clone();
-    let result = crate::deliver::blocking(&store, move |c| crate::deliver::dead_letters(c, &pipeline)).await;
+    let result =
+        crate::deliver::blocking(&store, move |c| crate::deliver::dead_letters(c, &pipeline)).await;
     match result {
         Ok(rows) => Json(json!({ "pipeline": name, "dead_letters": rows })).into_response(),
         Err(err) => internal_error(&err.into()),

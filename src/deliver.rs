@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use duckdb::{Connection, params};
-use segmentd_connectors::{Batch, Change, Connector, Member, Outcome, RetryPolicy};
+use segmentd_connectors::{Batch, Change, Connector, Member, Outcome, RateLimit, RetryPolicy};
 
 use crate::config::{ActivationDef, Mode, Pipeline};
 use crate::schema::{quote_ident, quote_literal};
@@ -34,8 +34,71 @@ pub struct DeltaSize {
     pub adds: i64,
     /// Members to remove.
     pub removes: i64,
-    /// Whether the removal brake held the delta.
-    pub held: bool,
+    /// Which brake held the delta, if one did.
+    pub hold: Option<Hold>,
+}
+
+impl DeltaSize {
+    /// Whether a brake held some of the delta.
+    pub fn held(&self) -> bool {
+        self.hold.is_some()
+    }
+}
+
+/// Why a delta, or its removes, wait for an operator's approval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// The run would remove more than `max_removal_share` of the audience: the whole delta
+    /// waits.
+    RemovalShare {
+        /// The acknowledged audience before the run.
+        audience: i64,
+    },
+    /// The removes would take the audience below `min_audience_size`: the adds go out, the
+    /// removes wait.
+    MinimumAudience {
+        /// The audience the delta would leave.
+        after: i64,
+        /// The activation's minimum.
+        minimum: u64,
+    },
+}
+
+impl Hold {
+    /// Whether the adds wait too.
+    pub fn holds_adds(self) -> bool {
+        matches!(self, Hold::RemovalShare { .. })
+    }
+
+    /// Why, in words for the operator.
+    pub fn reason(self, activation: &ActivationDef, removes: i64) -> String {
+        match self {
+            Hold::RemovalShare { audience } => format!(
+                "{removes} removes of an audience of {audience} are more than max_removal_share \
+                 ({}); approve the run to send them",
+                activation.max_removal_share
+            ),
+            Hold::MinimumAudience { after, minimum } => format!(
+                "the removes would leave {after} members, below the platform's minimum audience \
+                 of {minimum} (min_audience_size); the adds were sent, approve the run to send \
+                 the removes"
+            ),
+        }
+    }
+}
+
+/// Which brake, if any, holds a delta of `adds` and `removes` for an audience of `audience`.
+pub fn brake(activation: &ActivationDef, adds: i64, removes: i64, audience: i64) -> Option<Hold> {
+    if over_removal_limit(activation, removes, audience) {
+        return Some(Hold::RemovalShare { audience });
+    }
+    let after = audience + adds - removes;
+    match activation.min_audience_size {
+        Some(minimum) if removes > 0 && after < minimum as i64 => {
+            Some(Hold::MinimumAudience { after, minimum })
+        }
+        _ => None,
+    }
 }
 
 /// What delivering one activation's delta did.
@@ -52,7 +115,11 @@ pub struct DeliveryReport {
 }
 
 /// The identifiers of every profile as one JSON object per key, for the activation's columns.
-fn identifiers_query(pipeline: &Pipeline, activation: &ActivationDef, master_schema: &str) -> String {
+fn identifiers_query(
+    pipeline: &Pipeline,
+    activation: &ActivationDef,
+    master_schema: &str,
+) -> String {
     let schema = quote_ident(master_schema);
     let key = quote_ident(&pipeline.master.key);
     let mut joins = String::new();
@@ -109,19 +176,21 @@ pub fn delta_queries(
     );
     let adds = format!(
         "SELECT c.key, c.identifiers FROM ({current}) AS c \
-         WHERE NOT EXISTS (SELECT 1 FROM segmentd.acknowledged AS a WHERE a.pipeline = {name} \
+         WHERE NOT EXISTS (SELECT 1 FROM segmentd_state.acknowledged AS a WHERE a.pipeline = {name} \
              AND a.activation = {id} AND a.key = c.key AND a.identifiers = c.identifiers) \
-         AND NOT EXISTS (SELECT 1 FROM segmentd.dead_letters AS d WHERE d.pipeline = {name} \
+         AND NOT EXISTS (SELECT 1 FROM segmentd_state.dead_letters AS d WHERE d.pipeline = {name} \
              AND d.activation = {id} AND d.change = 'add' AND d.dead AND d.key = c.key)"
     );
     let removes = match activation.mode {
-        Mode::AddOnly => "SELECT key, identifiers FROM segmentd.acknowledged WHERE FALSE".to_string(),
+        Mode::AddOnly => {
+            "SELECT key, identifiers FROM segmentd_state.acknowledged WHERE FALSE".to_string()
+        }
         Mode::AddRemove => format!(
-            "SELECT a.key, a.identifiers FROM segmentd.acknowledged AS a \
+            "SELECT a.key, a.identifiers FROM segmentd_state.acknowledged AS a \
              WHERE a.pipeline = {name} AND a.activation = {id} \
              AND NOT EXISTS (SELECT 1 FROM ({current}) AS c \
                  WHERE c.key = a.key AND c.identifiers = a.identifiers) \
-             AND NOT EXISTS (SELECT 1 FROM segmentd.dead_letters AS d WHERE d.pipeline = {name} \
+             AND NOT EXISTS (SELECT 1 FROM segmentd_state.dead_letters AS d WHERE d.pipeline = {name} \
                  AND d.activation = {id} AND d.change = 'remove' AND d.dead AND d.key = a.key)"
         ),
     };
@@ -129,10 +198,14 @@ pub fn delta_queries(
 }
 
 /// Members in the activation's acknowledged audience.
-fn audience_size(connection: &Connection, pipeline: &str, activation: &str) -> Result<i64, StoreError> {
+fn audience_size(
+    connection: &Connection,
+    pipeline: &str,
+    activation: &str,
+) -> Result<i64, StoreError> {
     connection
         .query_row(
-            "SELECT count(DISTINCT key) FROM segmentd.acknowledged WHERE pipeline = ? AND activation = ?",
+            "SELECT count(DISTINCT key) FROM segmentd_state.acknowledged WHERE pipeline = ? AND activation = ?",
             params![pipeline, activation],
             |r| r.get(0),
         )
@@ -156,7 +229,7 @@ pub fn plan(
     batch_size: usize,
 ) -> Result<DeltaSize, StoreError> {
     let members = format!(
-        "SELECT key FROM segmentd.memberships WHERE pipeline = {} AND segment = {}",
+        "SELECT key FROM segmentd_state.memberships WHERE pipeline = {} AND segment = {}",
         quote_literal(&pipeline.name),
         quote_literal(segment)
     );
@@ -164,17 +237,20 @@ pub fn plan(
     let batch_size = batch_size.max(1) as i64;
     in_transaction(connection, |c| {
         c.execute(
-            "UPDATE segmentd.deltas SET status = 'superseded' \
+            "UPDATE segmentd_state.deltas SET status = 'superseded' \
              WHERE pipeline = ? AND activation = ? AND status IN ('pending', 'held')",
             params![pipeline.name, activation.id],
         )
         .doing("superseding unsent deltas")?;
         let mut sizes = [0i64; 2];
-        for (i, (change, select)) in [("add", &adds_sql), ("remove", &removes_sql)].iter().enumerate() {
+        for (i, (change, select)) in [("add", &adds_sql), ("remove", &removes_sql)]
+            .iter()
+            .enumerate()
+        {
             sizes[i] = c
                 .execute(
                     &format!(
-                        "INSERT INTO segmentd.deltas \
+                        "INSERT INTO segmentd_state.deltas \
                          (run_id, pipeline, activation, change, sequence, key, identifiers, status) \
                          SELECT ?, ?, ?, ?, \
                                 CAST((row_number() OVER (ORDER BY d.key, d.identifiers) - 1) // ? \
@@ -186,22 +262,33 @@ pub fn plan(
                 )
                 .doing(format!("planning {change}s"))? as i64;
         }
-        let delta = DeltaSize { adds: sizes[0], removes: sizes[1], held: false };
         let audience = audience_size(c, &pipeline.name, &activation.id)?;
-        if over_removal_limit(activation, delta.removes, audience) {
+        let hold = brake(activation, sizes[0], sizes[1], audience);
+        let delta = DeltaSize {
+            adds: sizes[0],
+            removes: sizes[1],
+            hold,
+        };
+        if let Some(hold) = hold {
+            let reason = hold.reason(activation, delta.removes);
             c.execute(
-                "UPDATE segmentd.deltas SET status = 'held' \
-                 WHERE pipeline = ? AND activation = ? AND run_id = ? AND status = 'pending'",
-                params![pipeline.name, activation.id, run_id],
+                "UPDATE segmentd_state.deltas SET status = 'held', reason = ? \
+                 WHERE pipeline = ? AND activation = ? AND run_id = ? AND status = 'pending' \
+                 AND (? OR change = 'remove')",
+                params![
+                    reason,
+                    pipeline.name,
+                    activation.id,
+                    run_id,
+                    hold.holds_adds()
+                ],
             )
             .doing("holding the delta")?;
             tracing::warn!(
                 pipeline = %pipeline.name, activation = %activation.id, run_id,
-                removes = delta.removes, audience, limit = activation.max_removal_share,
-                "delta held: it would remove more than the activation's max_removal_share; \
-                 nothing is sent until an operator approves it"
+                adds = delta.adds, removes = delta.removes, audience, reason = %reason,
+                "delta held until an operator approves it"
             );
-            return Ok(DeltaSize { held: true, ..delta });
         }
         Ok(delta)
     })
@@ -217,14 +304,18 @@ fn pending_sequences(
 ) -> Result<Vec<i32>, StoreError> {
     let mut statement = connection
         .prepare(
-            "SELECT DISTINCT sequence FROM segmentd.deltas WHERE pipeline = ? AND activation = ? \
+            "SELECT DISTINCT sequence FROM segmentd_state.deltas WHERE pipeline = ? AND activation = ? \
              AND run_id = ? AND change = ? AND status = 'pending' ORDER BY sequence",
         )
         .doing("listing pending batches")?;
     let rows = statement
-        .query_map(params![pipeline, activation, run_id, change.as_str()], |r| r.get(0))
+        .query_map(
+            params![pipeline, activation, run_id, change.as_str()],
+            |r| r.get(0),
+        )
         .doing("listing pending batches")?;
-    rows.collect::<Result<_, _>>().doing("listing pending batches")
+    rows.collect::<Result<_, _>>()
+        .doing("listing pending batches")
 }
 
 fn load_batch(
@@ -237,19 +328,23 @@ fn load_batch(
 ) -> Result<Batch, StoreError> {
     let mut statement = connection
         .prepare(
-            "SELECT key, identifiers FROM segmentd.deltas WHERE pipeline = ? AND activation = ? \
+            "SELECT key, identifiers FROM segmentd_state.deltas WHERE pipeline = ? AND activation = ? \
              AND run_id = ? AND change = ? AND sequence = ? AND status = 'pending' ORDER BY key",
         )
         .doing("reading a batch")?;
     let rows = statement
-        .query_map(params![pipeline, activation, run_id, change.as_str(), sequence], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-        })
+        .query_map(
+            params![pipeline, activation, run_id, change.as_str(), sequence],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+        )
         .doing("reading a batch")?;
     let mut members = Vec::new();
     for row in rows {
         let (key, identifiers) = row.doing("reading a batch")?;
-        members.push(Member { key, identifiers: parse_identifiers(&identifiers) });
+        members.push(Member {
+            key,
+            identifiers: parse_identifiers(&identifiers),
+        });
     }
     Ok(Batch {
         run_id,
@@ -310,9 +405,15 @@ fn record_outcome(
             }
             appender.flush().doing("recording a batch")?;
         }
-        let scope = params![pipeline, batch.activation, batch.run_id, batch.change.as_str(), batch.sequence];
+        let scope = params![
+            pipeline,
+            batch.activation,
+            batch.run_id,
+            batch.change.as_str(),
+            batch.sequence
+        ];
         c.execute(
-            "UPDATE segmentd.deltas AS d SET status = o.status, reason = o.reason \
+            "UPDATE segmentd_state.deltas AS d SET status = o.status, reason = o.reason \
              FROM batch_outcome AS o \
              WHERE d.pipeline = ? AND d.activation = ? AND d.run_id = ? AND d.change = ? \
              AND d.sequence = ? AND d.status = 'pending' AND d.key = o.key",
@@ -321,15 +422,15 @@ fn record_outcome(
         .doing("recording a batch")?;
         match batch.change {
             Change::Add => c.execute(
-                "INSERT INTO segmentd.acknowledged (pipeline, activation, key, identifiers, run_id) \
+                "INSERT INTO segmentd_state.acknowledged (pipeline, activation, key, identifiers, run_id) \
                  SELECT d.pipeline, d.activation, d.key, d.identifiers, d.run_id \
-                 FROM segmentd.deltas AS d JOIN batch_outcome AS o ON o.key = d.key \
+                 FROM segmentd_state.deltas AS d JOIN batch_outcome AS o ON o.key = d.key \
                  WHERE d.pipeline = ? AND d.activation = ? AND d.run_id = ? AND d.change = ? \
                  AND d.sequence = ? AND o.status = 'delivered'",
                 scope,
             ),
             Change::Remove => c.execute(
-                "DELETE FROM segmentd.acknowledged AS a USING segmentd.deltas AS d, batch_outcome AS o \
+                "DELETE FROM segmentd_state.acknowledged AS a USING segmentd_state.deltas AS d, batch_outcome AS o \
                  WHERE d.pipeline = ? AND d.activation = ? AND d.run_id = ? AND d.change = ? \
                  AND d.sequence = ? AND o.status = 'delivered' AND o.key = d.key \
                  AND a.pipeline = d.pipeline AND a.activation = d.activation \
@@ -354,31 +455,43 @@ fn record_rejections(
     let scope = params![pipeline, batch.activation, batch.change.as_str()];
     connection
         .execute(
-            "DELETE FROM segmentd.dead_letters WHERE pipeline = ? AND activation = ? \
+            "DELETE FROM segmentd_state.dead_letters WHERE pipeline = ? AND activation = ? \
              AND change = ? AND key IN (SELECT key FROM batch_outcome WHERE status = 'delivered')",
             scope,
         )
         .doing("clearing rejections")?;
     connection
         .execute(
-            "UPDATE segmentd.dead_letters AS d SET rejections = d.rejections + 1, \
-             reason = o.reason, run_id = $4, at = current_timestamp::TIMESTAMP, \
+            "UPDATE segmentd_state.dead_letters AS d SET rejections = d.rejections + 1, \
+             reason = o.reason, run_id = $4, recorded_at = current_timestamp::TIMESTAMP, \
              dead = d.rejections + 1 >= $5 \
              FROM batch_outcome AS o WHERE o.status = 'rejected' AND o.key = d.key \
              AND d.pipeline = $1 AND d.activation = $2 AND d.change = $3",
-            params![pipeline, batch.activation, batch.change.as_str(), batch.run_id, dead_letter_after_runs],
+            params![
+                pipeline,
+                batch.activation,
+                batch.change.as_str(),
+                batch.run_id,
+                dead_letter_after_runs
+            ],
         )
         .doing("counting rejections")?;
     connection
         .execute(
-            "INSERT INTO segmentd.dead_letters \
-             (pipeline, activation, key, change, reason, rejections, dead, run_id, at) \
+            "INSERT INTO segmentd_state.dead_letters \
+             (pipeline, activation, key, change, reason, rejections, dead, run_id, recorded_at) \
              SELECT $1, $2, o.key, $3, coalesce(o.reason, 'rejected'), 1, 1 >= $5, $4, \
                     current_timestamp::TIMESTAMP \
              FROM batch_outcome AS o WHERE o.status = 'rejected' AND NOT EXISTS ( \
-                 SELECT 1 FROM segmentd.dead_letters AS d WHERE d.pipeline = $1 \
+                 SELECT 1 FROM segmentd_state.dead_letters AS d WHERE d.pipeline = $1 \
                  AND d.activation = $2 AND d.change = $3 AND d.key = o.key)",
-            params![pipeline, batch.activation, batch.change.as_str(), batch.run_id, dead_letter_after_runs],
+            params![
+                pipeline,
+                batch.activation,
+                batch.change.as_str(),
+                batch.run_id,
+                dead_letter_after_runs
+            ],
         )
         .doing("counting rejections")?;
     Ok(())
@@ -402,10 +515,13 @@ pub struct DeadLetter {
 }
 
 /// The pipeline's dead-lettered members.
-pub fn dead_letters(connection: &Connection, pipeline: &str) -> Result<Vec<DeadLetter>, StoreError> {
+pub fn dead_letters(
+    connection: &Connection,
+    pipeline: &str,
+) -> Result<Vec<DeadLetter>, StoreError> {
     let mut statement = connection
         .prepare(
-            "SELECT activation, key, change, reason, rejections, run_id FROM segmentd.dead_letters \
+            "SELECT activation, key, change, reason, rejections, run_id FROM segmentd_state.dead_letters \
              WHERE pipeline = ? AND dead ORDER BY activation, change, key",
         )
         .doing("reading the dead letter")?;
@@ -421,7 +537,8 @@ pub fn dead_letters(connection: &Connection, pipeline: &str) -> Result<Vec<DeadL
             })
         })
         .doing("reading the dead letter")?;
-    rows.collect::<Result<_, _>>().doing("reading the dead letter")
+    rows.collect::<Result<_, _>>()
+        .doing("reading the dead letter")
 }
 
 /// Releases dead-lettered members (of one activation, or all) so the next run offers them
@@ -433,7 +550,7 @@ pub fn retry_dead_letters(
 ) -> Result<usize, StoreError> {
     connection
         .execute(
-            "DELETE FROM segmentd.dead_letters WHERE pipeline = ? AND dead \
+            "DELETE FROM segmentd_state.dead_letters WHERE pipeline = ? AND dead \
              AND (? IS NULL OR activation = ?)",
             params![pipeline, activation, activation],
         )
@@ -469,24 +586,26 @@ pub fn approve(
     let released = in_transaction(connection, |c| {
         let mut statement = c
             .prepare(
-                "SELECT DISTINCT activation FROM segmentd.deltas WHERE pipeline = ? AND run_id = ? \
+                "SELECT DISTINCT activation FROM segmentd_state.deltas WHERE pipeline = ? AND run_id = ? \
                  AND status = 'held' AND (? IS NULL OR activation = ?) ORDER BY activation",
             )
             .doing("finding held deltas")?;
         let activations: Vec<String> = statement
-            .query_map(params![pipeline, run_id, activation, activation], |r| r.get(0))
+            .query_map(params![pipeline, run_id, activation, activation], |r| {
+                r.get(0)
+            })
             .doing("finding held deltas")?
             .collect::<Result<_, _>>()
             .doing("finding held deltas")?;
         for id in &activations {
             c.execute(
-                "UPDATE segmentd.deltas SET status = 'pending' \
+                "UPDATE segmentd_state.deltas SET status = 'pending', reason = NULL \
                  WHERE pipeline = ? AND run_id = ? AND activation = ? AND status = 'held'",
                 params![pipeline, run_id, id],
             )
             .doing("releasing held deltas")?;
             c.execute(
-                "UPDATE segmentd.activation_runs SET status = 'approved' \
+                "UPDATE segmentd_state.activation_runs SET status = 'approved' \
                  WHERE pipeline = ? AND run_id = ? AND activation = ?",
                 params![pipeline, run_id, id],
             )
@@ -513,12 +632,15 @@ pub fn activations_with_pending(
 ) -> Result<Vec<String>, StoreError> {
     let mut statement = connection
         .prepare(
-            "SELECT DISTINCT activation FROM segmentd.deltas WHERE pipeline = ? AND run_id = ? \
+            "SELECT DISTINCT activation FROM segmentd_state.deltas WHERE pipeline = ? AND run_id = ? \
              AND status = 'pending' ORDER BY activation",
         )
         .doing("finding pending deltas")?;
-    let rows = statement.query_map(params![pipeline, run_id], |r| r.get(0)).doing("finding pending deltas")?;
-    rows.collect::<Result<_, _>>().doing("finding pending deltas")
+    let rows = statement
+        .query_map(params![pipeline, run_id], |r| r.get(0))
+        .doing("finding pending deltas")?;
+    rows.collect::<Result<_, _>>()
+        .doing("finding pending deltas")
 }
 
 /// Sends an activation's pending batches for a run: adds first, then removes. Stops at the
@@ -529,6 +651,7 @@ pub async fn deliver(
     activation: &ActivationDef,
     connector: Arc<dyn Connector>,
     policy: &RetryPolicy,
+    rate_limit: Option<&RateLimit>,
     run_id: i64,
 ) -> Result<DeliveryReport, StoreError> {
     let mut report = DeliveryReport::default();
@@ -545,8 +668,13 @@ pub async fn deliver(
             })
             .await?;
             let members = batch.members.len();
-            match segmentd_connectors::deliver_with_retries(connector.as_ref(), &batch, policy).await
-            {
+            let sent = segmentd_connectors::deliver_within_limits(
+                connector.as_ref(),
+                &batch,
+                policy,
+                rate_limit,
+            );
+            match sent.await {
                 Ok(outcome) => {
                     let accepted = outcome.accepted.len() as i64;
                     match change {
@@ -561,8 +689,10 @@ pub async fn deliver(
                     );
                     let name = pipeline.name.clone();
                     let after = activation.dead_letter_after_runs;
-                    blocking(&store, move |c| record_outcome(c, &name, &batch, &outcome, after))
-                        .await?;
+                    blocking(&store, move |c| {
+                        record_outcome(c, &name, &batch, &outcome, after)
+                    })
+                    .await?;
                 }
                 Err(err) => {
                     tracing::error!(
@@ -603,18 +733,19 @@ pub fn record_activation_run(
     activation: &str,
     run_id: i64,
     delta: DeltaSize,
+    hold_reason: Option<&str>,
     report: &DeliveryReport,
 ) -> Result<(), StoreError> {
-    let status = match (&report.error, delta.held) {
+    let status = match (&report.error, delta.held()) {
         (Some(_), _) => "failed",
         (None, true) => "held",
         (None, false) => "delivered",
     };
     connection
         .execute(
-            "INSERT INTO segmentd.activation_runs (run_id, pipeline, activation, adds, removes, \
-             delivered_adds, delivered_removes, rejected, status, error) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO segmentd_state.activation_runs (run_id, pipeline, activation, adds, removes, \
+             delivered_adds, delivered_removes, rejected, status, error, hold_reason) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             params![
                 run_id,
                 pipeline,
@@ -625,7 +756,8 @@ pub fn record_activation_run(
                 report.delivered_removes,
                 report.rejected,
                 status,
-                report.error
+                report.error,
+                hold_reason
             ],
         )
         .doing("recording the activation's run")?;

@@ -12,6 +12,7 @@ pub mod compile;
 pub mod config;
 pub mod daemon;
 pub mod deliver;
+pub mod dialect;
 pub mod evaluate;
 pub mod plan;
 pub mod refresh;

@@ -14,7 +14,12 @@ use segmentd::store::Store;
 #[command(name = "segmentd", version)]
 struct Cli {
     /// The daemon's configuration file.
-    #[arg(long, global = true, env = "SEGMENTD_CONFIG", default_value = "config.toml")]
+    #[arg(
+        long,
+        global = true,
+        env = "SEGMENTD_CONFIG",
+        default_value = "config.toml"
+    )]
     config: PathBuf,
 
     /// Log lines as JSON instead of text.
@@ -51,6 +56,20 @@ enum Command {
         /// The pipeline's name.
         pipeline: String,
         /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Shows a segment's size, a sample of its members and its compiled SQL, evaluated on the
+    /// current master segment; changes no state and touches no activation.
+    Preview {
+        /// The pipeline's name.
+        pipeline: String,
+        /// The segment's name (`folder/name`).
+        segment: String,
+        /// How many member keys to show.
+        #[arg(long, default_value_t = 10)]
+        sample: usize,
+        /// Print the preview as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -107,7 +126,9 @@ fn main() -> ExitCode {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SEGMENTD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().flatten_event(true).init();
     } else {
@@ -121,11 +142,18 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
 
 fn open_store(config: &Config) -> anyhow::Result<Arc<Store>> {
     let daemon = &config.daemon;
-    Ok(Arc::new(Store::open(&daemon.database, &daemon.memory_limit, daemon.threads)?))
+    Ok(Arc::new(Store::open(
+        &daemon.database,
+        &daemon.memory_limit,
+        daemon.threads,
+    )?))
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -146,13 +174,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Refresh { pipeline, as_of, force, json } => {
+        Command::Refresh {
+            pipeline,
+            as_of,
+            force,
+            json,
+        } => {
             let config = load(&cli.config)?;
             let definition = config.pipeline(&pipeline)?.clone();
             let as_of = match as_of {
-                Some(text) => Some(segmentd::config::pipeline::parse_wall_time(&text).with_context(
-                    || format!("--as-of `{text}` is not a time such as \"2011-12-09 12:50:00\""),
-                )?),
+                Some(text) => Some(
+                    segmentd::config::pipeline::parse_wall_time(&text).with_context(|| {
+                        format!("--as-of `{text}` is not a time such as \"2011-12-09 12:50:00\"")
+                    })?,
+                ),
                 None => None,
             };
             let store = open_store(&config)?;
@@ -170,7 +205,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", summary.to_table());
             }
             let ok = matches!(summary.status.as_str(), "succeeded" | "held");
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Plan { pipeline, json } => {
             let config = load(&cli.config)?;
@@ -185,7 +224,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Approve { pipeline, run, activation } => {
+        Command::Preview {
+            pipeline,
+            segment,
+            sample,
+            json,
+        } => {
+            let config = load(&cli.config)?;
+            let definition = config.pipeline(&pipeline)?;
+            definition.segment(&segment)?;
+            let store = open_store(&config)?;
+            let as_of = segmentd::runner::as_of_for(definition, None);
+            let preview = segmentd::evaluate::preview(
+                &store.connection()?,
+                definition,
+                &segment,
+                as_of,
+                sample,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&preview)?);
+            } else {
+                println!(
+                    "segment {} at {}: {} members",
+                    preview.segment, preview.as_of, preview.size
+                );
+                println!("sample: {}", preview.sample.join(", "));
+                println!("\nSQL:\n{}", preview.sql);
+                println!("\nparameters, in order: {}", preview.params.join(", "));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Approve {
+            pipeline,
+            run,
+            activation,
+        } => {
             let config = load(&cli.config)?;
             let definition = config.pipeline(&pipeline)?.clone();
             let store = open_store(&config)?;
@@ -205,12 +279,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     a.delivered_adds,
                     a.delivered_removes,
                     a.rejected,
-                    a.error.as_deref().map(|e| format!("; {e}")).unwrap_or_default()
+                    a.error
+                        .as_deref()
+                        .map(|e| format!("; {e}"))
+                        .unwrap_or_default()
                 );
             }
-            Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
-        Command::Deadletter { pipeline, retry, activation } => {
+        Command::Deadletter {
+            pipeline,
+            retry,
+            activation,
+        } => {
             let config = load(&cli.config)?;
             let definition = config.pipeline(&pipeline)?;
             let store = open_store(&config)?;
@@ -225,7 +310,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let rows = segmentd::deliver::dead_letters(&connection, &definition.name)?;
-            println!("{:<40}  {:<12}  {:<6}  {:>10}  {:>6}  reason", "activation", "key", "change", "rejections", "run");
+            println!(
+                "{:<40}  {:<12}  {:<6}  {:>10}  {:>6}  reason",
+                "activation", "key", "change", "rejections", "run"
+            );
             for row in rows {
                 println!(
                     "{:<40}  {:<12}  {:<6}  {:>10}  {:>6}  {}",
@@ -234,18 +322,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::History { pipeline, segment, key } => {
+        Command::History {
+            pipeline,
+            segment,
+            key,
+        } => {
             let config = load(&cli.config)?;
             let definition = config.pipeline(&pipeline)?;
             definition.segment(&segment)?;
             let store = open_store(&config)?;
-            let events =
-                segmentd::evaluate::history(&store.connection()?, &definition.name, &segment, &key)?;
+            let events = segmentd::evaluate::history(
+                &store.connection()?,
+                &definition.name,
+                &segment,
+                &key,
+            )?;
             if events.is_empty() {
                 println!("profile `{key}` has never been a member of `{segment}`");
             }
             for event in events {
-                println!("run {:>6}  {:<8}  {:<17}  {}", event.run_id, event.event, event.reason, event.at);
+                println!(
+                    "run {:>6}  {:<8}  {:<17}  {}",
+                    event.run_id, event.event, event.reason, event.at
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -254,14 +353,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let definition = config.pipeline(&pipeline)?;
             let store = open_store(&config)?;
             let sizes = segmentd::store::last_sizes(&store.connection()?, &definition.name)?;
-            let width = definition.segments.iter().map(|s| s.name.len()).max().unwrap_or(7).max(7);
-            println!("{:<width$}  {:<20}  {:>9}  {:>8}  activations", "segment", "folder", "size", "run");
+            let width = definition
+                .segments
+                .iter()
+                .map(|s| s.name.len())
+                .max()
+                .unwrap_or(7)
+                .max(7);
+            println!(
+                "{:<width$}  {:<20}  {:>9}  {:>8}  activations",
+                "segment", "folder", "size", "run"
+            );
             for segment in &definition.segments {
                 let (size, run) = match sizes.get(&segment.name) {
                     Some((size, run)) => (size.to_string(), run.to_string()),
                     None => ("-".into(), "-".into()),
                 };
-                let folder = if segment.folder().is_empty() { "/" } else { segment.folder() };
+                let folder = if segment.folder().is_empty() {
+                    "/"
+                } else {
+                    segment.folder()
+                };
                 println!(
                     "{:<width$}  {:<20}  {:>9}  {:>8}  {}",
                     segment.name,
@@ -280,7 +392,8 @@ fn validate(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     match Config::load(path) {
         Ok(config) => {
             for pipeline in config.pipelines.values() {
-                let activations: usize = pipeline.segments.iter().map(|s| s.activations.len()).sum();
+                let activations: usize =
+                    pipeline.segments.iter().map(|s| s.activations.len()).sum();
                 println!(
                     "pipeline `{}`: {} sources, {} segments, {} activations",
                     pipeline.name,

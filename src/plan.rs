@@ -9,7 +9,7 @@ use duckdb::{Connection, params_from_iter};
 
 use crate::compile::segment_query_in;
 use crate::config::Pipeline;
-use crate::deliver::{delta_queries, over_removal_limit};
+use crate::deliver::{brake, delta_queries};
 use crate::schema::{quote_ident, quote_literal};
 use crate::store::{Doing, sql_params};
 
@@ -40,8 +40,8 @@ pub struct ActivationPlan {
     pub sample_adds: Vec<String>,
     /// Some keys it would remove.
     pub sample_removes: Vec<String>,
-    /// Whether the removal brake would hold the delta.
-    pub would_hold: bool,
+    /// Why a brake would hold the delta (or its removes), if one would.
+    pub would_hold: Option<String>,
 }
 
 /// What a run would do now.
@@ -60,7 +60,11 @@ pub struct Plan {
 }
 
 /// Computes the plan; everything it builds is dropped before it returns.
-pub fn plan(connection: &Connection, pipeline: &Pipeline, as_of: NaiveDateTime) -> anyhow::Result<Plan> {
+pub fn plan(
+    connection: &Connection,
+    pipeline: &Pipeline,
+    as_of: NaiveDateTime,
+) -> anyhow::Result<Plan> {
     let schema = format!("{}_plan", pipeline.schema());
     let result = plan_in(connection, pipeline, as_of, &schema);
     let _ = connection.execute_batch(&format!(
@@ -78,7 +82,9 @@ fn plan_in(
 ) -> anyhow::Result<Plan> {
     let report = crate::refresh::build_into(connection, pipeline, schema)?;
     connection
-        .execute_batch("CREATE OR REPLACE TEMP TABLE planned_members (segment VARCHAR, key VARCHAR)")
+        .execute_batch(
+            "CREATE OR REPLACE TEMP TABLE planned_members (segment VARCHAR, key VARCHAR)",
+        )
         .doing("preparing the plan")?;
 
     let mut segments = Vec::new();
@@ -97,12 +103,16 @@ fn plan_in(
             .doing(format!("evaluating segment {}", segment.name))? as i64;
         let current: i64 = connection
             .query_row(
-                "SELECT count(*) FROM segmentd.memberships WHERE pipeline = ? AND segment = ?",
+                "SELECT count(*) FROM segmentd_state.memberships WHERE pipeline = ? AND segment = ?",
                 [&pipeline.name, &segment.name],
                 |r| r.get(0),
             )
             .doing("counting current members")?;
-        segments.push(SegmentPlan { segment: segment.name.clone(), size, current });
+        segments.push(SegmentPlan {
+            segment: segment.name.clone(),
+            size,
+            current,
+        });
     }
 
     let mut activations = Vec::new();
@@ -117,7 +127,7 @@ fn plan_in(
             let (removes, sample_removes) = count_and_sample(connection, &removes_sql)?;
             let audience: i64 = connection
                 .query_row(
-                    "SELECT count(DISTINCT key) FROM segmentd.acknowledged \
+                    "SELECT count(DISTINCT key) FROM segmentd_state.acknowledged \
                      WHERE pipeline = ? AND activation = ?",
                     [&pipeline.name, &activation.id],
                     |r| r.get(0),
@@ -129,7 +139,8 @@ fn plan_in(
                 removes,
                 sample_adds,
                 sample_removes,
-                would_hold: over_removal_limit(activation, removes, audience),
+                would_hold: brake(activation, adds, removes, audience)
+                    .map(|hold| hold.reason(activation, removes)),
             });
         }
     }
@@ -145,10 +156,14 @@ fn plan_in(
 
 fn count_and_sample(connection: &Connection, select: &str) -> anyhow::Result<(i64, Vec<String>)> {
     let count: i64 = connection
-        .query_row(&format!("SELECT count(*) FROM ({select}) AS d"), [], |r| r.get(0))
+        .query_row(&format!("SELECT count(*) FROM ({select}) AS d"), [], |r| {
+            r.get(0)
+        })
         .doing("counting a delta")?;
     let mut statement = connection
-        .prepare(&format!("SELECT d.key FROM ({select}) AS d ORDER BY d.key LIMIT {SAMPLE}"))
+        .prepare(&format!(
+            "SELECT d.key FROM ({select}) AS d ORDER BY d.key LIMIT {SAMPLE}"
+        ))
         .doing("sampling a delta")?;
     let keys = statement
         .query_map([], |r| r.get::<_, String>(0))
@@ -165,22 +180,59 @@ impl Plan {
             "plan for pipeline `{}` (as_of {}, {} profiles); nothing has been changed or sent\n",
             self.pipeline, self.as_of, self.profiles
         );
-        let width = self.segments.iter().map(|s| s.segment.len()).max().unwrap_or(7).max(7);
-        out.push_str(&format!("\n{:<width$}  {:>9}  {:>9}\n", "segment", "size", "change"));
+        let width = self
+            .segments
+            .iter()
+            .map(|s| s.segment.len())
+            .max()
+            .unwrap_or(7)
+            .max(7);
+        out.push_str(&format!(
+            "\n{:<width$}  {:>9}  {:>9}\n",
+            "segment", "size", "change"
+        ));
         for s in &self.segments {
-            out.push_str(&format!("{:<width$}  {:>9}  {:>+9}\n", s.segment, s.size, s.size - s.current));
+            out.push_str(&format!(
+                "{:<width$}  {:>9}  {:>+9}\n",
+                s.segment,
+                s.size,
+                s.size - s.current
+            ));
         }
         if !self.activations.is_empty() {
-            let width = self.activations.iter().map(|a| a.activation.len()).max().unwrap_or(10).max(10);
-            out.push_str(&format!("\n{:<width$}  {:>8}  {:>8}  note\n", "activation", "adds", "removes"));
+            let width = self
+                .activations
+                .iter()
+                .map(|a| a.activation.len())
+                .max()
+                .unwrap_or(10)
+                .max(10);
+            out.push_str(&format!(
+                "\n{:<width$}  {:>8}  {:>8}  note\n",
+                "activation", "adds", "removes"
+            ));
             for a in &self.activations {
-                let note = if a.would_hold { "would be held by the removal brake" } else { "" };
-                out.push_str(&format!("{:<width$}  {:>8}  {:>8}  {note}\n", a.activation, a.adds, a.removes));
+                let note = match &a.would_hold {
+                    Some(reason) => format!("would be held: {reason}"),
+                    None => String::new(),
+                };
+                out.push_str(&format!(
+                    "{:<width$}  {:>8}  {:>8}  {note}\n",
+                    a.activation, a.adds, a.removes
+                ));
                 if !a.sample_adds.is_empty() {
-                    out.push_str(&format!("{:<width$}    adds e.g. {}\n", "", a.sample_adds.join(", ")));
+                    out.push_str(&format!(
+                        "{:<width$}    adds e.g. {}\n",
+                        "",
+                        a.sample_adds.join(", ")
+                    ));
                 }
                 if !a.sample_removes.is_empty() {
-                    out.push_str(&format!("{:<width$}    removes e.g. {}\n", "", a.sample_removes.join(", ")));
+                    out.push_str(&format!(
+                        "{:<width$}    removes e.g. {}\n",
+                        "",
+                        a.sample_removes.join(", ")
+                    ));
                 }
             }
         }

@@ -91,7 +91,9 @@ pub fn build_into(
 ) -> Result<RefreshReport, RefreshError> {
     let schema = quote_ident(schema);
     connection
-        .execute_batch(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema};"))
+        .execute_batch(&format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema};"
+        ))
         .doing("preparing the plan's schema")?;
     stage(connection, pipeline, &schema, "")
 }
@@ -115,7 +117,9 @@ fn stage(
 ) -> Result<RefreshReport, RefreshError> {
     let sources = quote_ident(&format!("{}_sources", pipeline.schema()));
     connection
-        .execute_batch(&format!("DROP SCHEMA IF EXISTS {sources} CASCADE; CREATE SCHEMA {sources};"))
+        .execute_batch(&format!(
+            "DROP SCHEMA IF EXISTS {sources} CASCADE; CREATE SCHEMA {sources};"
+        ))
         .doing("preparing the sources schema")?;
     let result = stage_from_sources(connection, pipeline, schema, suffix, &sources);
     let _ = connection.execute_batch(&format!("DROP SCHEMA IF EXISTS {sources} CASCADE;"));
@@ -138,12 +142,17 @@ fn stage_from_sources(
 
     // Table SQL names sources without a schema: look them up in the sources schema first.
     connection
-        .execute_batch(&format!("SET search_path = {};", quote_literal(&unquote(sources))))
+        .execute_batch(&format!(
+            "SET search_path = {};",
+            quote_literal(&unquote(sources))
+        ))
         .doing("setting the search path")?;
     let built = pipeline
         .tables()
         .try_for_each(|table| build_table(connection, table, schema, suffix, sources));
-    connection.execute_batch("RESET search_path;").doing("resetting the search path")?;
+    connection
+        .execute_batch("RESET search_path;")
+        .doing("resetting the search path")?;
     built?;
 
     check_keys(connection, pipeline, schema, suffix)?;
@@ -151,7 +160,10 @@ fn stage_from_sources(
     let profiles = connection
         .query_row(&format!("SELECT count(*) FROM {master}"), [], |r| r.get(0))
         .doing("counting profiles")?;
-    Ok(RefreshReport { source_rows, profiles })
+    Ok(RefreshReport {
+        source_rows,
+        profiles,
+    })
 }
 
 /// Refuses a master segment that is too small, or that shrank too much since the live one.
@@ -181,7 +193,9 @@ fn check_guards(
         return Ok(());
     }
     let previous: i64 = connection
-        .query_row(&format!("SELECT count(*) FROM {live}.master"), [], |r| r.get(0))
+        .query_row(&format!("SELECT count(*) FROM {live}.master"), [], |r| {
+            r.get(0)
+        })
         .doing("counting the live profiles")?;
     if previous > 0 {
         let shrink = 1.0 - profiles as f64 / previous as f64;
@@ -254,7 +268,11 @@ fn reader(source: &SourceDef) -> String {
                     ColumnType::List(_) => column_type.to_string(),
                     _ => "VARCHAR".to_string(),
                 };
-                reader.push_str(&format!("{}: {}", quote_literal(name), quote_literal(&read_as)));
+                reader.push_str(&format!(
+                    "{}: {}",
+                    quote_literal(name),
+                    quote_literal(&read_as)
+                ));
             }
             reader.push_str("})");
             reader
@@ -274,7 +292,10 @@ fn source_error(source: &SourceDef, message: impl Into<String>) -> RefreshError 
 fn file_columns(connection: &Connection, source: &SourceDef) -> Result<Vec<String>, RefreshError> {
     let path = quote_literal(&source.path.to_string_lossy());
     let query = match &source.format {
-        SourceFormat::Csv { delimiter, header: true } => format!(
+        SourceFormat::Csv {
+            delimiter,
+            header: true,
+        } => format!(
             "DESCRIBE SELECT * FROM read_csv({path}, delim = {}, quote = '\"', escape = '\"', \
              header = true, all_varchar = true)",
             quote_literal(delimiter)
@@ -290,7 +311,8 @@ fn file_columns(connection: &Connection, source: &SourceDef) -> Result<Vec<Strin
                 let found: bool = connection
                     .query_row(
                         &format!(
-                            "SELECT coalesce(bool_or(json_exists(json, {})), false) \
+                            // A file with no lines lacks no column: it is an empty source.
+                            "SELECT count(*) = 0 OR coalesce(bool_or(json_exists(json, {})), false) \
                              FROM read_ndjson_objects({path})",
                             quote_literal(&format!("$.\"{}\"", name.replace('"', "\\\"")))
                         ),
@@ -336,7 +358,11 @@ fn load_source(
             format!(
                 "declared column{} {} not in the file (the file has: {})",
                 if missing.len() == 1 { "" } else { "s" },
-                missing.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", "),
+                missing
+                    .iter()
+                    .map(|m| format!("`{m}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 found.join(", ")
             ),
         ));
@@ -344,14 +370,20 @@ fn load_source(
     if matches!(source.format, SourceFormat::Csv { header: true, .. })
         && found.len() != source.columns.len()
     {
-        let extra: Vec<&String> =
-            found.iter().filter(|f| !source.columns.iter().any(|(n, _)| n == *f)).collect();
+        let extra: Vec<&String> = found
+            .iter()
+            .filter(|f| !source.columns.iter().any(|(n, _)| n == *f))
+            .collect();
         return Err(source_error(
             source,
             format!(
                 "the file has columns that are not declared: {}; declare every column of a CSV \
                  file, in file order",
-                extra.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", ")
+                extra
+                    .iter()
+                    .map(|m| format!("`{m}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         ));
     }
@@ -365,9 +397,15 @@ fn load_source(
         .collect::<Vec<_>>()
         .join(", ");
     let table = format!("{schema}.{}", quote_ident(&source.name));
-    let create = format!("CREATE TABLE {table} AS SELECT {casts} FROM {}", reader(source));
+    let create = format!(
+        "CREATE TABLE {table} AS SELECT {casts} FROM {}",
+        reader(source)
+    );
     if let Err(err) = connection.execute_batch(&create) {
-        return Err(source_error(source, explain_load_failure(connection, source, &err)));
+        return Err(source_error(
+            source,
+            explain_load_failure(connection, source, &err),
+        ));
     }
     connection
         .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
@@ -377,7 +415,11 @@ fn load_source(
 
 /// Finds the first value that does not fit its declared type, to say where it is. Values are
 /// not quoted back: a source may hold personal data, and the line and column are enough.
-fn explain_load_failure(connection: &Connection, source: &SourceDef, err: &duckdb::Error) -> String {
+fn explain_load_failure(
+    connection: &Connection,
+    source: &SourceDef,
+    err: &duckdb::Error,
+) -> String {
     for (name, column_type) in &source.columns {
         if matches!(column_type, ColumnType::Text | ColumnType::List(_)) {
             continue;
@@ -429,17 +471,21 @@ fn build_table(
     let casts = table
         .columns
         .iter()
-        .map(|(name, column_type)| format!("CAST({q} AS {column_type}) AS {q}", q = quote_ident(name)))
+        .map(|(name, column_type)| {
+            format!("CAST({q} AS {column_type}) AS {q}", q = quote_ident(name))
+        })
         .collect::<Vec<_>>()
         .join(", ");
     let staging = quote_ident(&format!("{}{suffix}", table.table_name()));
     let create = format!(
         "CREATE OR REPLACE TABLE {schema}.{staging} AS SELECT {casts} FROM ({select}\n) AS built"
     );
-    connection.execute_batch(&create).map_err(|err| RefreshError::Table {
-        table: table_label(table),
-        message: format!("cannot build it: {}", first_line(&err.to_string())),
-    })
+    connection
+        .execute_batch(&create)
+        .map_err(|err| RefreshError::Table {
+            table: table_label(table),
+            message: format!("cannot build it: {}", first_line(&err.to_string())),
+        })
 }
 
 /// Master and attribute keys must be present and unique; behaviour keys present.
@@ -450,10 +496,17 @@ fn check_keys(
     suffix: &str,
 ) -> Result<(), RefreshError> {
     for table in pipeline.tables() {
-        let staging = format!("{schema}.{}", quote_ident(&format!("{}{suffix}", table.table_name())));
+        let staging = format!(
+            "{schema}.{}",
+            quote_ident(&format!("{}{suffix}", table.table_name()))
+        );
         let key = quote_ident(&table.key);
         let missing: i64 = connection
-            .query_row(&format!("SELECT count(*) FROM {staging} WHERE {key} IS NULL"), [], |r| r.get(0))
+            .query_row(
+                &format!("SELECT count(*) FROM {staging} WHERE {key} IS NULL"),
+                [],
+                |r| r.get(0),
+            )
             .doing("checking keys")?;
         if missing > 0 {
             return Err(RefreshError::Table {

@@ -10,7 +10,9 @@
 //!
 //! Null policy: a leaf condition on a missing value is false, whatever its operator, except
 //! `is null`; `not` is plain logical negation of the group under it. So `country != "France"`
-//! excludes profiles with no country, and `not { country = "France" }` includes them.
+//! excludes profiles with no country, and `not { country = "France" }` includes them. The same
+//! holds for `not in`, `not contains`, the other negated text operators, and list operators on
+//! a missing list.
 
 use std::collections::BTreeMap;
 
@@ -37,7 +39,15 @@ pub struct RawCondition {
     #[serde(rename = "where")]
     filter: Option<Box<Spanned<RawCondition>>>,
     op: Option<String>,
-    value: Option<toml::Value>,
+    value: Option<Spanned<toml::Value>>,
+    count: Option<u32>,
+}
+
+impl RawCondition {
+    /// The condition's `value`, if it has one.
+    fn value(&self) -> Option<&toml::Value> {
+        self.value.as_ref().map(Spanned::get_ref)
+    }
 }
 
 /// A checked rule.
@@ -90,6 +100,112 @@ pub enum Predicate {
     IsNull,
     /// Present.
     IsNotNull,
+    /// A text test; `negated` turns it into "does not ...", still false on a missing value.
+    Text {
+        /// Which test.
+        test: TextTest,
+        /// The text to look for, or the regular expression.
+        pattern: String,
+        /// "does not".
+        negated: bool,
+    },
+    /// A time relative to the run's `as_of`.
+    Relative(RelativeTime),
+    /// A recurring date (birthday, anniversary) falling in a calendar span.
+    Anniversary(CalendarSpan),
+    /// How many of the values a list column holds, compared with a number.
+    ListCount {
+        /// The values looked for, without repeats.
+        values: Vec<Value>,
+        /// How the number of those present compares.
+        comparison: Comparison,
+        /// The number.
+        count: usize,
+    },
+}
+
+/// A test on text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextTest {
+    /// Holds the text anywhere.
+    Contains,
+    /// Begins with the text.
+    StartsWith,
+    /// Ends with the text.
+    EndsWith,
+    /// Matches the regular expression somewhere.
+    Matches,
+}
+
+/// A time relative to `as_of`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelativeTime {
+    /// From the window's length before `as_of` up to `as_of`.
+    WithinLast(Window),
+    /// From `as_of` up to the window's length after it.
+    WithinNext(Window),
+    /// Before the window's length before `as_of`.
+    MoreThanAgo(Window),
+    /// Inside a calendar span around `as_of`.
+    During(CalendarSpan),
+}
+
+/// A calendar unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CalendarUnit {
+    /// A day, midnight to midnight.
+    Day,
+    /// A week, Monday to Sunday.
+    Week,
+    /// A month.
+    Month,
+    /// A quarter: January, April, July or October for three months.
+    Quarter,
+    /// A year.
+    Year,
+}
+
+/// A calendar span: this, last or next unit (`offset` 0, -1, 1) in the pipeline's time zone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CalendarSpan {
+    /// The unit.
+    pub unit: CalendarUnit,
+    /// 0 for this unit, -1 for the last one, 1 for the next one.
+    pub offset: i32,
+}
+
+impl CalendarSpan {
+    /// Parses `today`, `yesterday`, `tomorrow`, or `this|last|next day|week|month|quarter|year`.
+    pub fn parse(text: &str) -> Result<CalendarSpan, String> {
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let (offset, unit) = match words.as_slice() {
+            ["today"] => (0, "day"),
+            ["yesterday"] => (-1, "day"),
+            ["tomorrow"] => (1, "day"),
+            ["this", unit] => (0, *unit),
+            ["last", unit] => (-1, *unit),
+            ["next", unit] => (1, *unit),
+            _ => {
+                return Err(format!(
+                    "`{text}` is not a calendar span; use today, yesterday, tomorrow, or this, last \
+                 or next followed by day, week, month, quarter or year"
+                ));
+            }
+        };
+        let unit = match unit {
+            "day" => CalendarUnit::Day,
+            "week" => CalendarUnit::Week,
+            "month" => CalendarUnit::Month,
+            "quarter" => CalendarUnit::Quarter,
+            "year" => CalendarUnit::Year,
+            other => {
+                return Err(format!(
+                    "`{text}`: unknown calendar unit `{other}`; use day, week, month, quarter or year"
+                ));
+            }
+        };
+        Ok(CalendarSpan { unit, offset })
+    }
 }
 
 /// A comparison operator.
@@ -155,6 +271,10 @@ pub enum Aggregate {
     Min,
     /// Largest value of a column.
     Max,
+    /// The column's value on the earliest row (by the behaviour's time column).
+    First,
+    /// The column's value on the latest row.
+    Last,
 }
 
 impl Aggregate {
@@ -166,6 +286,8 @@ impl Aggregate {
             "avg" | "average" => Aggregate::Average,
             "min" => Aggregate::Min,
             "max" => Aggregate::Max,
+            "first" => Aggregate::First,
+            "last" => Aggregate::Last,
             _ => return None,
         })
     }
@@ -202,7 +324,9 @@ impl Window {
     pub fn parse(text: &str) -> Result<Window, String> {
         let mut words = text.split_whitespace();
         let (Some(amount), Some(unit), None) = (words.next(), words.next(), words.next()) else {
-            return Err(format!("`within = \"{text}\"` must be a number and a unit, such as \"30 days\""));
+            return Err(format!(
+                "`within = \"{text}\"` must be a number and a unit, such as \"30 days\""
+            ));
         };
         let amount: u32 = amount
             .parse()
@@ -307,20 +431,29 @@ impl Catalog {
             .filter(|t| t.role == TableRole::Behaviour)
             .map(|t| (t.name.clone(), t.clone()))
             .collect();
-        Ok(Catalog { attributes: columns, behaviours })
+        Ok(Catalog {
+            attributes: columns,
+            behaviours,
+        })
     }
 
     /// A master or attribute column by name.
     pub fn attribute(&self, name: &str) -> Option<ColumnRef> {
-        self.attributes.get(name).map(|(table, column_type)| ColumnRef {
-            attribute_table: table.clone(),
-            column: name.to_string(),
-            column_type: column_type.clone(),
-        })
+        self.attributes
+            .get(name)
+            .map(|(table, column_type)| ColumnRef {
+                attribute_table: table.clone(),
+                column: name.to_string(),
+                column_type: column_type.clone(),
+            })
     }
 
     fn attribute_names(&self) -> String {
-        self.attributes.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+        self.attributes
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -338,7 +471,11 @@ pub fn check(
     raw: &Spanned<RawCondition>,
     catalog: &Catalog,
 ) -> Result<(Rule, Vec<String>), Vec<RuleProblem>> {
-    let mut checker = Checker { catalog, problems: Vec::new(), references: Vec::new() };
+    let mut checker = Checker {
+        catalog,
+        problems: Vec::new(),
+        references: Vec::new(),
+    };
     let rule = checker.rule(raw, true);
     if checker.problems.is_empty() {
         Ok((rule, checker.references))
@@ -373,7 +510,23 @@ fn node_keys(raw: &RawCondition) -> Vec<&'static str> {
 
 impl Checker<'_> {
     fn problem(&mut self, at: &Spanned<RawCondition>, message: impl Into<String>) {
-        self.problems.push(RuleProblem { offset: at.span().start, message: message.into() });
+        self.problems.push(RuleProblem {
+            offset: at.span().start,
+            message: message.into(),
+        });
+    }
+
+    /// A problem with a condition's `value`, reported on the line of the value.
+    fn value_problem(&mut self, at: &Spanned<RawCondition>, message: impl Into<String>) {
+        let offset = at
+            .get_ref()
+            .value
+            .as_ref()
+            .map_or(at.span().start, |v| v.span().start);
+        self.problems.push(RuleProblem {
+            offset,
+            message: message.into(),
+        });
     }
 
     fn rule(&mut self, spanned: &Spanned<RawCondition>, root: bool) -> Rule {
@@ -408,7 +561,11 @@ impl Checker<'_> {
                     self.problem(spanned, format!("`{kind}` needs at least one condition"));
                 }
                 let rules = items.iter().map(|item| self.rule(item, false)).collect();
-                if *kind == "all" { Rule::All(rules) } else { Rule::Any(rules) }
+                if *kind == "all" {
+                    Rule::All(rules)
+                } else {
+                    Rule::Any(rules)
+                }
             }
             "not" => {
                 self.only(spanned, &[]);
@@ -421,7 +578,7 @@ impl Checker<'_> {
                 Rule::Segment(name)
             }
             "attribute" => {
-                self.only(spanned, &["op", "value"]);
+                self.only(spanned, &["op", "value", "count"]);
                 let name = raw.attribute.as_deref().expect("set");
                 match self.catalog.attribute(name) {
                     Some(column) => {
@@ -432,7 +589,9 @@ impl Checker<'_> {
                         let known = self.catalog.attribute_names();
                         self.problem(
                             spanned,
-                            format!("unknown attribute `{name}`; master and attribute columns: {known}"),
+                            format!(
+                                "unknown attribute `{name}`; master and attribute columns: {known}"
+                            ),
                         );
                         Rule::Everyone
                     }
@@ -452,23 +611,33 @@ impl Checker<'_> {
             (raw.filter.is_some(), "where"),
             (raw.op.is_some(), "op"),
             (raw.value.is_some(), "value"),
+            (raw.count.is_some(), "count"),
         ];
         for (set, key) in extra {
             if set && !allowed.contains(&key) {
-                self.problem(spanned, format!("`{key}` does not belong in this condition"));
+                self.problem(
+                    spanned,
+                    format!("`{key}` does not belong in this condition"),
+                );
             }
         }
     }
 
     fn behaviour(&mut self, spanned: &Spanned<RawCondition>) -> Rule {
         let raw = spanned.get_ref();
-        self.only(spanned, &["column", "aggregate", "within", "where", "op", "value"]);
+        self.only(
+            spanned,
+            &["column", "aggregate", "within", "where", "op", "value"],
+        );
         let name = raw.behaviour.clone().expect("set");
         let Some(table) = self.catalog.behaviours.get(&name).cloned() else {
             let known: Vec<&str> = self.catalog.behaviours.keys().map(String::as_str).collect();
             self.problem(
                 spanned,
-                format!("unknown behaviour `{name}`; behaviour tables: {}", known.join(", ")),
+                format!(
+                    "unknown behaviour `{name}`; behaviour tables: {}",
+                    known.join(", ")
+                ),
             );
             return Rule::Everyone;
         };
@@ -479,7 +648,7 @@ impl Checker<'_> {
                 spanned,
                 format!(
                     "unknown aggregate `{aggregate_name}`; use count, count_distinct, sum, avg, \
-                     min or max"
+                     min, max, first or last"
                 ),
             );
             Aggregate::Count
@@ -488,7 +657,10 @@ impl Checker<'_> {
         let column_type = match (&raw.column, aggregate) {
             (None, Aggregate::Count) => ColumnType::Integer("BIGINT"),
             (None, _) => {
-                self.problem(spanned, format!("aggregate `{aggregate_name}` needs `column`"));
+                self.problem(
+                    spanned,
+                    format!("aggregate `{aggregate_name}` needs `column`"),
+                );
                 ColumnType::Integer("BIGINT")
             }
             (Some(column), _) => match table.column_type(column) {
@@ -504,7 +676,9 @@ impl Checker<'_> {
                     Aggregate::Sum | Aggregate::Average if found.kind() != ValueKind::Number => {
                         self.problem(
                             spanned,
-                            format!("`{aggregate_name}` needs a numeric column; `{column}` is {found}"),
+                            format!(
+                                "`{aggregate_name}` needs a numeric column; `{column}` is {found}"
+                            ),
                         );
                         ColumnType::Float("DOUBLE")
                     }
@@ -514,14 +688,20 @@ impl Checker<'_> {
             },
         };
 
-        let window = raw.within.as_deref().and_then(|within| match Window::parse(within) {
-            Ok(window) => Some(window),
-            Err(message) => {
-                self.problem(spanned, message);
-                None
-            }
-        });
-        let filter = raw.filter.as_ref().map(|filter| self.filter(filter, &table));
+        let window = raw
+            .within
+            .as_deref()
+            .and_then(|within| match Window::parse(within) {
+                Ok(window) => Some(window),
+                Err(message) => {
+                    self.problem(spanned, message);
+                    None
+                }
+            });
+        let filter = raw
+            .filter
+            .as_ref()
+            .map(|filter| self.filter(filter, &table));
         let predicate = self.predicate(spanned, &column_type);
         Rule::Behaviour(BehaviourCondition {
             behaviour: name,
@@ -538,7 +718,11 @@ impl Checker<'_> {
         if let Some(items) = raw.all.as_ref().or(raw.any.as_ref()) {
             self.only(spanned, &[]);
             let filters = items.iter().map(|item| self.filter(item, table)).collect();
-            return if raw.all.is_some() { Filter::All(filters) } else { Filter::Any(filters) };
+            return if raw.all.is_some() {
+                Filter::All(filters)
+            } else {
+                Filter::Any(filters)
+            };
         }
         if let Some(inner) = &raw.not {
             self.only(spanned, &[]);
@@ -552,13 +736,20 @@ impl Checker<'_> {
             return Filter::All(Vec::new());
         };
         if !node_keys(raw).is_empty() {
-            self.problem(spanned, "a `where` condition names a behaviour `column`, nothing else");
+            self.problem(
+                spanned,
+                "a `where` condition names a behaviour `column`, nothing else",
+            );
         }
-        self.only(spanned, &["column", "op", "value"]);
+        self.only(spanned, &["column", "op", "value", "count"]);
         match table.column_type(column) {
             Some(column_type) => {
                 let predicate = self.predicate(spanned, column_type);
-                Filter::Column { column: column.clone(), column_type: column_type.clone(), predicate }
+                Filter::Column {
+                    column: column.clone(),
+                    column_type: column_type.clone(),
+                    predicate,
+                }
             }
             None => {
                 let known: Vec<&str> = table.columns.iter().map(|(n, _)| n.as_str()).collect();
@@ -575,16 +766,25 @@ impl Checker<'_> {
         }
     }
 
-    fn predicate(&mut self, spanned: &Spanned<RawCondition>, column_type: &ColumnType) -> Predicate {
+    fn predicate(
+        &mut self,
+        spanned: &Spanned<RawCondition>,
+        column_type: &ColumnType,
+    ) -> Predicate {
         let raw = spanned.get_ref();
         let Some(op) = raw.op.as_deref() else {
             self.problem(spanned, "the condition needs `op`, such as \"=\" or \">=\"");
             return Predicate::IsNotNull;
         };
         let op = op.trim().to_ascii_lowercase().replace('_', " ");
-        if column_type.kind() == ValueKind::List {
-            self.problem(spanned, format!("conditions on list columns ({column_type}) are not supported"));
-            return Predicate::IsNotNull;
+        if let ColumnType::List(inner) = column_type {
+            return self.list_predicate(spanned, &op, inner);
+        }
+        if raw.count.is_some() {
+            self.problem(spanned, "`count` goes with the contains at least / at most / exactly operators of list columns");
+        }
+        if let Some(predicate) = self.text_or_time_predicate(spanned, &op, column_type) {
+            return predicate;
         }
         let comparison = match op.as_str() {
             "=" | "==" => Some(Comparison::Equal),
@@ -604,13 +804,25 @@ impl Checker<'_> {
                 if raw.value.is_some() {
                     self.problem(spanned, format!("`{op}` takes no `value`"));
                 }
-                if op == "is null" { Predicate::IsNull } else { Predicate::IsNotNull }
+                if op == "is null" {
+                    Predicate::IsNull
+                } else {
+                    Predicate::IsNotNull
+                }
             }
             "in" | "not in" => {
                 let values = self.list_value(spanned, column_type, None);
-                if op == "in" { Predicate::In(values) } else { Predicate::NotIn(values) }
+                if op == "in" {
+                    Predicate::In(values)
+                } else {
+                    Predicate::NotIn(values)
+                }
             }
             "between" => {
+                // An open end: `{ from = low }` or `{ to = high }`, or both.
+                if let Some(toml::Value::Table(ends)) = raw.value() {
+                    return self.open_between(spanned, ends, column_type);
+                }
                 let mut values = self.list_value(spanned, column_type, Some(2));
                 if values.len() == 2 {
                     let high = values.pop().expect("two");
@@ -624,7 +836,9 @@ impl Checker<'_> {
                     spanned,
                     format!(
                         "unknown operator `{op}`; use =, !=, <, <=, >, >=, in, not in, between, \
-                         is null or is not null"
+                         is null, is not null; on text also contains, starts with, ends with, \
+                         matches (each also with not); on times also within last, within next, \
+                         more than ago, during, anniversary during"
                     ),
                 );
                 Predicate::IsNotNull
@@ -632,10 +846,204 @@ impl Checker<'_> {
         }
     }
 
+    /// `between` written as `{ from = low, to = high }`, either end left open.
+    fn open_between(
+        &mut self,
+        spanned: &Spanned<RawCondition>,
+        ends: &toml::Table,
+        column_type: &ColumnType,
+    ) -> Predicate {
+        if let Some(key) = ends
+            .keys()
+            .find(|key| !matches!(key.as_str(), "from" | "to"))
+        {
+            self.problem(
+                spanned,
+                format!("`between` takes `from` and `to`, not `{key}`"),
+            );
+            return Predicate::IsNotNull;
+        }
+        let from = ends
+            .get("from")
+            .map(|value| self.value(spanned, value, column_type));
+        let to = ends
+            .get("to")
+            .map(|value| self.value(spanned, value, column_type));
+        match (from, to) {
+            (Some(low), Some(high)) => Predicate::Between(low, high),
+            (Some(low), None) => Predicate::Compare(Comparison::GreaterOrEqual, low),
+            (None, Some(high)) => Predicate::Compare(Comparison::LessOrEqual, high),
+            (None, None) => {
+                self.problem(spanned, "`between` needs `from`, `to` or both");
+                Predicate::IsNotNull
+            }
+        }
+    }
+
+    /// Text and relative-time operators, or `None` when `op` is neither.
+    fn text_or_time_predicate(
+        &mut self,
+        spanned: &Spanned<RawCondition>,
+        op: &str,
+        column_type: &ColumnType,
+    ) -> Option<Predicate> {
+        let (negated, base) = match op.strip_prefix("not ") {
+            Some(rest) => (true, rest),
+            None => (false, op),
+        };
+        let test = match base {
+            "contains" => Some(TextTest::Contains),
+            "starts with" => Some(TextTest::StartsWith),
+            "ends with" => Some(TextTest::EndsWith),
+            "matches" => Some(TextTest::Matches),
+            _ => None,
+        };
+        if let Some(test) = test {
+            if column_type.kind() != ValueKind::Text {
+                self.problem(
+                    spanned,
+                    format!("`{op}` is for text columns; this one is {column_type}"),
+                );
+                return Some(Predicate::IsNotNull);
+            }
+            let pattern = match spanned.get_ref().value() {
+                Some(toml::Value::String(text)) => text.clone(),
+                _ => {
+                    self.value_problem(spanned, format!("`{op}` takes a text `value`"));
+                    return Some(Predicate::IsNotNull);
+                }
+            };
+            if test == TextTest::Matches
+                && let Err(err) = regex::Regex::new(&pattern)
+            {
+                self.value_problem(
+                    spanned,
+                    format!("`value` is not a valid regular expression: {err}"),
+                );
+            }
+            return Some(Predicate::Text {
+                test,
+                pattern,
+                negated,
+            });
+        }
+
+        let relative = matches!(
+            op,
+            "within last" | "within next" | "more than ago" | "during" | "anniversary during"
+        );
+        if !relative {
+            return None;
+        }
+        if column_type.kind() != ValueKind::Time {
+            self.problem(
+                spanned,
+                format!("`{op}` is for DATE and TIMESTAMP columns; this one is {column_type}"),
+            );
+            return Some(Predicate::IsNotNull);
+        }
+        let Some(toml::Value::String(text)) = spanned.get_ref().value() else {
+            self.value_problem(
+                spanned,
+                format!("`{op}` takes a text `value`, such as \"30 days\" or \"this month\""),
+            );
+            return Some(Predicate::IsNotNull);
+        };
+        let parsed = match op {
+            "within last" => {
+                Window::parse(text).map(|w| Predicate::Relative(RelativeTime::WithinLast(w)))
+            }
+            "within next" => {
+                Window::parse(text).map(|w| Predicate::Relative(RelativeTime::WithinNext(w)))
+            }
+            "more than ago" => {
+                Window::parse(text).map(|w| Predicate::Relative(RelativeTime::MoreThanAgo(w)))
+            }
+            "during" => {
+                CalendarSpan::parse(text).map(|c| Predicate::Relative(RelativeTime::During(c)))
+            }
+            _ => CalendarSpan::parse(text).and_then(|span| match span.unit {
+                CalendarUnit::Day | CalendarUnit::Week | CalendarUnit::Month => {
+                    Ok(Predicate::Anniversary(span))
+                }
+                _ => Err("an anniversary falls during a day, a week or a month".to_string()),
+            }),
+        };
+        Some(parsed.unwrap_or_else(|message| {
+            self.problem(spanned, message);
+            Predicate::IsNotNull
+        }))
+    }
+
+    /// Operators on list columns.
+    fn list_predicate(
+        &mut self,
+        spanned: &Spanned<RawCondition>,
+        op: &str,
+        inner: &ColumnType,
+    ) -> Predicate {
+        let raw = spanned.get_ref();
+        if op == "is null" || op == "is not null" {
+            return if op == "is null" {
+                Predicate::IsNull
+            } else {
+                Predicate::IsNotNull
+            };
+        }
+        let mut values = self.list_value(spanned, inner, None);
+        values.dedup();
+        let mut unique = Vec::new();
+        for value in values {
+            if !unique.contains(&value) {
+                unique.push(value);
+            }
+        }
+        let all = unique.len();
+        let (comparison, count) = match op {
+            "contains any" => (Comparison::GreaterOrEqual, 1),
+            "contains all" => (Comparison::Equal, all),
+            "contains none" => (Comparison::Equal, 0),
+            "contains at least" | "contains at most" | "contains exactly" => {
+                let Some(count) = raw.count else {
+                    self.problem(
+                        spanned,
+                        format!("`{op}` needs `count`, the number of the values"),
+                    );
+                    return Predicate::IsNotNull;
+                };
+                let comparison = match op {
+                    "contains at least" => Comparison::GreaterOrEqual,
+                    "contains at most" => Comparison::LessOrEqual,
+                    _ => Comparison::Equal,
+                };
+                (comparison, count as usize)
+            }
+            _ => {
+                self.problem(
+                    spanned,
+                    format!(
+                        "unknown operator `{op}` for a list column; use contains any, contains \
+                         all, contains none, contains at least, contains at most, contains \
+                         exactly, is null or is not null"
+                    ),
+                );
+                return Predicate::IsNotNull;
+            }
+        };
+        if raw.count.is_some() && !op.starts_with("contains at") && op != "contains exactly" {
+            self.problem(spanned, format!("`count` does not belong with `{op}`"));
+        }
+        Predicate::ListCount {
+            values: unique,
+            comparison,
+            count,
+        }
+    }
+
     fn single_value(&mut self, spanned: &Spanned<RawCondition>, column_type: &ColumnType) -> Value {
-        match &spanned.get_ref().value {
+        match spanned.get_ref().value() {
             Some(toml::Value::Array(_)) => {
-                self.problem(spanned, "this operator takes one value, not a list");
+                self.value_problem(spanned, "this operator takes one value, not a list");
                 Value::Bool(false)
             }
             Some(value) => self.value(spanned, value, column_type),
@@ -652,18 +1060,27 @@ impl Checker<'_> {
         column_type: &ColumnType,
         exactly: Option<usize>,
     ) -> Vec<Value> {
-        match &spanned.get_ref().value {
+        match spanned.get_ref().value() {
             Some(toml::Value::Array(items)) if !items.is_empty() => {
                 if let Some(n) = exactly
                     && items.len() != n
                 {
-                    self.problem(spanned, format!("`between` takes a list of {n} values: [low, high]"));
+                    self.problem(
+                        spanned,
+                        format!("`between` takes a list of {n} values: [low, high]"),
+                    );
                     return Vec::new();
                 }
-                items.iter().map(|item| self.value(spanned, item, column_type)).collect()
+                items
+                    .iter()
+                    .map(|item| self.value(spanned, item, column_type))
+                    .collect()
             }
             _ => {
-                self.problem(spanned, "this operator takes a non-empty list as `value`, such as [1, 2]");
+                self.value_problem(
+                    spanned,
+                    "this operator takes a non-empty list as `value`, such as [1, 2]",
+                );
                 Vec::new()
             }
         }
@@ -685,7 +1102,7 @@ impl Checker<'_> {
             _ => None,
         };
         typed.unwrap_or_else(|| {
-            self.problem(
+            self.value_problem(
                 spanned,
                 format!("the value {value} does not fit a column of type {column_type}"),
             );

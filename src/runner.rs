@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::NaiveDateTime;
-use segmentd_connectors::{Connector, RetryPolicy};
+use segmentd_connectors::{Connector, RateLimit, RetryPolicy};
 
 use crate::config::{ActivationDef, Config, Pipeline};
 use crate::deliver::{self, DeliveryReport, DeltaSize, blocking};
@@ -42,8 +42,10 @@ pub struct ActivationSummary {
     pub delivered_removes: i64,
     /// Members refused.
     pub rejected: i64,
-    /// Whether the removal brake held the delta for an operator's approval.
+    /// Whether a brake held the delta, or its removes, for an operator's approval.
     pub held: bool,
+    /// Why it was held, if it was.
+    pub hold_reason: Option<String>,
     /// Why delivery stopped, if it did.
     pub error: Option<String>,
 }
@@ -82,7 +84,9 @@ fn seconds<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S
 /// The `as_of` of a run: an explicit one, else the pipeline's pinned one, else now.
 pub fn as_of_for(pipeline: &Pipeline, explicit: Option<NaiveDateTime>) -> NaiveDateTime {
     explicit.or(pipeline.as_of).unwrap_or_else(|| {
-        chrono::Utc::now().with_timezone(&pipeline.time_zone).naive_local()
+        chrono::Utc::now()
+            .with_timezone(&pipeline.time_zone)
+            .naive_local()
     })
 }
 
@@ -92,6 +96,7 @@ struct Destination {
     activation: ActivationDef,
     connector: Arc<dyn Connector>,
     policy: RetryPolicy,
+    rate_limit: Option<RateLimit>,
 }
 
 fn destinations(config: &Config, pipeline: &Pipeline) -> anyhow::Result<Vec<Destination>> {
@@ -114,6 +119,7 @@ fn destinations(config: &Config, pipeline: &Pipeline) -> anyhow::Result<Vec<Dest
                 activation: activation.clone(),
                 connector: Arc::from(connector),
                 policy: connection.retry.clone(),
+                rate_limit: connection.rate_limit.clone(),
             });
         }
     }
@@ -165,8 +171,10 @@ pub async fn resume_interrupted(
         if activations.is_empty() {
             // Stopped before any delta was written: nothing to resume, the next run starts over.
             let message = "the process stopped before any delta was planned; nothing was sent";
-            blocking(&store, move |c| store::finish_run(c, run_id, "interrupted", Some(message)))
-                .await?;
+            blocking(&store, move |c| {
+                store::finish_run(c, run_id, "interrupted", Some(message))
+            })
+            .await?;
             continue;
         }
         let mut summary = RunSummary {
@@ -197,7 +205,10 @@ pub async fn deliver_pending(
 ) -> anyhow::Result<Vec<ActivationSummary>> {
     let pending = {
         let name = pipeline.name.clone();
-        blocking(store, move |c| deliver::activations_with_pending(c, &name, run_id)).await?
+        blocking(store, move |c| {
+            deliver::activations_with_pending(c, &name, run_id)
+        })
+        .await?
     };
     let mut summaries = Vec::new();
     for destination in destinations(config, pipeline)? {
@@ -210,6 +221,7 @@ pub async fn deliver_pending(
             &destination.activation,
             Arc::clone(&destination.connector),
             &destination.policy,
+            destination.rate_limit.as_ref(),
             run_id,
         )
         .await?;
@@ -221,6 +233,7 @@ pub async fn deliver_pending(
             delivered_removes: report.delivered_removes,
             rejected: report.rejected,
             held: false,
+            hold_reason: None,
             error: report.error,
         });
     }
@@ -241,23 +254,35 @@ pub async fn approve(
     activation: Option<String>,
 ) -> anyhow::Result<Vec<ActivationSummary>> {
     let name = pipeline.name.clone();
-    let released =
-        tokio::task::spawn_blocking({
-            let store = Arc::clone(&store);
-            move || -> anyhow::Result<Vec<String>> {
-                let connection = store.connection()?;
-                Ok(deliver::approve(&connection, &name, run_id, activation.as_deref())?)
-            }
-        })
-        .await
-        .expect("a DuckDB job panicked")?;
+    let released = tokio::task::spawn_blocking({
+        let store = Arc::clone(&store);
+        move || -> anyhow::Result<Vec<String>> {
+            let connection = store.connection()?;
+            Ok(deliver::approve(
+                &connection,
+                &name,
+                run_id,
+                activation.as_deref(),
+            )?)
+        }
+    })
+    .await
+    .expect("a DuckDB job panicked")?;
     tracing::info!(pipeline = %pipeline.name, run_id, activations = released.len(), "held deltas approved");
     deliver_pending(&store, config, pipeline, run_id).await
 }
 
 /// Sets a summary's final status and records it.
-async fn finish(store: &Arc<Store>, summary: &mut RunSummary, started: Instant) -> anyhow::Result<()> {
-    let failed = summary.activations.iter().filter(|a| a.error.is_some()).count();
+async fn finish(
+    store: &Arc<Store>,
+    summary: &mut RunSummary,
+    started: Instant,
+) -> anyhow::Result<()> {
+    let failed = summary
+        .activations
+        .iter()
+        .filter(|a| a.error.is_some())
+        .count();
     let held = summary.activations.iter().filter(|a| a.held).count();
     summary.status = match (failed, held) {
         (0, 0) => "succeeded",
@@ -271,14 +296,25 @@ async fn finish(store: &Arc<Store>, summary: &mut RunSummary, started: Instant) 
     }
     if held > 0 {
         notes.push(format!(
-            "{held} activation(s) held by the removal brake; approve with `segmentd approve {} {}`",
+            "{held} activation(s) held by a brake; approve with `segmentd approve {} {}`",
             summary.pipeline, summary.run_id
         ));
     }
-    summary.error = if notes.is_empty() { None } else { Some(notes.join("; ")) };
+    summary.error = if notes.is_empty() {
+        None
+    } else {
+        Some(notes.join("; "))
+    };
     summary.elapsed = started.elapsed();
-    let (run_id, status, error) = (summary.run_id, summary.status.clone(), summary.error.clone());
-    blocking(store, move |c| store::finish_run(c, run_id, &status, error.as_deref())).await?;
+    let (run_id, status, error) = (
+        summary.run_id,
+        summary.status.clone(),
+        summary.error.clone(),
+    );
+    blocking(store, move |c| {
+        store::finish_run(c, run_id, &status, error.as_deref())
+    })
+    .await?;
     tracing::info!(
         pipeline = %summary.pipeline, run_id, status = %summary.status,
         elapsed_ms = summary.elapsed.as_millis() as u64, "run finished"
@@ -317,7 +353,10 @@ pub async fn run(
         elapsed: Duration::ZERO,
     };
 
-    let inputs = crate::evaluate::Inputs { data_fingerprint: data_fingerprint(pipeline), forced: options.force };
+    let inputs = crate::evaluate::Inputs {
+        data_fingerprint: data_fingerprint(pipeline),
+        forced: options.force,
+    };
     match refresh_and_evaluate(&store, pipeline, run_id, as_of, &inputs, &mut summary).await {
         Ok(()) => {}
         Err(err) => {
@@ -326,7 +365,10 @@ pub async fn run(
             summary.status = "failed".into();
             summary.error = Some(message.clone());
             summary.elapsed = started.elapsed();
-            blocking(&store, move |c| store::finish_run(c, run_id, "failed", Some(&message))).await?;
+            blocking(&store, move |c| {
+                store::finish_run(c, run_id, "failed", Some(&message))
+            })
+            .await?;
             return Ok(summary);
         }
     }
@@ -334,8 +376,11 @@ pub async fn run(
     for destination in destinations {
         let activation = destination.activation.clone();
         let delta = {
-            let (pipeline, segment, activation) =
-                (pipeline.clone(), destination.segment.clone(), activation.clone());
+            let (pipeline, segment, activation) = (
+                pipeline.clone(),
+                destination.segment.clone(),
+                activation.clone(),
+            );
             let batch_size = destination.connector.max_batch_size();
             blocking(&store, move |c| {
                 deliver::plan(c, &pipeline, &segment, &activation, run_id, batch_size)
@@ -344,9 +389,12 @@ pub async fn run(
         };
         tracing::info!(
             pipeline = %pipeline.name, activation = %activation.id, run_id,
-            adds = delta.adds, removes = delta.removes, held = delta.held, "delta planned"
+            adds = delta.adds, removes = delta.removes, held = delta.held(), "delta planned"
         );
-        let report = if delta.held {
+        let hold_reason = delta
+            .hold
+            .map(|hold| hold.reason(&activation, delta.removes));
+        let report = if delta.hold.is_some_and(|hold| hold.holds_adds()) {
             DeliveryReport::default()
         } else {
             deliver::deliver(
@@ -355,11 +403,21 @@ pub async fn run(
                 &activation,
                 Arc::clone(&destination.connector),
                 &destination.policy,
+                destination.rate_limit.as_ref(),
                 run_id,
             )
             .await?
         };
-        record_activation(&store, pipeline, &activation, run_id, delta, &report).await?;
+        record_activation(
+            &store,
+            pipeline,
+            &activation,
+            run_id,
+            delta,
+            &hold_reason,
+            &report,
+        )
+        .await?;
         summary.activations.push(ActivationSummary {
             activation: activation.id.clone(),
             adds: delta.adds,
@@ -367,7 +425,8 @@ pub async fn run(
             delivered_adds: report.delivered_adds,
             delivered_removes: report.delivered_removes,
             rejected: report.rejected,
-            held: delta.held,
+            held: delta.held(),
+            hold_reason,
             error: report.error.clone(),
         });
     }
@@ -417,11 +476,15 @@ async fn record_activation(
     activation: &ActivationDef,
     run_id: i64,
     delta: DeltaSize,
+    hold_reason: &Option<String>,
     report: &DeliveryReport,
 ) -> Result<(), StoreError> {
     let (name, id, report) = (pipeline.name.clone(), activation.id.clone(), report.clone());
-    blocking(store, move |c| deliver::record_activation_run(c, &name, &id, run_id, delta, &report))
-        .await
+    let reason = hold_reason.clone();
+    blocking(store, move |c| {
+        deliver::record_activation_run(c, &name, &id, run_id, delta, reason.as_deref(), &report)
+    })
+    .await
 }
 
 impl RunSummary {
@@ -441,19 +504,36 @@ impl RunSummary {
             out.push_str(&format!("error: {error}\n"));
         }
         if !self.segments.is_empty() {
-            let width = self.segments.iter().map(|s| s.segment.len()).max().unwrap_or(7).max(7);
-            out.push_str(&format!("\n{:<width$}  {:>9}  {:>9}\n", "segment", "size", "change"));
+            let width = self
+                .segments
+                .iter()
+                .map(|s| s.segment.len())
+                .max()
+                .unwrap_or(7)
+                .max(7);
+            out.push_str(&format!(
+                "\n{:<width$}  {:>9}  {:>9}\n",
+                "segment", "size", "change"
+            ));
             for segment in &self.segments {
                 let change = match segment.previous {
                     Some(previous) => format!("{:+}", segment.size - previous),
                     None => "new".into(),
                 };
-                out.push_str(&format!("{:<width$}  {:>9}  {:>9}\n", segment.segment, segment.size, change));
+                out.push_str(&format!(
+                    "{:<width$}  {:>9}  {:>9}\n",
+                    segment.segment, segment.size, change
+                ));
             }
         }
         if !self.activations.is_empty() {
-            let width =
-                self.activations.iter().map(|a| a.activation.len()).max().unwrap_or(10).max(10);
+            let width = self
+                .activations
+                .iter()
+                .map(|a| a.activation.len())
+                .max()
+                .unwrap_or(10)
+                .max(10);
             out.push_str(&format!(
                 "\n{:<width$}  {:>8}  {:>8}  {:>9}  {:>8}  status\n",
                 "activation", "adds", "removes", "delivered", "rejected"
@@ -466,10 +546,10 @@ impl RunSummary {
                     a.removes,
                     a.delivered_adds + a.delivered_removes,
                     a.rejected,
-                    match (&a.error, a.held) {
-                        (Some(error), _) => error.as_str(),
-                        (None, true) => "held: waiting for approval",
-                        (None, false) => "delivered",
+                    match (&a.error, &a.hold_reason) {
+                        (Some(error), _) => error.clone(),
+                        (None, Some(reason)) => format!("held: {reason}"),
+                        (None, None) => "delivered".to_string(),
                     }
                 ));
             }

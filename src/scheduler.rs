@@ -15,7 +15,10 @@ use crate::daemon::RunRequests;
 
 fn parser() -> CronParser {
     // The same settings tokio-cron-scheduler parses with, so what validates here runs there.
-    CronParser::builder().seconds(Seconds::Required).dom_and_dow(true).build()
+    CronParser::builder()
+        .seconds(Seconds::Required)
+        .dom_and_dow(true)
+        .build()
 }
 
 /// Checks a schedule expression, with a message saying how to write one.
@@ -30,7 +33,9 @@ pub fn check_schedule(expression: &str) -> Result<(), String> {
 
 /// The next `count` fire times of a schedule after now, in UTC.
 pub fn next_fires(expression: &str, count: usize) -> Vec<chrono::DateTime<Utc>> {
-    let Ok(cron) = parser().parse(expression) else { return Vec::new() };
+    let Ok(cron) = parser().parse(expression) else {
+        return Vec::new();
+    };
     cron.iter_after(Utc::now()).take(count).collect()
 }
 

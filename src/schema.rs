@@ -70,7 +70,10 @@ impl ColumnType {
         if let Some(simple) = simple {
             return Ok(simple);
         }
-        if let Some(args) = upper.strip_prefix("DECIMAL(").and_then(|r| r.strip_suffix(')')) {
+        if let Some(args) = upper
+            .strip_prefix("DECIMAL(")
+            .and_then(|r| r.strip_suffix(')'))
+        {
             let parts: Vec<&str> = args.split(',').map(str::trim).collect();
             if let [precision, scale] = parts.as_slice()
                 && let (Ok(precision), Ok(scale)) = (precision.parse::<u8>(), scale.parse::<u8>())
@@ -133,13 +136,22 @@ mod tests {
 
     #[test]
     fn parses_declared_types_case_insensitively() {
-        assert_eq!(ColumnType::parse("bigint").unwrap(), ColumnType::Integer("BIGINT"));
-        assert_eq!(ColumnType::parse("Decimal(10, 2)").unwrap(), ColumnType::Decimal(10, 2));
+        assert_eq!(
+            ColumnType::parse("bigint").unwrap(),
+            ColumnType::Integer("BIGINT")
+        );
+        assert_eq!(
+            ColumnType::parse("Decimal(10, 2)").unwrap(),
+            ColumnType::Decimal(10, 2)
+        );
         assert_eq!(
             ColumnType::parse("varchar[]").unwrap(),
             ColumnType::List(Box::new(ColumnType::Text))
         );
-        assert_eq!(ColumnType::parse("DECIMAL(10,2)").unwrap().to_string(), "DECIMAL(10,2)");
+        assert_eq!(
+            ColumnType::parse("DECIMAL(10,2)").unwrap().to_string(),
+            "DECIMAL(10,2)"
+        );
     }
 
     #[test]

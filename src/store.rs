@@ -1,7 +1,7 @@
 //! The store: the only code that opens the DuckDB file.
 //!
 //! It owns the connection settings (memory limit, threads, no extension auto-loading: nothing
-//! may reach for the network), the state tables in the `segmentd` schema, and the records of
+//! may reach for the network), the state tables in the `segmentd_state` schema, and the records of
 //! runs. Master segment tables live in one schema per pipeline and are written by
 //! [`crate::refresh`]; memberships by [`crate::evaluate`]; deltas and acknowledged state by
 //! [`crate::deliver`]. Those modules take a [`duckdb::Connection`] from [`Store::connection`];
@@ -47,7 +47,10 @@ pub trait Doing<T> {
 
 impl<T> Doing<T> for Result<T, duckdb::Error> {
     fn doing(self, doing: impl Into<String>) -> Result<T, StoreError> {
-        self.map_err(|source| StoreError::Query { doing: doing.into(), source })
+        self.map_err(|source| StoreError::Query {
+            doing: doing.into(),
+            source,
+        })
     }
 }
 
@@ -59,8 +62,8 @@ pub struct Store {
 }
 
 const STATE_SCHEMA: &str = "
-CREATE SCHEMA IF NOT EXISTS segmentd;
-CREATE TABLE IF NOT EXISTS segmentd.runs (
+CREATE SCHEMA IF NOT EXISTS segmentd_state;
+CREATE TABLE IF NOT EXISTS segmentd_state.runs (
     run_id BIGINT NOT NULL,
     pipeline VARCHAR NOT NULL,
     trigger VARCHAR NOT NULL,
@@ -71,23 +74,23 @@ CREATE TABLE IF NOT EXISTS segmentd.runs (
     error VARCHAR,
     data_fingerprint VARCHAR
 );
-CREATE TABLE IF NOT EXISTS segmentd.segment_sizes (
+CREATE TABLE IF NOT EXISTS segmentd_state.segment_sizes (
     run_id BIGINT NOT NULL,
     pipeline VARCHAR NOT NULL,
     segment VARCHAR NOT NULL,
     size BIGINT NOT NULL,
     rule_fingerprint VARCHAR NOT NULL
 );
-CREATE TABLE IF NOT EXISTS segmentd.membership_history (
+CREATE TABLE IF NOT EXISTS segmentd_state.membership_history (
     pipeline VARCHAR NOT NULL,
     segment VARCHAR NOT NULL,
     key VARCHAR NOT NULL,
     run_id BIGINT NOT NULL,
     event VARCHAR NOT NULL,
     reason VARCHAR NOT NULL,
-    at TIMESTAMP NOT NULL
+    recorded_at TIMESTAMP NOT NULL
 );
-CREATE TABLE IF NOT EXISTS segmentd.dead_letters (
+CREATE TABLE IF NOT EXISTS segmentd_state.dead_letters (
     pipeline VARCHAR NOT NULL,
     activation VARCHAR NOT NULL,
     key VARCHAR NOT NULL,
@@ -96,21 +99,21 @@ CREATE TABLE IF NOT EXISTS segmentd.dead_letters (
     rejections INTEGER NOT NULL,
     dead BOOLEAN NOT NULL,
     run_id BIGINT NOT NULL,
-    at TIMESTAMP NOT NULL
+    recorded_at TIMESTAMP NOT NULL
 );
-CREATE TABLE IF NOT EXISTS segmentd.memberships (
+CREATE TABLE IF NOT EXISTS segmentd_state.memberships (
     pipeline VARCHAR NOT NULL,
     segment VARCHAR NOT NULL,
     key VARCHAR NOT NULL
 );
-CREATE TABLE IF NOT EXISTS segmentd.acknowledged (
+CREATE TABLE IF NOT EXISTS segmentd_state.acknowledged (
     pipeline VARCHAR NOT NULL,
     activation VARCHAR NOT NULL,
     key VARCHAR NOT NULL,
     identifiers VARCHAR NOT NULL,
     run_id BIGINT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS segmentd.deltas (
+CREATE TABLE IF NOT EXISTS segmentd_state.deltas (
     run_id BIGINT NOT NULL,
     pipeline VARCHAR NOT NULL,
     activation VARCHAR NOT NULL,
@@ -121,7 +124,7 @@ CREATE TABLE IF NOT EXISTS segmentd.deltas (
     status VARCHAR NOT NULL,
     reason VARCHAR
 );
-CREATE TABLE IF NOT EXISTS segmentd.activation_runs (
+CREATE TABLE IF NOT EXISTS segmentd_state.activation_runs (
     run_id BIGINT NOT NULL,
     pipeline VARCHAR NOT NULL,
     activation VARCHAR NOT NULL,
@@ -131,7 +134,8 @@ CREATE TABLE IF NOT EXISTS segmentd.activation_runs (
     delivered_removes BIGINT NOT NULL,
     rejected BIGINT NOT NULL,
     status VARCHAR NOT NULL,
-    error VARCHAR
+    error VARCHAR,
+    hold_reason VARCHAR
 );
 ";
 
@@ -143,7 +147,10 @@ impl Store {
         {
             let _ = std::fs::create_dir_all(parent);
         }
-        let open_error = |source| StoreError::Open { path: path.to_path_buf(), source };
+        let open_error = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
         let config = duckdb::Config::default()
             .enable_autoload_extension(false)
             .and_then(|c| c.max_memory(memory_limit))
@@ -153,8 +160,13 @@ impl Store {
         connection
             .execute_batch("SET autoinstall_known_extensions = false;")
             .doing("configuring the connection")?;
-        connection.execute_batch(STATE_SCHEMA).doing("creating the state tables")?;
-        Ok(Store { path: path.to_path_buf(), base: Mutex::new(connection) })
+        connection
+            .execute_batch(STATE_SCHEMA)
+            .doing("creating the state tables")?;
+        Ok(Store {
+            path: path.to_path_buf(),
+            base: Mutex::new(connection),
+        })
     }
 
     /// The DuckDB file's path.
@@ -164,7 +176,10 @@ impl Store {
 
     /// A connection for one job; use it on a blocking thread.
     pub fn connection(&self) -> Result<Connection, StoreError> {
-        let base = self.base.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let base = self
+            .base
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         base.try_clone().doing("opening a connection")
     }
 }
@@ -174,7 +189,9 @@ pub fn in_transaction<T>(
     connection: &Connection,
     work: impl FnOnce(&Connection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    connection.execute_batch("BEGIN TRANSACTION").doing("starting a transaction")?;
+    connection
+        .execute_batch("BEGIN TRANSACTION")
+        .doing("starting a transaction")?;
     match work(connection) {
         Ok(value) => {
             connection.execute_batch("COMMIT").doing("committing")?;
@@ -209,12 +226,21 @@ pub fn start_run(
 ) -> Result<i64, StoreError> {
     in_transaction(connection, |c| {
         let run_id: i64 = c
-            .query_row("SELECT coalesce(max(run_id), 0) + 1 FROM segmentd.runs", [], |r| r.get(0))
+            .query_row(
+                "SELECT coalesce(max(run_id), 0) + 1 FROM segmentd_state.runs",
+                [],
+                |r| r.get(0),
+            )
             .doing("numbering the run")?;
         c.execute(
-            "INSERT INTO segmentd.runs (run_id, pipeline, trigger, as_of, started_at, status) \
+            "INSERT INTO segmentd_state.runs (run_id, pipeline, trigger, as_of, started_at, status) \
              VALUES (?, ?, ?, CAST(? AS TIMESTAMP), current_timestamp::TIMESTAMP, 'running')",
-            params![run_id, pipeline, trigger, crate::compile::format_time(as_of)],
+            params![
+                run_id,
+                pipeline,
+                trigger,
+                crate::compile::format_time(as_of)
+            ],
         )
         .doing("recording the run")?;
         Ok(run_id)
@@ -230,7 +256,7 @@ pub fn finish_run(
 ) -> Result<(), StoreError> {
     connection
         .execute(
-            "UPDATE segmentd.runs SET status = ?, error = ?, \
+            "UPDATE segmentd_state.runs SET status = ?, error = ?, \
              finished_at = current_timestamp::TIMESTAMP WHERE run_id = ?",
             params![status, error, run_id],
         )
@@ -245,14 +271,15 @@ pub fn unfinished_runs(
 ) -> Result<Vec<(i64, String, String)>, StoreError> {
     let mut statement = connection
         .prepare(
-            "SELECT run_id, trigger, CAST(as_of AS VARCHAR) FROM segmentd.runs \
+            "SELECT run_id, trigger, CAST(as_of AS VARCHAR) FROM segmentd_state.runs \
              WHERE pipeline = ? AND status = 'running' ORDER BY run_id",
         )
         .doing("finding unfinished runs")?;
     let rows = statement
         .query_map(params![pipeline], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .doing("finding unfinished runs")?;
-    rows.collect::<Result<_, _>>().doing("finding unfinished runs")
+    rows.collect::<Result<_, _>>()
+        .doing("finding unfinished runs")
 }
 
 /// The last recorded size of each segment of a pipeline, from its latest run that evaluated it.
@@ -262,12 +289,15 @@ pub fn last_sizes(
 ) -> Result<std::collections::BTreeMap<String, (i64, i64)>, StoreError> {
     let mut statement = connection
         .prepare(
-            "SELECT segment, arg_max(size, run_id), max(run_id) FROM segmentd.segment_sizes \
+            "SELECT segment, arg_max(size, run_id), max(run_id) FROM segmentd_state.segment_sizes \
              WHERE pipeline = ? GROUP BY segment",
         )
         .doing("reading segment sizes")?;
     let rows = statement
-        .query_map(params![pipeline], |r| Ok((r.get::<_, String>(0)?, (r.get(1)?, r.get(2)?))))
+        .query_map(params![pipeline], |r| {
+            Ok((r.get::<_, String>(0)?, (r.get(1)?, r.get(2)?)))
+        })
         .doing("reading segment sizes")?;
-    rows.collect::<Result<_, _>>().doing("reading segment sizes")
+    rows.collect::<Result<_, _>>()
+        .doing("reading segment sizes")
 }

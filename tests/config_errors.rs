@@ -20,7 +20,10 @@ columns = { id = "BIGINT", country = "VARCHAR", born = "DATE" }
 
 fn validate(project: &Project) -> (bool, String) {
     let output = project.segmentd(&["validate"]);
-    (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -33,8 +36,15 @@ fn a_valid_configuration_passes() {
     );
     let output = project.segmentd(&["validate"]);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains("pipeline `shop`: 1 sources, 1 segments, 0 activations"), "{stdout}");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("pipeline `shop`: 1 sources, 1 segments, 0 activations"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -45,7 +55,10 @@ fn every_problem_is_reported_with_file_and_line() {
         "pipelines/shop/segments/a.toml",
         "description = \"refers to b\"\n\n[rule]\nsegment = \"b\"\n",
     );
-    project.write("pipelines/shop/segments/b.toml", "[rule]\nsegment = \"a\"\n");
+    project.write(
+        "pipelines/shop/segments/b.toml",
+        "[rule]\nsegment = \"a\"\n",
+    );
     project.write(
         "pipelines/shop/segments/typo.toml",
         "[rule]\nall = [\n  { attribute = \"country\", op = \"=\", value = \"FR\" },\n  { attribute = \"contry\", op = \"=\", value = \"FR\" },\n]\n",
@@ -54,7 +67,10 @@ fn every_problem_is_reported_with_file_and_line() {
         "pipelines/shop/segments/wrong_type.toml",
         "[rule]\nattribute = \"born\"\nop = \">\"\nvalue = 12\n",
     );
-    project.write("pipelines/shop/segments/unknown_key.toml", "colour = \"blue\"\n");
+    project.write(
+        "pipelines/shop/segments/unknown_key.toml",
+        "colour = \"blue\"\n",
+    );
     project.write(
         "pipelines/shop/segments/ghost.toml",
         "[rule]\nsegment = \"nowhere\"\n\n[[activations]]\nname = \"x\"\nconnection = \"missing\"\n",
@@ -65,16 +81,26 @@ fn every_problem_is_reported_with_file_and_line() {
     let has = |file: &str, line: usize, words: &str| {
         let wanted = format!("{file}:{line}: ");
         assert!(
-            stderr.lines().any(|l| l.contains(&wanted) && l.contains(words)),
+            stderr
+                .lines()
+                .any(|l| l.contains(&wanted) && l.contains(words)),
             "expected `{wanted}... {words}` in:\n{stderr}"
         );
     };
     has("segments/typo.toml", 4, "unknown attribute `contry`");
-    has("segments/wrong_type.toml", 2, "does not fit a column of type DATE");
+    // The problem is on the line of the value itself.
+    has(
+        "segments/wrong_type.toml",
+        4,
+        "does not fit a column of type DATE",
+    );
     has("segments/unknown_key.toml", 1, "unknown field `colour`");
     has("segments/ghost.toml", 6, "no connection `missing`");
     assert!(stderr.contains("cycle: a -> b -> a"), "{stderr}");
-    assert!(stderr.contains("segment `nowhere`, which does not exist"), "{stderr}");
+    assert!(
+        stderr.contains("segment `nowhere`, which does not exist"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -83,14 +109,31 @@ fn pipeline_file_problems_name_their_line() {
     project.write(
         "pipelines/shop/pipeline.toml",
         &PIPELINE
-            .replace("time_zone = \"Europe/Paris\"", "time_zone = \"Mars/Olympus\"\nschedule = \"0 5 * * *\"")
-            .replace("born = \"DATE\" }\n\n[master]", "born = \"DATETIME\" }\n\n[master]"),
+            .replace(
+                "time_zone = \"Europe/Paris\"",
+                "time_zone = \"Mars/Olympus\"\nschedule = \"0 5 * * *\"",
+            )
+            .replace(
+                "born = \"DATE\" }\n\n[master]",
+                "born = \"DATETIME\" }\n\n[master]",
+            ),
     );
     let (ok, stderr) = validate(&project);
     assert!(!ok);
-    assert!(stderr.contains("pipeline.toml:2: time_zone `Mars/Olympus`"), "{stderr}");
-    assert!(stderr.contains("pipeline.toml:3: schedule `0 5 * * *`"), "{stderr}");
-    assert!(stderr.contains("pipeline.toml:8: source `people`, column `born`: unknown column type `DATETIME`"), "{stderr}");
+    assert!(
+        stderr.contains("pipeline.toml:2: time_zone `Mars/Olympus`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("pipeline.toml:3: schedule `0 5 * * *`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "pipeline.toml:8: source `people`, column `born`: unknown column type `DATETIME`"
+        ),
+        "{stderr}"
+    );
 }
 
 #[test]

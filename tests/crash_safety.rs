@@ -27,7 +27,11 @@ columns = { id = "BIGINT" }
 const MEMBERS: usize = 600;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn start(project: &Project) -> Child {
@@ -78,7 +82,13 @@ fn kill_nine_during_a_push_loses_nothing_and_adds_each_member_at_most_twice() {
     platform.state.lock().unwrap().delay = Duration::from_millis(40);
     let project = Project::new();
     let port = free_port();
-    project.write("config.toml", &format!("{}\n[http]\nlisten = \"127.0.0.1:{port}\"\n", platform.config(5)));
+    project.write(
+        "config.toml",
+        &format!(
+            "{}\n[http]\nlisten = \"127.0.0.1:{port}\"\n",
+            platform.config(5)
+        ),
+    );
     project.write("pipelines/shop/pipeline.toml", PIPELINE);
     let ids: String = (1..=MEMBERS).map(|id| format!("{id}\n")).collect();
     project.write("pipelines/shop/people.csv", &format!("id\n{ids}"));
@@ -102,7 +112,9 @@ fn kill_nine_during_a_push_loses_nothing_and_adds_each_member_at_most_twice() {
 
     let mut daemon = start(&project);
     trigger(port);
-    wait_for("the whole audience", || platform.state.lock().unwrap().audience.len() == MEMBERS);
+    wait_for("the whole audience", || {
+        platform.state.lock().unwrap().audience.len() == MEMBERS
+    });
     // Let the final run record its last batch, then check that a further run sends nothing.
     std::thread::sleep(Duration::from_millis(500));
     let before = requests();
@@ -112,9 +124,13 @@ fn kill_nine_during_a_push_loses_nothing_and_adds_each_member_at_most_twice() {
     daemon.wait().unwrap();
 
     let state = platform.state.lock().unwrap();
-    let expected: std::collections::BTreeSet<String> = (1..=MEMBERS).map(|id| id.to_string()).collect();
+    let expected: std::collections::BTreeSet<String> =
+        (1..=MEMBERS).map(|id| id.to_string()).collect();
     assert_eq!(state.audience, expected);
     let most = state.adds.values().max().copied().unwrap();
     assert!(most <= 2, "a member was added {most} times");
-    assert_eq!(state.requests, before, "a converged audience gets no further requests");
+    assert_eq!(
+        state.requests, before,
+        "a converged audience gets no further requests"
+    );
 }

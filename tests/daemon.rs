@@ -38,13 +38,20 @@ impl Drop for Daemon {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 async fn get_json(client: &reqwest::Client, url: &str) -> (u16, serde_json::Value) {
     let response = client.get(url).send().await.unwrap();
     let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(serde_json::Value::Null))
+    (
+        status,
+        response.json().await.unwrap_or(serde_json::Value::Null),
+    )
 }
 
 #[tokio::test]
@@ -52,7 +59,10 @@ async fn a_manual_trigger_runs_the_pipeline_and_profiles_can_be_looked_up() {
     let project = Project::new();
     let port = free_port();
     let config = std::fs::read_to_string(project.path("config.toml")).unwrap();
-    project.write("config.toml", &format!("{config}\n[http]\nlisten = \"127.0.0.1:{port}\"\n"));
+    project.write(
+        "config.toml",
+        &format!("{config}\n[http]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
     project.write("pipelines/web/pipeline.toml", PIPELINE);
     project.write("pipelines/web/people.jsonl", PEOPLE);
     project.write(
@@ -83,14 +93,25 @@ async fn a_manual_trigger_runs_the_pipeline_and_profiles_can_be_looked_up() {
             assert_eq!(response.status().as_u16(), 200);
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(30), "the daemon answers /health");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the daemon answers /health"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let unknown = client.post(format!("{base}/pipelines/nope/runs")).send().await.unwrap();
+    let unknown = client
+        .post(format!("{base}/pipelines/nope/runs"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(unknown.status().as_u16(), 404);
 
-    let triggered = client.post(format!("{base}/pipelines/web/runs")).send().await.unwrap();
+    let triggered = client
+        .post(format!("{base}/pipelines/web/runs"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(triggered.status().as_u16(), 202);
     let body: serde_json::Value = triggered.json().await.unwrap();
     assert_eq!(body["status"], "queued");
@@ -101,20 +122,35 @@ async fn a_manual_trigger_runs_the_pipeline_and_profiles_can_be_looked_up() {
         if !body["last_run"].is_null() && body["running"] == false {
             break body["last_run"].clone();
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "the run finishes: {body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the run finishes: {body}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(summary["status"], "succeeded", "{summary}");
     assert_eq!(summary["trigger"], "http");
     assert_eq!(common::segment_size(&summary, "french"), 2);
-    assert_eq!(common::segment_size(&summary, "frequent/french_regulars"), 1);
-    assert_eq!(common::activation(&summary, "french/export")["delivered_adds"], 2);
+    assert_eq!(
+        common::segment_size(&summary, "frequent/french_regulars"),
+        1
+    );
+    assert_eq!(
+        common::activation(&summary, "french/export")["delivered_adds"],
+        2
+    );
 
     let (status, body) = get_json(&client, &format!("{base}/pipelines/web/profiles/c")).await;
     assert_eq!(status, 200);
-    assert_eq!(body["segments"], serde_json::json!(["french", "frequent/french_regulars"]));
+    assert_eq!(
+        body["segments"],
+        serde_json::json!(["french", "frequent/french_regulars"])
+    );
     let (status, body) = get_json(&client, &format!("{base}/pipelines/web/profiles/b")).await;
-    assert_eq!((status, body["segments"].clone()), (200, serde_json::json!([])));
+    assert_eq!(
+        (status, body["segments"].clone()),
+        (200, serde_json::json!([]))
+    );
     let (status, _) = get_json(&client, &format!("{base}/pipelines/web/profiles/zz")).await;
     assert_eq!(status, 404);
 }

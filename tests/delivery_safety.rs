@@ -51,7 +51,10 @@ fn project(platform: &FakePlatform, minimum: i64, extra: &str) -> Project {
     project.write("config.toml", &platform.config(20));
     project.write("pipelines/shop/pipeline.toml", PIPELINE);
     project.write("pipelines/shop/people.csv", &people(50));
-    project.write("pipelines/shop/segments/scored.toml", &segment(minimum, extra));
+    project.write(
+        "pipelines/shop/segments/scored.toml",
+        &segment(minimum, extra),
+    );
     project
 }
 
@@ -63,14 +66,20 @@ fn state_tables(project: &Project) -> String {
     let connection = store.connection().unwrap();
     let mut dump = String::new();
     for table in [
-        "runs", "segment_sizes", "memberships", "acknowledged", "deltas", "activation_runs",
-        "membership_history", "dead_letters",
+        "runs",
+        "segment_sizes",
+        "memberships",
+        "acknowledged",
+        "deltas",
+        "activation_runs",
+        "membership_history",
+        "dead_letters",
     ] {
         let text: Option<String> = connection
             .query_row(
                 &format!(
                     "SELECT string_agg(CAST(t AS VARCHAR), '\n' ORDER BY CAST(t AS VARCHAR)) \
-                     FROM segmentd.{table} AS t"
+                     FROM segmentd_state.{table} AS t"
                 ),
                 [],
                 |r| r.get(0),
@@ -93,7 +102,10 @@ fn an_empty_source_is_refused_and_removes_nothing() {
     assert!(!ok);
     assert_eq!(summary["status"], "failed");
     let error = summary["error"].as_str().unwrap();
-    assert!(error.contains("refresh refused") && error.contains("min_profiles"), "{error}");
+    assert!(
+        error.contains("refresh refused") && error.contains("min_profiles"),
+        "{error}"
+    );
     assert_eq!(platform.audience(), keys(1..=50));
 
     // Forced past the guard, the removal brake still holds the mass removal.
@@ -129,23 +141,93 @@ fn a_mass_removal_is_held_until_an_operator_approves_it() {
     assert!(ok, "a held run is not a failure: {stderr}");
     assert_eq!(summary["status"], "held");
     let entry = activation(&summary, ID);
-    assert_eq!((entry["removes"].as_i64(), entry["held"].as_bool()), (Some(40), Some(true)));
-    assert_eq!(platform.audience(), keys(1..=50), "nothing removed while held");
+    assert_eq!(
+        (entry["removes"].as_i64(), entry["held"].as_bool()),
+        (Some(40), Some(true))
+    );
+    assert_eq!(
+        platform.audience(),
+        keys(1..=50),
+        "nothing removed while held"
+    );
     let run = summary["run_id"].as_i64().unwrap().to_string();
 
     let refused = project.segmentd(&["approve", "shop", "999"]);
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("run 999 of pipeline `shop` has no held delta"));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("run 999 of pipeline `shop` has no held delta")
+    );
 
     let approved = project.segmentd(&["approve", "shop", &run]);
-    assert!(approved.status.success(), "{}", String::from_utf8_lossy(&approved.stderr));
-    assert!(String::from_utf8_lossy(&approved.stdout).contains("scored/audience: 0 adds and 40 removes delivered"));
+    assert!(
+        approved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&approved.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&approved.stdout)
+            .contains("scored/audience: 0 adds and 40 removes delivered")
+    );
     assert_eq!(platform.audience(), keys(41..=50));
 
     // Approved once is done: the next run sends nothing.
     let (ok, summary, _) = project.refresh("shop");
     assert!(ok);
-    assert_eq!((activation(&summary, ID)["adds"].as_i64(), activation(&summary, ID)["removes"].as_i64()), (Some(0), Some(0)));
+    assert_eq!(
+        (
+            activation(&summary, ID)["adds"].as_i64(),
+            activation(&summary, ID)["removes"].as_i64()
+        ),
+        (Some(0), Some(0))
+    );
+}
+
+#[test]
+fn removes_that_would_cross_the_minimum_audience_wait_while_adds_go_out() {
+    let platform = FakePlatform::start();
+    let extra = "min_audience_size = 45\nmax_removal_share = 1.0";
+    let project = project(&platform, 1, extra);
+    assert!(project.refresh("shop").0);
+    assert_eq!(platform.audience(), keys(1..=50));
+
+    // Ten members leave (score >= 11) and five join (51 to 55): 45 stay, the minimum. The
+    // next edit removes ten more, which would leave 35.
+    project.write("pipelines/shop/people.csv", &people(55));
+    project.write("pipelines/shop/segments/scored.toml", &segment(11, extra));
+    let (ok, summary, stderr) = project.refresh("shop");
+    assert!(ok, "{stderr}");
+    assert_eq!(summary["status"], "succeeded", "{summary}");
+    assert_eq!(platform.audience(), keys(11..=55));
+
+    project.write("pipelines/shop/segments/scored.toml", &segment(21, extra));
+    let (ok, summary, stderr) = project.refresh("shop");
+    assert!(ok, "a held run is not a failure: {stderr}");
+    assert_eq!(summary["status"], "held", "{summary}");
+    let entry = activation(&summary, ID);
+    assert_eq!(
+        (entry["removes"].as_i64(), entry["held"].as_bool()),
+        (Some(10), Some(true))
+    );
+    let reason = entry["hold_reason"].as_str().unwrap();
+    assert!(
+        reason.contains("leave 35 members, below the platform's minimum audience of 45"),
+        "{reason}"
+    );
+    assert_eq!(
+        platform.audience(),
+        keys(11..=55),
+        "nothing removed while held"
+    );
+
+    let run = summary["run_id"].as_i64().unwrap().to_string();
+    let approved = project.segmentd(&["approve", "shop", &run]);
+    assert!(
+        approved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&approved.stderr)
+    );
+    assert_eq!(platform.audience(), keys(21..=55));
 }
 
 #[test]
@@ -159,15 +241,29 @@ fn a_plan_changes_no_state_and_sends_nothing() {
     let before = state_tables(&project);
     let requests = platform.state.lock().unwrap().requests;
     let output = project.segmentd(&["plan", "shop", "--json"]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let plan: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(plan["profiles"], 55);
     assert_eq!(plan["segments"][0]["size"], 10);
     assert_eq!(plan["segments"][0]["current"], 50);
     let entry = &plan["activations"][0];
-    assert_eq!((entry["adds"].as_i64(), entry["removes"].as_i64()), (Some(5), Some(45)));
-    assert_eq!(entry["sample_adds"], serde_json::json!(["51", "52", "53", "54", "55"]));
-    assert_eq!(entry["would_hold"], true);
+    assert_eq!(
+        (entry["adds"].as_i64(), entry["removes"].as_i64()),
+        (Some(5), Some(45))
+    );
+    assert_eq!(
+        entry["sample_adds"],
+        serde_json::json!(["51", "52", "53", "54", "55"])
+    );
+    let hold = entry["would_hold"].as_str().unwrap();
+    assert!(
+        hold.contains("45 removes of an audience of 50") && hold.contains("max_removal_share"),
+        "{hold}"
+    );
 
     assert_eq!(state_tables(&project), before);
     assert_eq!(platform.state.lock().unwrap().requests, requests);
@@ -179,7 +275,10 @@ fn an_add_only_activation_never_removes() {
     let platform = FakePlatform::start();
     let project = project(&platform, 1, "mode = \"add_only\"");
     assert!(project.refresh("shop").0);
-    project.write("pipelines/shop/segments/scored.toml", &segment(41, "mode = \"add_only\""));
+    project.write(
+        "pipelines/shop/segments/scored.toml",
+        &segment(41, "mode = \"add_only\""),
+    );
     let (ok, summary, _) = project.refresh("shop");
     assert!(ok);
     assert_eq!(activation(&summary, ID)["removes"], 0);
@@ -200,7 +299,10 @@ fn members_rejected_run_after_run_go_to_the_dead_letter_until_retried() {
     }
     let listed = project.segmentd(&["deadletter", "shop"]);
     let text = String::from_utf8_lossy(&listed.stdout);
-    let row = text.lines().find(|l| l.starts_with(ID)).expect("member 7 is dead-lettered");
+    let row = text
+        .lines()
+        .find(|l| l.starts_with(ID))
+        .expect("member 7 is dead-lettered");
     let fields: Vec<&str> = row.split_whitespace().collect();
     assert_eq!(fields[..5], [ID, "7", "add", "2", "2"]);
     assert!(row.ends_with("invalid address"));
@@ -222,9 +324,15 @@ fn history_says_when_and_why_a_member_entered_and_left() {
     let platform = FakePlatform::start();
     let project = project(&platform, 45, "max_removal_share = 1.0");
     assert!(project.refresh("shop").0); // run 1: 45..50 enter
-    project.write("pipelines/shop/segments/scored.toml", &segment(48, "max_removal_share = 1.0"));
+    project.write(
+        "pipelines/shop/segments/scored.toml",
+        &segment(48, "max_removal_share = 1.0"),
+    );
     assert!(project.refresh("shop").0); // run 2: 45..47 leave by rule change
-    project.write("pipelines/shop/people.csv", &people(50).replace("\n46,46\n", "\n46,460\n"));
+    project.write(
+        "pipelines/shop/people.csv",
+        &people(50).replace("\n46,46\n", "\n46,460\n"),
+    );
     assert!(project.refresh("shop").0); // run 3: 46 enters by data change
 
     let output = project.segmentd(&["history", "shop", "scored", "46"]);

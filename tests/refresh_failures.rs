@@ -50,7 +50,10 @@ fn shop() -> Project {
     let project = Project::new();
     project.write("pipelines/shop/pipeline.toml", PIPELINE);
     project.write("pipelines/shop/segments/valuable.toml", SEGMENT);
-    project.write("pipelines/shop/customers.csv", "id,country\n1,FR\n2,DE\n3,DE\n");
+    project.write(
+        "pipelines/shop/customers.csv",
+        "id,country\n1,FR\n2,DE\n3,DE\n",
+    );
     project.write("pipelines/shop/orders.csv", ORDERS);
     project
 }
@@ -60,12 +63,19 @@ fn state(project: &Project) -> (String, String, String) {
     let store = Store::open(&project.path("var/segmentd.duckdb"), "1GB", 1).unwrap();
     let connection = store.connection().unwrap();
     let text = |sql: &str| -> String {
-        connection.query_row(sql, [], |r| r.get::<_, Option<String>>(0)).unwrap().unwrap_or_default()
+        connection
+            .query_row(sql, [], |r| r.get::<_, Option<String>>(0))
+            .unwrap()
+            .unwrap_or_default()
     };
     (
         text("SELECT string_agg(id || ':' || country, ',' ORDER BY id) FROM pipeline_shop.master"),
-        text("SELECT string_agg(segment || ':' || key, ',' ORDER BY ALL) FROM segmentd.memberships"),
-        text("SELECT string_agg(activation || ':' || key, ',' ORDER BY ALL) FROM segmentd.acknowledged"),
+        text(
+            "SELECT string_agg(segment || ':' || key, ',' ORDER BY ALL) FROM segmentd_state.memberships",
+        ),
+        text(
+            "SELECT string_agg(activation || ':' || key, ',' ORDER BY ALL) FROM segmentd_state.acknowledged",
+        ),
     )
 }
 
@@ -101,17 +111,29 @@ fn first_run_builds_the_state_the_failures_must_keep() {
 fn a_missing_source_file_fails_and_changes_nothing() {
     let project = shop();
     assert!(project.refresh("shop").0);
-    project.write("pipelines/shop/customers.csv", "id,country\n1,DE\n2,DE\n3,FR\n4,FR\n");
+    project.write(
+        "pipelines/shop/customers.csv",
+        "id,country\n1,DE\n2,DE\n3,FR\n4,FR\n",
+    );
     project.remove("pipelines/shop/orders.csv");
-    assert_fails_and_keeps_state(&project, &["source `orders`", "orders.csv", "does not exist"]);
+    assert_fails_and_keeps_state(
+        &project,
+        &["source `orders`", "orders.csv", "does not exist"],
+    );
 }
 
 #[test]
 fn a_file_missing_a_declared_column_fails_and_changes_nothing() {
     let project = shop();
     assert!(project.refresh("shop").0);
-    project.write("pipelines/shop/orders.csv", "id,at\n2,2024-06-01 10:00:00\n");
-    assert_fails_and_keeps_state(&project, &["source `orders`", "`amount`", "not in the file"]);
+    project.write(
+        "pipelines/shop/orders.csv",
+        "id,at\n2,2024-06-01 10:00:00\n",
+    );
+    assert_fails_and_keeps_state(
+        &project,
+        &["source `orders`", "`amount`", "not in the file"],
+    );
 }
 
 #[test]
@@ -122,13 +144,19 @@ fn a_value_that_does_not_fit_its_type_fails_with_its_line_and_changes_nothing() 
         "pipelines/shop/orders.csv",
         "id,amount,at\n2,150.5,2024-06-01 10:00:00\n3,twenty,2024-06-02 11:00:00\n",
     );
-    assert_fails_and_keeps_state(&project, &["source `orders`", "line 3", "`amount`", "DOUBLE"]);
+    assert_fails_and_keeps_state(
+        &project,
+        &["source `orders`", "line 3", "`amount`", "DOUBLE"],
+    );
 }
 
 #[test]
 fn a_duplicate_master_key_fails_and_changes_nothing() {
     let project = shop();
     assert!(project.refresh("shop").0);
-    project.write("pipelines/shop/customers.csv", "id,country\n1,FR\n1,DE\n3,DE\n");
+    project.write(
+        "pipelines/shop/customers.csv",
+        "id,country\n1,FR\n1,DE\n3,DE\n",
+    );
     assert_fails_and_keeps_state(&project, &["master table", "more than one row"]);
 }

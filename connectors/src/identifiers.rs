@@ -17,6 +17,9 @@ use sha2::{Digest, Sha256};
 /// Why a raw value gives no usable identifier. Never carries the value itself.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Invalid {
+    /// The member has no value for the identifier.
+    #[error("is missing")]
+    Missing,
     /// Nothing is left once the value is normalised (blank, or only punctuation).
     #[error("is empty once normalised")]
     Empty,
@@ -264,7 +267,10 @@ mod tests {
     #[test]
     fn sixty_three_or_non_hex_characters_are_not_taken_for_a_digest() {
         assert!(!is_sha256_hex(&SHA256_TEST_AT_EXAMPLE_COM[1..]));
-        assert!(!is_sha256_hex(&format!("g{}", &SHA256_TEST_AT_EXAMPLE_COM[1..])));
+        assert!(!is_sha256_hex(&format!(
+            "g{}",
+            &SHA256_TEST_AT_EXAMPLE_COM[1..]
+        )));
         assert!(is_sha256_hex(SHA256_TEST_AT_EXAMPLE_COM));
     }
 

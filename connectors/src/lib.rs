@@ -11,15 +11,29 @@
 //!   `Retry-After` honoured and capped).
 //! - [`file`] writes batches as files into a folder; [`webhook`] POSTs them as JSON.
 //! - [`meta`] keeps a Meta Custom Audience in step; [`mailchimp`] a Mailchimp audience.
+//! - [`braze`] keeps segment membership on Braze user profiles.
+//! - [`tiktok`] keeps a TikTok Ads custom audience in step.
+//! - [`sendgrid`] keeps a SendGrid Marketing Campaigns list in step.
+//! - [`klaviyo`] keeps a Klaviyo list in step.
+//! - [`google_ads`] keeps a Google Ads Customer Match user list in step.
+//! - [`linkedin`] keeps a LinkedIn Matched Audiences DMP segment in step.
+//! - [`rate`] keeps a connection's requests under its configured rate.
 //! - [`identifiers`] normalises and hashes identifiers the way the platforms match them.
 
+pub mod braze;
 pub mod file;
+pub mod google_ads;
 mod http;
 pub mod identifiers;
+pub mod klaviyo;
+pub mod linkedin;
 pub mod mailchimp;
 pub mod meta;
+pub mod rate;
 pub mod retry;
+pub mod sendgrid;
 mod settings;
+pub mod tiktok;
 pub mod webhook;
 
 use std::collections::BTreeMap;
@@ -27,7 +41,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-pub use retry::{RetryPolicy, deliver_with_retries};
+pub use rate::{RateLimit, RateLimitSettings};
+pub use retry::{RetryPolicy, deliver_with_retries, deliver_within_limits};
 
 /// A future returned by a connector; boxed so connectors can live behind `dyn Connector`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -162,6 +177,12 @@ pub trait Connector: Send + Sync {
     /// The most members one batch may hold.
     fn max_batch_size(&self) -> usize;
 
+    /// The smallest audience the platform keeps; removals that would take the audience
+    /// below it are refused by the platform. `None` when the platform has no such floor.
+    fn min_audience_size(&self) -> Option<u64> {
+        None
+    }
+
     /// Sends one batch once, without retrying, and classifies the answer.
     fn deliver<'a>(&'a self, batch: &'a Batch) -> BoxFuture<'a, Result<Outcome, DeliveryError>>;
 }
@@ -183,7 +204,23 @@ pub fn build(
             .map(|c| Box::new(c) as Box<dyn Connector>),
         "meta" => meta::MetaConnector::from_settings(connection, activation, secrets)
             .map(|c| Box::new(c) as Box<dyn Connector>),
-        "mailchimp" => mailchimp::MailchimpConnector::from_settings(connection, activation, secrets)
+        "braze" => braze::BrazeConnector::from_settings(connection, activation, secrets)
+            .map(|c| Box::new(c) as Box<dyn Connector>),
+        "tiktok" => tiktok::TiktokConnector::from_settings(connection, activation, secrets)
+            .map(|c| Box::new(c) as Box<dyn Connector>),
+        "mailchimp" => {
+            mailchimp::MailchimpConnector::from_settings(connection, activation, secrets)
+                .map(|c| Box::new(c) as Box<dyn Connector>)
+        }
+        "sendgrid" => sendgrid::SendgridConnector::from_settings(connection, activation, secrets)
+            .map(|c| Box::new(c) as Box<dyn Connector>),
+        "klaviyo" => klaviyo::KlaviyoConnector::from_settings(connection, activation, secrets)
+            .map(|c| Box::new(c) as Box<dyn Connector>),
+        "google_ads" => {
+            google_ads::GoogleAdsConnector::from_settings(connection, activation, secrets)
+                .map(|c| Box::new(c) as Box<dyn Connector>)
+        }
+        "linkedin" => linkedin::LinkedInConnector::from_settings(connection, activation, secrets)
             .map(|c| Box::new(c) as Box<dyn Connector>),
         other => Err(vec![unknown_kind(other)]),
     }
@@ -200,6 +237,12 @@ pub fn check_connection(
     match kind {
         "meta" => meta::MetaConnector::check_connection(connection, secrets),
         "mailchimp" => mailchimp::MailchimpConnector::check_connection(connection, secrets),
+        "sendgrid" => sendgrid::SendgridConnector::check_connection(connection, secrets),
+        "klaviyo" => klaviyo::KlaviyoConnector::check_connection(connection, secrets),
+        "braze" => braze::BrazeConnector::check_connection(connection, secrets),
+        "tiktok" => tiktok::TiktokConnector::check_connection(connection, secrets),
+        "google_ads" => google_ads::GoogleAdsConnector::check_connection(connection, secrets),
+        "linkedin" => linkedin::LinkedInConnector::check_connection(connection, secrets),
         "file" | "webhook" => build(kind, connection, &toml::Table::new(), secrets).map(|_| ()),
         other => Err(vec![unknown_kind(other)]),
     }
@@ -216,4 +259,15 @@ fn unknown_kind(kind: &str) -> SettingsError {
 }
 
 /// The connection types this build knows.
-pub const KINDS: &[&str] = &["file", "webhook", "meta", "mailchimp"];
+pub const KINDS: &[&str] = &[
+    "file",
+    "webhook",
+    "meta",
+    "mailchimp",
+    "braze",
+    "tiktok",
+    "sendgrid",
+    "google_ads",
+    "linkedin",
+    "klaviyo",
+];

@@ -27,7 +27,9 @@ use reqwest::{StatusCode, Url};
 use crate::http::{self, Secret, quote};
 use crate::identifiers;
 use crate::settings::{Place, Problems};
-use crate::{Batch, BoxFuture, Change, Connector, DeliveryError, Outcome, Rejection, SettingsError};
+use crate::{
+    Batch, BoxFuture, Change, Connector, DeliveryError, Outcome, Rejection, SettingsError,
+};
 
 /// Connection keys the Mailchimp connector knows.
 const CONNECTION_KEYS: &[&str] = &["api_key_env", "base_url", "batch_size", "timeout_seconds"];
@@ -70,33 +72,47 @@ enum RemoveAction {
 /// - `email_identifier`: the member identifier holding the e-mail address, default `email`.
 #[derive(Debug, Clone)]
 pub struct MailchimpConnector {
+    /// The HTTP client, with the connection's timeout.
     client: reqwest::Client,
     /// `{base}/lists/{list_id}`.
     list_url: Url,
+    /// The API key, sent as the Basic password.
     api_key: Secret,
+    /// What a removal does (`remove_action`).
     remove_action: RemoveAction,
+    /// The member identifier holding the address (`email_identifier`).
     email_identifier: String,
+    /// Members per request (`batch_size`).
     batch_size: usize,
 }
 
 /// The connection's settings, checked.
 struct ConnectionSettings {
+    /// The HTTP client, with `timeout_seconds` applied.
     client: reqwest::Client,
+    /// `base_url`, or the API root of the key's data centre.
     base_url: Url,
+    /// The value of the variable `api_key_env` names.
     api_key: Secret,
+    /// `batch_size`.
     batch_size: usize,
 }
 
 /// The activation's settings, checked.
 struct ActivationSettings {
+    /// `list_id`.
     list_id: String,
+    /// `remove_action`.
     remove_action: RemoveAction,
+    /// `email_identifier`.
     email_identifier: String,
 }
 
-/// One member ready to send: its key and its trimmed, lower-cased address.
+/// One member ready to send.
 struct Prepared<'a> {
+    /// The member's profile key.
     key: &'a str,
+    /// The trimmed, lower-cased address.
     email: String,
 }
 
@@ -173,7 +189,7 @@ impl MailchimpConnector {
         for member in &batch.members {
             let email = match member.identifiers.get(&self.email_identifier) {
                 Some(raw) => identifiers::email(raw),
-                None => Err(identifiers::Invalid::Empty),
+                None => Err(identifiers::Invalid::Missing),
             };
             match email {
                 Ok(email) => members.push(Prepared {
@@ -182,7 +198,10 @@ impl MailchimpConnector {
                 }),
                 Err(invalid) => outcome.rejected.push(Rejection {
                     key: member.key.clone(),
-                    reason: format!("no usable e-mail address: `{}` {invalid}", self.email_identifier),
+                    reason: format!(
+                        "no usable e-mail address: `{}` {invalid}",
+                        self.email_identifier
+                    ),
                 }),
             }
         }
@@ -219,7 +238,13 @@ impl MailchimpConnector {
         let body = http::body_start(response, MAX_ANSWER_BYTES).await;
         let shown = self.list_url.as_str();
         if !status.is_success() {
-            return Err(classify_failure(status, &headers, &body, shown, SystemTime::now()));
+            return Err(classify_failure(
+                status,
+                &headers,
+                &body,
+                shown,
+                SystemTime::now(),
+            ));
         }
         let answer: BatchAnswer =
             serde_json::from_slice(&body).map_err(|error| DeliveryError::Retryable {
@@ -445,7 +470,9 @@ fn classify_failure(
 fn data_centre(api_key: &str) -> Option<&str> {
     let (_, dc) = api_key.rsplit_once('-')?;
     let shaped = !dc.is_empty()
-        && dc.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && dc
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
         && dc.bytes().next().is_some_and(|b| b.is_ascii_lowercase());
     shaped.then_some(dc)
 }

@@ -53,6 +53,10 @@ const ACTIVATION_KEYS: &[&str] = &["audience_id", "schema"];
 const DEFAULT_BASE_URL: &str = "https://graph.facebook.com";
 /// The Graph API version used unless `api_version` says otherwise.
 const DEFAULT_API_VERSION: &str = "v25.0";
+/// How much of an answer is read at most; Meta's answers to this edge are small.
+const MAX_ANSWER_BYTES: usize = 1 << 20;
+/// The audience below which Meta refuses removals, as observed; activations may override it.
+const MIN_AUDIENCE_SIZE: u64 = 100;
 /// The most rows Meta takes in one request, and the default batch size.
 const MAX_ROWS: i64 = 10_000;
 /// Seconds a request may take unless `timeout_seconds` says otherwise.
@@ -169,27 +173,37 @@ impl SchemaKey {
 ///   identifier each is read from, default `{ EMAIL = "email" }`.
 #[derive(Debug, Clone)]
 pub struct MetaConnector {
+    /// The HTTP client, with the connection's timeout.
     client: reqwest::Client,
     /// `{base_url}/{api_version}/{audience_id}/users`; carries no credential.
     users_url: Url,
+    /// The access token, sent in the request body.
     access_token: Secret,
     /// Schema keys in wire order, each with the member identifier it is read from.
     schema: Vec<(SchemaKey, String)>,
+    /// Rows per request (`batch_size`).
     batch_size: usize,
 }
 
 /// The connection's settings, checked.
 struct ConnectionSettings {
+    /// The HTTP client, with `timeout_seconds` applied.
     client: reqwest::Client,
+    /// `base_url`, or the Graph API host.
     base_url: Url,
+    /// `api_version`, such as `v25.0`.
     api_version: String,
+    /// The value of the variable `access_token_env` names.
     access_token: Secret,
+    /// `batch_size`.
     batch_size: usize,
 }
 
 /// The activation's settings, checked.
 struct ActivationSettings {
+    /// `audience_id`, digits only.
     audience_id: String,
+    /// `schema`, in wire order.
     schema: Vec<(SchemaKey, String)>,
 }
 
@@ -280,16 +294,16 @@ impl MetaConnector {
 
         let status = response.status();
         let headers = response.headers().clone();
-        let body = http::body_start(response, 1 << 20).await;
+        let body = http::body_start(response, MAX_ANSWER_BYTES).await;
         let sent: Vec<&str> = rows.iter().map(|(key, _)| *key).collect();
         match self.read_answer(batch, status, &headers, &body, sent.len()) {
-            Answer::Accepted => outcome.accepted.extend(sent.iter().map(|key| key.to_string())),
-            Answer::Rejected(reason) => outcome
-                .rejected
-                .extend(sent.iter().map(|key| Rejection {
-                    key: key.to_string(),
-                    reason: reason.clone(),
-                })),
+            Answer::Accepted => outcome
+                .accepted
+                .extend(sent.iter().map(|key| key.to_string())),
+            Answer::Rejected(reason) => outcome.rejected.extend(sent.iter().map(|key| Rejection {
+                key: key.to_string(),
+                reason: reason.clone(),
+            })),
             Answer::Failed(error) => return Err(error),
         }
         Ok(outcome)
@@ -335,7 +349,7 @@ impl MetaConnector {
         for (key, identifier) in &self.schema {
             let prepared = match member.identifiers.get(identifier) {
                 Some(raw) => key.prepare(raw, country),
-                None => Err(Invalid::Empty),
+                None => Err(Invalid::Missing),
             };
             match prepared {
                 Ok(value) => row.push(value),
@@ -392,6 +406,13 @@ impl Connector for MetaConnector {
 
     fn max_batch_size(&self) -> usize {
         self.batch_size
+    }
+
+    /// Meta refuses removals that would leave an audience too small to target ("Audience Size
+    /// too low"); the floor it applies is not documented, about 100 people is what it is seen
+    /// to use, so the engine holds removals below that instead of failing them.
+    fn min_audience_size(&self) -> Option<u64> {
+        Some(MIN_AUDIENCE_SIZE)
     }
 
     fn deliver<'a>(&'a self, batch: &'a Batch) -> BoxFuture<'a, Result<Outcome, DeliveryError>> {
@@ -476,7 +497,11 @@ fn read_counts(batch: &Batch, body: &[u8], sent: usize) -> Answer {
              identifier mapping in `schema`"
         ));
     }
-    if invalid > 0 || counts.num_received.is_some_and(|received| received != sent as u64) {
+    if invalid > 0
+        || counts
+            .num_received
+            .is_some_and(|received| received != sent as u64)
+    {
         tracing::warn!(
             activation = %batch.activation,
             change = batch.change.as_str(),
@@ -660,19 +685,22 @@ fn read_api_version(problems: &mut Problems, table: &toml::Table) -> Option<Stri
         return Some(DEFAULT_API_VERSION.to_owned());
     }
     let version = problems.string(table, Place::Connection, "api_version")?;
-    let shaped = version.strip_prefix('v').and_then(|rest| rest.split_once('.')).is_some_and(
-        |(major, minor)| {
+    let shaped = version
+        .strip_prefix('v')
+        .and_then(|rest| rest.split_once('.'))
+        .is_some_and(|(major, minor)| {
             [major, minor]
                 .iter()
                 .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
-        },
-    );
+        });
     if shaped {
         Some(version)
     } else {
         problems.push(
             "api_version",
-            format!("expected a Graph API version such as `{DEFAULT_API_VERSION}`, got `{version}`"),
+            format!(
+                "expected a Graph API version such as `{DEFAULT_API_VERSION}`, got `{version}`"
+            ),
         );
         None
     }
@@ -755,7 +783,10 @@ fn read_schema(problems: &mut Problems, table: &toml::Table) -> Option<Vec<(Sche
         }
     }
     if ok && schema.is_empty() {
-        problems.push("schema", "empty; map at least one Meta schema key to an identifier");
+        problems.push(
+            "schema",
+            "empty; map at least one Meta schema key to an identifier",
+        );
         return None;
     }
     schema.sort_by_key(|(key, _)| *key);
@@ -896,7 +927,9 @@ mod tests {
         let mut zero = HeaderMap::new();
         zero.insert(
             "x-business-use-case-usage",
-            r#"{"123": [{"estimated_time_to_regain_access": 0}]}"#.parse().unwrap(),
+            r#"{"123": [{"estimated_time_to_regain_access": 0}]}"#
+                .parse()
+                .unwrap(),
         );
         let mut unreadable = HeaderMap::new();
         unreadable.insert("x-business-use-case-usage", "n/a".parse().unwrap());
@@ -911,8 +944,13 @@ mod tests {
         let html = b"<!DOCTYPE html><html><body>Sorry, something went wrong.</body></html>";
         let classify = |code: u16| {
             let status = StatusCode::from_u16(code).unwrap();
-            let error =
-                classify_bare_failure(status, &HeaderMap::new(), html, "x".into(), SystemTime::now());
+            let error = classify_bare_failure(
+                status,
+                &HeaderMap::new(),
+                html,
+                "x".into(),
+                SystemTime::now(),
+            );
             kind(&Answer::Failed(error))
         };
 

@@ -13,7 +13,7 @@ use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::{Batch, Connector, DeliveryError, Outcome};
+use crate::{Batch, Connector, DeliveryError, Outcome, RateLimit};
 
 /// How a connector call is retried; the `[retry]` settings.
 ///
@@ -73,27 +73,43 @@ pub async fn deliver_with_retries(
     batch: &Batch,
     policy: &RetryPolicy,
 ) -> Result<Outcome, DeliveryError> {
+    deliver_within_limits(connector, batch, policy, None).await
+}
+
+/// Like [`deliver_with_retries`], with every attempt first waiting for the connection's rate
+/// limit, when it has one.
+pub async fn deliver_within_limits(
+    connector: &dyn Connector,
+    batch: &Batch,
+    policy: &RetryPolicy,
+    rate_limit: Option<&RateLimit>,
+) -> Result<Outcome, DeliveryError> {
     let started = Instant::now();
     let mut failed_attempts = 0u32;
 
-    (|| connector.deliver(batch))
-        .retry(backoff(policy))
-        .when(DeliveryError::is_retryable)
-        .adjust(|error, proposed| next_wait(policy, started.elapsed(), error, proposed))
-        .notify(|error, wait| {
-            failed_attempts += 1;
-            tracing::warn!(
-                connector = connector.kind(),
-                activation = %batch.activation,
-                change = batch.change.as_str(),
-                sequence = batch.sequence,
-                attempt = failed_attempts,
-                wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
-                error = %error,
-                "batch delivery failed; retrying"
-            );
-        })
-        .await
+    (|| async {
+        if let Some(limit) = rate_limit {
+            limit.until_ready().await;
+        }
+        connector.deliver(batch).await
+    })
+    .retry(backoff(policy))
+    .when(DeliveryError::is_retryable)
+    .adjust(|error, proposed| next_wait(policy, started.elapsed(), error, proposed))
+    .notify(|error, wait| {
+        failed_attempts += 1;
+        tracing::warn!(
+            connector = connector.kind(),
+            activation = %batch.activation,
+            change = batch.change.as_str(),
+            sequence = batch.sequence,
+            attempt = failed_attempts,
+            wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+            error = %error,
+            "batch delivery failed; retrying"
+        );
+    })
+    .await
 }
 
 /// The backoff waits of `policy`: exponential ceilings, each drawn down by full jitter, one

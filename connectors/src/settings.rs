@@ -57,7 +57,13 @@ impl Problems {
         place: Place,
         known: &[&str],
     ) {
-        for key in table.keys().filter(|key| !known.contains(&key.as_str())) {
+        // Sorted, so the problems come in the same order however the table keeps its keys.
+        let mut unknown: Vec<&String> = table
+            .keys()
+            .filter(|key| !known.contains(&key.as_str()))
+            .collect();
+        unknown.sort();
+        for key in unknown {
             let known = if known.is_empty() {
                 "this connection type takes none".to_owned()
             } else {
@@ -161,7 +167,9 @@ impl Problems {
         if !connection.contains_key(&key) {
             self.push(
                 &key,
-                format!("missing; set it to the name of the environment variable holding {purpose}"),
+                format!(
+                    "missing; set it to the name of the environment variable holding {purpose}"
+                ),
             );
             return None;
         }

@@ -369,10 +369,6 @@ fn classify_failure(
     }
 }
 
-
-
-
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,8 +38,7 @@ const AUDIENCE_ID: &str = "23851234567890123";
 const MAX_ROWS: usize = 10_000;
 /// Schema keys whose values must be SHA-256 digests.
 const HASHED_KEYS: &[&str] = &[
-    "EMAIL", "PHONE", "GEN", "DOBY", "DOBM", "DOBD", "LN", "FN", "FI", "CT", "ST", "ZIP",
-    "COUNTRY",
+    "EMAIL", "PHONE", "GEN", "DOBY", "DOBM", "DOBD", "LN", "FN", "FI", "CT", "ST", "ZIP", "COUNTRY",
 ];
 /// Schema keys sent in clear.
 const CLEAR_KEYS: &[&str] = &["EXTERN_ID", "MADID"];
@@ -228,9 +227,9 @@ fn answer(
     });
     let Some(schema) = schema.filter(|schema| {
         !schema.is_empty()
-            && schema
-                .iter()
-                .all(|key| HASHED_KEYS.contains(&key.as_str()) || CLEAR_KEYS.contains(&key.as_str()))
+            && schema.iter().all(|key| {
+                HASHED_KEYS.contains(&key.as_str()) || CLEAR_KEYS.contains(&key.as_str())
+            })
     }) else {
         return graph_error(400, 100, "(#100) Invalid schema");
     };
@@ -257,8 +256,10 @@ fn answer(
     for row in &rows {
         let bad = row.iter().zip(&schema).find(|(value, key)| {
             let hashed = HASHED_KEYS.contains(&key.as_str());
-            let digest =
-                value.len() == 64 && value.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            let digest = value.len() == 64
+                && value
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
             (hashed && !value.is_empty() && !digest) || unmatchable.contains(*value)
         });
         if bad.is_some() || row.iter().all(String::is_empty) {
@@ -268,7 +269,8 @@ fn answer(
             }
             continue;
         }
-        let tuple: Vec<(String, String)> = schema.iter().cloned().zip(row.iter().cloned()).collect();
+        let tuple: Vec<(String, String)> =
+            schema.iter().cloned().zip(row.iter().cloned()).collect();
         if method == Method::POST {
             audience.insert(tuple);
         } else {
@@ -484,7 +486,10 @@ async fn a_multi_key_row_is_sent_in_schema_order_with_blanks_for_missing_values(
 
     assert_eq!(outcome, Ok(accepted(&["1", "2"])));
     let body: Value = serde_json::from_str(&graph.received()[0].body).unwrap();
-    assert_eq!(body["payload"]["schema"], json!(["EMAIL", "PHONE", "COUNTRY"]));
+    assert_eq!(
+        body["payload"]["schema"],
+        json!(["EMAIL", "PHONE", "COUNTRY"])
+    );
     assert_eq!(
         body["payload"]["data"],
         json!([[ANN, PHONE_447700900123, GB], [BOB, "", ""]])
@@ -493,7 +498,11 @@ async fn a_multi_key_row_is_sent_in_schema_order_with_blanks_for_missing_values(
         graph.audience(),
         [
             vec![format!("EMAIL={BOB}")],
-            vec![format!("EMAIL={ANN}"), format!("PHONE={PHONE_447700900123}"), format!("COUNTRY={GB}")],
+            vec![
+                format!("EMAIL={ANN}"),
+                format!("PHONE={PHONE_447700900123}"),
+                format!("COUNTRY={GB}")
+            ],
         ]
     );
 }
@@ -518,16 +527,16 @@ async fn members_without_a_usable_identifier_are_rejected_and_never_sent() {
             rejected: vec![
                 Rejection {
                     key: "2".into(),
-                    reason: "no usable identifier: EMAIL (`email`) is empty once normalised; \
-                             PHONE (`mobile`) is not a phone number of 7 to 15 digits with its \
-                             country code; COUNTRY (`country`) is empty once normalised"
+                    reason: "no usable identifier: EMAIL (`email`) is missing; PHONE \
+                             (`mobile`) is not a phone number of 7 to 15 digits with its \
+                             country code; COUNTRY (`country`) is missing"
                         .into(),
                 },
                 Rejection {
                     key: "3".into(),
                     reason: "no usable identifier: EMAIL (`email`) is not an e-mail address; \
-                             PHONE (`mobile`) is empty once normalised; COUNTRY (`country`) is \
-                             not a two-letter ISO 3166 country code"
+                             PHONE (`mobile`) is missing; COUNTRY (`country`) is not a \
+                             two-letter ISO 3166 country code"
                         .into(),
                 },
             ],
@@ -565,9 +574,12 @@ async fn a_body_coded_throttle_is_retried_until_the_add_lands() {
         },
     ]);
 
-    let outcome =
-        deliver_with_retries(&email_only(&url), &batch(Change::Add, three_members()), &quick_policy(5))
-            .await;
+    let outcome = deliver_with_retries(
+        &email_only(&url),
+        &batch(Change::Add, three_members()),
+        &quick_policy(5),
+    )
+    .await;
 
     assert_eq!(outcome, Ok(accepted(&["1", "2", "3"])));
     let statuses: Vec<u16> = graph.received().iter().map(|r| r.status).collect();
@@ -610,8 +622,12 @@ async fn a_429_with_retry_after_is_waited_out_and_one_without_leaves_the_wait_op
     let meta = email_only(&url);
     let started = Instant::now();
 
-    let first = deliver_with_retries(&meta, &batch(Change::Add, three_members()), &quick_policy(2))
-        .await;
+    let first = deliver_with_retries(
+        &meta,
+        &batch(Change::Add, three_members()),
+        &quick_policy(2),
+    )
+    .await;
     let elapsed = started.elapsed();
     let second = meta.deliver(&batch(Change::Add, three_members())).await;
 
@@ -632,9 +648,12 @@ async fn a_service_that_stays_unavailable_gets_exactly_max_attempts_requests() {
     let (graph, url) = start_graph().await;
     graph.fail_next([Fault::Unavailable, Fault::Unavailable, Fault::Unavailable]);
 
-    let outcome =
-        deliver_with_retries(&email_only(&url), &batch(Change::Add, three_members()), &quick_policy(3))
-            .await;
+    let outcome = deliver_with_retries(
+        &email_only(&url),
+        &batch(Change::Add, three_members()),
+        &quick_policy(3),
+    )
+    .await;
 
     assert_eq!(
         outcome,
@@ -655,11 +674,19 @@ async fn an_html_500_page_is_retried_and_an_html_413_page_is_not() {
     let meta = email_only(&url);
 
     graph.fail_next([Fault::HtmlPage(500)]);
-    let retried = deliver_with_retries(&meta, &batch(Change::Add, three_members()), &quick_policy(3))
-        .await;
+    let retried = deliver_with_retries(
+        &meta,
+        &batch(Change::Add, three_members()),
+        &quick_policy(3),
+    )
+    .await;
     graph.fail_next([Fault::HtmlPage(413)]);
-    let too_large = deliver_with_retries(&meta, &batch(Change::Add, three_members()), &quick_policy(3))
-        .await;
+    let too_large = deliver_with_retries(
+        &meta,
+        &batch(Change::Add, three_members()),
+        &quick_policy(3),
+    )
+    .await;
 
     assert_eq!(retried, Ok(accepted(&["1", "2", "3"])));
     assert_eq!(
@@ -682,14 +709,20 @@ async fn an_answer_slower_than_the_timeout_is_retried_and_the_audience_holds_eac
     let meta = email_only(&url);
 
     let direct = meta.deliver(&batch(Change::Add, three_members())).await;
-    let retried = deliver_with_retries(&meta, &batch(Change::Add, three_members()), &quick_policy(3))
-        .await;
+    let retried = deliver_with_retries(
+        &meta,
+        &batch(Change::Add, three_members()),
+        &quick_policy(3),
+    )
+    .await;
 
     let DeliveryError::Retryable { message } = direct.unwrap_err() else {
         panic!("a timeout is retryable");
     };
     assert!(
-        message.starts_with(&format!("POST to {url}/v25.0/{AUDIENCE_ID}/users timed out")),
+        message.starts_with(&format!(
+            "POST to {url}/v25.0/{AUDIENCE_ID}/users timed out"
+        )),
         "{message}"
     );
     assert_eq!(retried, Ok(accepted(&["1", "2", "3"])));
@@ -703,9 +736,13 @@ async fn every_attempt_of_a_batch_carries_the_same_one_request_session() {
     let (graph, url) = start_graph().await;
     graph.fail_next([Fault::Unavailable]);
 
-    deliver_with_retries(&email_only(&url), &batch(Change::Add, three_members()), &quick_policy(3))
-        .await
-        .unwrap();
+    deliver_with_retries(
+        &email_only(&url),
+        &batch(Change::Add, three_members()),
+        &quick_policy(3),
+    )
+    .await
+    .unwrap();
 
     let sessions: Vec<Value> = graph
         .received()
@@ -755,9 +792,12 @@ async fn an_expired_token_is_an_auth_failure_sent_once() {
     let (graph, url) = start_graph().await;
     graph.fail_next([Fault::ExpiredToken]);
 
-    let outcome =
-        deliver_with_retries(&email_only(&url), &batch(Change::Add, three_members()), &quick_policy(5))
-            .await;
+    let outcome = deliver_with_retries(
+        &email_only(&url),
+        &batch(Change::Add, three_members()),
+        &quick_policy(5),
+    )
+    .await;
 
     assert_eq!(
         outcome,
@@ -798,7 +838,10 @@ async fn a_removal_refused_as_audience_too_small_rejects_its_members_and_keeps_t
 
     let outcome = deliver_with_retries(
         &meta,
-        &batch(Change::Remove, vec![member("3", &[("email", "cat@example.com")])]),
+        &batch(
+            Change::Remove,
+            vec![member("3", &[("email", "cat@example.com")])],
+        ),
         &quick_policy(3),
     )
     .await;
@@ -898,6 +941,9 @@ fn meta_batch_size_defaults_to_ten_thousand() {
     let connector =
         segmentd_connectors::build("meta", &connection, &activation, &secrets()).unwrap();
 
-    assert_eq!((connector.kind(), connector.max_batch_size()), ("meta", 10_000));
+    assert_eq!(
+        (connector.kind(), connector.max_batch_size()),
+        ("meta", 10_000)
+    );
     assert!(segmentd_connectors::KINDS.contains(&"meta"));
 }

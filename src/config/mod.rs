@@ -50,7 +50,11 @@ pub struct Problems(pub Vec<Problem>);
 impl fmt::Display for Problems {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let count = self.0.len();
-        writeln!(f, "{count} problem{} in the configuration:", if count == 1 { "" } else { "s" })?;
+        writeln!(
+            f,
+            "{count} problem{} in the configuration:",
+            if count == 1 { "" } else { "s" }
+        )?;
         for problem in &self.0 {
             writeln!(f, "  {problem}")?;
         }
@@ -68,7 +72,11 @@ impl SourceText<'_> {
     /// The 1-based line holding byte `offset`.
     pub fn line_of(&self, offset: usize) -> usize {
         let end = offset.min(self.text.len());
-        self.text.as_bytes()[..end].iter().filter(|b| **b == b'\n').count() + 1
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1
     }
 
     /// A problem at the start of a spanned value.
@@ -87,7 +95,11 @@ impl SourceText<'_> {
 
     /// A problem about the whole file.
     pub fn problem(&self, message: impl Into<String>) -> Problem {
-        Problem { file: self.path.to_path_buf(), line: None, message: message.into() }
+        Problem {
+            file: self.path.to_path_buf(),
+            line: None,
+            message: message.into(),
+        }
     }
 
     /// Parses the text as TOML into `T`, turning a parse error into a located problem.
@@ -144,18 +156,24 @@ fn default_pipelines_dir() -> String {
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     /// Address the HTTP API listens on.
-    #[serde(default = "default_listen")]
+    #[serde(default = "default_listen_spanned")]
     listen: Spanned<String>,
 }
 
 impl Default for RawHttp {
     fn default() -> Self {
-        RawHttp { listen: Spanned::new(0..0, default_listen()) }
+        RawHttp {
+            listen: default_listen_spanned(),
+        }
     }
 }
 
 fn default_listen() -> String {
     "127.0.0.1:8640".into()
+}
+
+fn default_listen_spanned() -> Spanned<String> {
+    Spanned::new(0..0, default_listen())
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -201,6 +219,9 @@ pub struct Connection {
     pub secrets: BTreeMap<String, String>,
     /// How deliveries through this connection are retried (`[connections.<name>.retry]`).
     pub retry: segmentd_connectors::RetryPolicy,
+    /// The client-side request limit shared by every activation of this connection
+    /// (`[connections.<name>.rate_limit]`), if one is set.
+    pub rate_limit: Option<segmentd_connectors::RateLimit>,
     /// Line of the connection's table in `config.toml`.
     pub line: usize,
 }
@@ -236,14 +257,21 @@ impl Config {
             Err(problem) => problems.push(problem),
         }
 
-        if problems.is_empty() { Ok(Config { daemon, pipelines }) } else { Err(Problems(problems)) }
+        if problems.is_empty() {
+            Ok(Config { daemon, pipelines })
+        } else {
+            Err(Problems(problems))
+        }
     }
 
     /// The pipeline called `name`, or an error listing the pipelines there are.
     pub fn pipeline(&self, name: &str) -> anyhow::Result<&Pipeline> {
         self.pipelines.get(name).ok_or_else(|| {
             let known: Vec<&str> = self.pipelines.keys().map(String::as_str).collect();
-            anyhow::anyhow!("no pipeline `{name}`; pipelines configured: {}", known.join(", "))
+            anyhow::anyhow!(
+                "no pipeline `{name}`; pipelines configured: {}",
+                known.join(", ")
+            )
         })
     }
 }
@@ -282,7 +310,11 @@ fn load_daemon(path: &Path, problems: &mut Vec<Problem>) -> Option<DaemonConfig>
     };
 
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+    let base = if base.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        base
+    };
     let data_dir = base.join(&raw.data_dir);
     let database = match &raw.database {
         Some(database) => base.join(database),
@@ -299,13 +331,21 @@ fn load_daemon(path: &Path, problems: &mut Vec<Problem>) -> Option<DaemonConfig>
                     raw.http.listen.get_ref()
                 ),
             ));
-            default_listen().parse().expect("the default listen address parses")
+            default_listen()
+                .parse()
+                .expect("the default listen address parses")
         }
     };
 
-    let memory_limit = raw.duckdb.memory_limit.as_ref().map(|m| m.get_ref().clone());
+    let memory_limit = raw
+        .duckdb
+        .memory_limit
+        .as_ref()
+        .map(|m| m.get_ref().clone());
     if let Some(limit) = &raw.duckdb.memory_limit {
-        let ok = limit.get_ref().trim_end_matches(|c: char| c.is_ascii_alphabetic());
+        let ok = limit
+            .get_ref()
+            .trim_end_matches(|c: char| c.is_ascii_alphabetic());
         if ok.is_empty() || ok.parse::<f64>().is_err() {
             problems.push(source.problem_at(
                 limit,
@@ -313,7 +353,12 @@ fn load_daemon(path: &Path, problems: &mut Vec<Problem>) -> Option<DaemonConfig>
             ));
         }
     }
-    let threads = raw.duckdb.threads.as_ref().map(|t| *t.get_ref()).unwrap_or(2);
+    let threads = raw
+        .duckdb
+        .threads
+        .as_ref()
+        .map(|t| *t.get_ref())
+        .unwrap_or(2);
     if let Some(spanned) = &raw.duckdb.threads
         && threads == 0
     {
@@ -380,9 +425,28 @@ fn load_connection(
         None => segmentd_connectors::RetryPolicy::default(),
     };
 
+    let rate_limit = match settings.remove("rate_limit") {
+        Some(limit) => match limit.try_into::<segmentd_connectors::RateLimitSettings>() {
+            Ok(limit) => match segmentd_connectors::RateLimit::new(limit) {
+                Ok(limit) => Some(limit),
+                Err(message) => {
+                    problems.push(at(format!("rate_limit: {message}")));
+                    None
+                }
+            },
+            Err(err) => {
+                problems.push(at(format!("rate_limit: {}", err.message().trim_end())));
+                None
+            }
+        },
+        None => None,
+    };
+
     let mut secrets = BTreeMap::new();
     for (key, value) in &settings {
-        let Some(secret) = key.strip_suffix("_env") else { continue };
+        let Some(secret) = key.strip_suffix("_env") else {
+            continue;
+        };
         let Some(variable) = value.as_str() else {
             problems.push(at(format!("`{key}` must name an environment variable")));
             continue;
@@ -404,15 +468,21 @@ fn load_connection(
     }
 
     // The connector checks its own settings; activation settings are checked per segment.
-    if let Err(errors) =
-        segmentd_connectors::build(&kind, &settings, &toml::Table::new(), &secrets)
-    {
+    if let Err(errors) = segmentd_connectors::check_connection(&kind, &settings, &secrets) {
         for error in errors {
             problems.push(at(error.to_string()));
         }
     }
 
-    Some(Connection { name: name.to_string(), kind, settings, secrets, retry, line })
+    Some(Connection {
+        name: name.to_string(),
+        kind,
+        settings,
+        secrets,
+        retry,
+        rate_limit,
+        line,
+    })
 }
 
 /// Checks that a name is a lower-case identifier usable in SQL and file names.

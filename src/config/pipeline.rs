@@ -113,19 +113,24 @@ impl Pipeline {
 
     /// The segment called `name`, or an error listing the segments there are.
     pub fn segment(&self, name: &str) -> anyhow::Result<&segment::SegmentDef> {
-        self.segments.iter().find(|s| s.name == name).ok_or_else(|| {
-            let known: Vec<&str> = self.segments.iter().map(|s| s.name.as_str()).collect();
-            anyhow::anyhow!(
-                "pipeline `{}` has no segment `{name}`; its segments: {}",
-                self.name,
-                known.join(", ")
-            )
-        })
+        self.segments
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = self.segments.iter().map(|s| s.name.as_str()).collect();
+                anyhow::anyhow!(
+                    "pipeline `{}` has no segment `{name}`; its segments: {}",
+                    self.name,
+                    known.join(", ")
+                )
+            })
     }
 
     /// Every table of the master segment: master, attributes, behaviours.
     pub fn tables(&self) -> impl Iterator<Item = &TableDef> {
-        std::iter::once(&self.master).chain(&self.attributes).chain(&self.behaviours)
+        std::iter::once(&self.master)
+            .chain(&self.attributes)
+            .chain(&self.behaviours)
     }
 }
 
@@ -207,7 +212,10 @@ impl TableDef {
 
     /// The declared type of a column.
     pub fn column_type(&self, column: &str) -> Option<&ColumnType> {
-        self.columns.iter().find(|(name, _)| name == column).map(|(_, t)| t)
+        self.columns
+            .iter()
+            .find(|(name, _)| name == column)
+            .map(|(_, t)| t)
     }
 }
 
@@ -218,7 +226,10 @@ pub(super) fn load(
     problems: &mut Vec<Problem>,
 ) -> Option<Pipeline> {
     let file = dir.join("pipeline.toml");
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let text = match read_text(&file) {
         Ok(text) => text,
         Err(problem) => {
@@ -226,7 +237,10 @@ pub(super) fn load(
             return None;
         }
     };
-    let source = SourceText { path: &file, text: &text };
+    let source = SourceText {
+        path: &file,
+        text: &text,
+    };
     if !is_identifier(&name) {
         problems.push(source.problem(format!(
             "the pipeline folder `{name}` must be named in lower case letters, digits and `_`, \
@@ -263,20 +277,23 @@ pub(super) fn load(
         problems.push(source.problem_at(schedule, message));
     }
 
-    let as_of = raw.as_of.as_ref().and_then(|as_of| match parse_wall_time(as_of.get_ref()) {
-        Some(time) => Some(time),
-        None => {
-            problems.push(source.problem_at(
-                as_of,
-                format!(
-                    "as_of `{}` is not a time such as \"2011-12-09 12:50:00\" (wall-clock time \
+    let as_of = raw
+        .as_of
+        .as_ref()
+        .and_then(|as_of| match parse_wall_time(as_of.get_ref()) {
+            Some(time) => Some(time),
+            None => {
+                problems.push(source.problem_at(
+                    as_of,
+                    format!(
+                        "as_of `{}` is not a time such as \"2011-12-09 12:50:00\" (wall-clock time \
                      in the pipeline's time_zone)",
-                    as_of.get_ref()
-                ),
-            ));
-            None
-        }
-    });
+                        as_of.get_ref()
+                    ),
+                ));
+                None
+            }
+        });
 
     let sources: Vec<SourceDef> = raw
         .sources
@@ -285,9 +302,14 @@ pub(super) fn load(
         .collect();
 
     let master = match &raw.master {
-        Some(master) => {
-            check_table(&source, "master", TableRole::Master, master, &sources, problems)
-        }
+        Some(master) => check_table(
+            &source,
+            "master",
+            TableRole::Master,
+            master,
+            &sources,
+            problems,
+        ),
         None => {
             problems.push(source.problem("the [master] table is missing"));
             None
@@ -356,9 +378,14 @@ pub(super) fn load(
 
 /// Parses a wall-clock time written `YYYY-MM-DD HH:MM:SS` (or with a `T`).
 pub fn parse_wall_time(text: &str) -> Option<NaiveDateTime> {
-    ["%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M"]
-        .iter()
-        .find_map(|format| NaiveDateTime::parse_from_str(text.trim(), format).ok())
+    [
+        "%Y-%m-%d %H:%M:%S",
+        "%Y-%m-%dT%H:%M:%S",
+        "%Y-%m-%d %H:%M",
+        "%Y-%m-%dT%H:%M",
+    ]
+    .iter()
+    .find_map(|format| NaiveDateTime::parse_from_str(text.trim(), format).ok())
 }
 
 fn check_columns(
@@ -373,13 +400,17 @@ fn check_columns(
     columns
         .get_ref()
         .iter()
-        .filter_map(|(name, declared)| match ColumnType::parse(declared.get_ref()) {
-            Ok(column_type) => Some((name.clone(), column_type)),
-            Err(message) => {
-                problems.push(source.problem_at(declared, format!("{owner}, column `{name}`: {message}")));
-                None
-            }
-        })
+        .filter_map(
+            |(name, declared)| match ColumnType::parse(declared.get_ref()) {
+                Ok(column_type) => Some((name.clone(), column_type)),
+                Err(message) => {
+                    problems.push(
+                        source.problem_at(declared, format!("{owner}, column `{name}`: {message}")),
+                    );
+                    None
+                }
+            },
+        )
         .collect()
 }
 
@@ -396,12 +427,18 @@ fn check_source(
     if !is_identifier(name) {
         problems.push(source.problem_at(
             raw,
-            format!("{owner}: names are lower case letters, digits and `_`, starting with a letter"),
+            format!(
+                "{owner}: names are lower case letters, digits and `_`, starting with a letter"
+            ),
         ));
     }
     let format = match spec.format.get_ref().as_str() {
         "csv" => SourceFormat::Csv {
-            delimiter: spec.delimiter.as_ref().map(|d| d.get_ref().clone()).unwrap_or(",".into()),
+            delimiter: spec
+                .delimiter
+                .as_ref()
+                .map(|d| d.get_ref().clone())
+                .unwrap_or(",".into()),
             header: spec.header.unwrap_or(true),
         },
         "parquet" => SourceFormat::Parquet,
@@ -428,7 +465,12 @@ fn check_source(
     if problems.len() > before {
         return None;
     }
-    Some(SourceDef { name: name.to_string(), format, path: dir.join(spec.path.get_ref()), columns })
+    Some(SourceDef {
+        name: name.to_string(),
+        format,
+        path: dir.join(spec.path.get_ref()),
+        columns,
+    })
 }
 
 fn check_table(
@@ -449,7 +491,9 @@ fn check_table(
     if !is_identifier(name) {
         problems.push(source.problem_at(
             raw,
-            format!("{owner}: names are lower case letters, digits and `_`, starting with a letter"),
+            format!(
+                "{owner}: names are lower case letters, digits and `_`, starting with a letter"
+            ),
         ));
     }
     let columns = check_columns(source, &owner, &spec.columns, problems);
@@ -458,9 +502,10 @@ fn check_table(
 
     let key = spec.key.get_ref().clone();
     match declared.get(key.as_str()) {
-        Some(ColumnType::List(_)) | Some(ColumnType::Boolean) => problems.push(
-            source.problem_at(&spec.key, format!("{owner}: the key `{key}` must be text, a number or a date")),
-        ),
+        Some(ColumnType::List(_)) | Some(ColumnType::Boolean) => problems.push(source.problem_at(
+            &spec.key,
+            format!("{owner}: the key `{key}` must be text, a number or a date"),
+        )),
         Some(_) => {}
         None => problems.push(source.problem_at(
             &spec.key,
@@ -472,17 +517,25 @@ fn check_table(
     match (role, &spec.time) {
         (TableRole::Behaviour, None) => problems.push(source.problem_at(
             raw,
-            format!("{owner}: behaviour tables need `time`, the column holding when each row happened"),
+            format!(
+                "{owner}: behaviour tables need `time`, the column holding when each row happened"
+            ),
         )),
         (TableRole::Behaviour, Some(time)) => match declared.get(time.get_ref().as_str()) {
             Some(ColumnType::Timestamp) | Some(ColumnType::Date) => {}
             Some(other) => problems.push(source.problem_at(
                 time,
-                format!("{owner}: the time column `{}` is {other}; it must be TIMESTAMP or DATE", time.get_ref()),
+                format!(
+                    "{owner}: the time column `{}` is {other}; it must be TIMESTAMP or DATE",
+                    time.get_ref()
+                ),
             )),
             None => problems.push(source.problem_at(
                 time,
-                format!("{owner}: the time column `{}` is not among its declared columns", time.get_ref()),
+                format!(
+                    "{owner}: the time column `{}` is not among its declared columns",
+                    time.get_ref()
+                ),
             )),
         },
         (_, Some(time)) => problems.push(source.problem_at(
@@ -529,5 +582,12 @@ fn check_table(
     if problems.len() > before {
         return None;
     }
-    Some(TableDef { name: name.to_string(), role, key, time, from, columns })
+    Some(TableDef {
+        name: name.to_string(),
+        role,
+        key,
+        time,
+        from,
+        columns,
+    })
 }

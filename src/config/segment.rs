@@ -35,6 +35,7 @@ struct RawActivation {
     settings: toml::Table,
     mode: Option<Spanned<String>>,
     max_removal_share: Option<Spanned<f64>>,
+    min_audience_size: Option<Spanned<u64>>,
     dead_letter_after_runs: Option<Spanned<u32>>,
 }
 
@@ -80,6 +81,10 @@ pub struct ActivationDef {
     /// The largest share of the acknowledged audience one run may remove before the delta is
     /// held for an operator's approval (`max_removal_share`, default 0.2).
     pub max_removal_share: f64,
+    /// The smallest audience removals may leave on the destination (`min_audience_size`,
+    /// default the platform's own floor, if it has one); removals that would go below it are
+    /// held for an operator's approval. 0 turns the check off.
+    pub min_audience_size: Option<u64>,
     /// After how many runs in which the platform rejected a member it goes to the dead
     /// letter (`dead_letter_after_runs`, default 3).
     pub dead_letter_after_runs: u32,
@@ -102,8 +107,10 @@ pub const DEFAULT_DEAD_LETTER_AFTER_RUNS: u32 = 3;
 
 /// Every `.toml` file under `dir`, sorted.
 fn segment_files(dir: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    let mut entries: Vec<PathBuf> =
-        std::fs::read_dir(dir)?.filter_map(Result::ok).map(|e| e.path()).collect();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
     entries.sort();
     for path in entries {
         if path.is_dir() {
@@ -138,21 +145,23 @@ pub(super) fn load_all(
     let mut segments = Vec::new();
     let mut lines: BTreeMap<String, (PathBuf, Vec<(String, usize)>)> = BTreeMap::new();
     for file in files {
-        let relative = file.strip_prefix(&root).expect("under root").with_extension("");
+        let relative = file
+            .strip_prefix(&root)
+            .expect("under root")
+            .with_extension("");
         let name = relative
             .components()
             .map(|c| c.as_os_str().to_string_lossy().into_owned())
             .collect::<Vec<_>>()
             .join("/");
-        if let Some((segment, references)) = load_one(&file, &name, pipeline, catalog, daemon, problems)
-        {
-            lines.insert(name.clone(), (file.clone(), references));
-            segments.push(segment);
-        }
+        let (segment, references) = load_one(&file, &name, pipeline, catalog, daemon, problems);
+        lines.insert(name.clone(), (file.clone(), references));
+        segments.extend(segment);
     }
 
-    // References: every name must exist.
-    let known: BTreeSet<&str> = segments.iter().map(|s| s.name.as_str()).collect();
+    // References: every name must exist, as a file; a segment with problems of its own
+    // still exists, and its own references are checked too.
+    let known: BTreeSet<&str> = lines.keys().map(String::as_str).collect();
     for (file, references) in lines.values() {
         for (reference, line) in references {
             if !known.contains(reference.as_str()) {
@@ -178,27 +187,30 @@ fn load_one(
     catalog: &Catalog,
     daemon: &DaemonConfig,
     problems: &mut Vec<Problem>,
-) -> Option<(SegmentDef, Vec<(String, usize)>)> {
+) -> (Option<SegmentDef>, Vec<(String, usize)>) {
     let text = match read_text(file) {
         Ok(text) => text,
         Err(problem) => {
             problems.push(problem);
-            return None;
+            return (None, Vec::new());
         }
     };
-    let source = SourceText { path: file, text: &text };
+    let source = SourceText {
+        path: file,
+        text: &text,
+    };
     if !name.split('/').all(is_identifier) {
         problems.push(source.problem(
             "segment files and folders are named in lower case letters, digits and `_`, \
              starting with a letter",
         ));
-        return None;
+        return (None, Vec::new());
     }
     let raw: RawSegment = match source.parse() {
         Ok(raw) => raw,
         Err(problem) => {
             problems.push(problem);
-            return None;
+            return (None, Vec::new());
         }
     };
     let before = problems.len();
@@ -214,8 +226,14 @@ fn load_one(
             (Rule::Everyone, Vec::new())
         }
     };
-    let reference_line = raw.rule.as_ref().map_or(1, |r| source.line_of(r.span().start));
-    let references_with_lines = references.iter().map(|r| (r.clone(), reference_line)).collect();
+    let reference_line = raw
+        .rule
+        .as_ref()
+        .map_or(1, |r| source.line_of(r.span().start));
+    let references_with_lines = references
+        .iter()
+        .map(|r| (r.clone(), reference_line))
+        .collect();
     if references.iter().any(|r| r == name) {
         problems.push(source.problem_at_offset(
             raw.rule.as_ref().map_or(0, |r| r.span().start),
@@ -234,7 +252,10 @@ fn load_one(
             ));
             continue;
         }
-        if activations.iter().any(|a| a.id.ends_with(&format!("/{activation_name}"))) {
+        if activations
+            .iter()
+            .any(|a| a.id.ends_with(&format!("/{activation_name}")))
+        {
             problems.push(source.problem_at(
                 &spec.name,
                 format!("two activations are called `{activation_name}`"),
@@ -265,20 +286,27 @@ fn load_one(
             ));
             continue;
         };
-        if let Err(errors) = segmentd_connectors::build(
+        let connector = match segmentd_connectors::build(
             &connection.kind,
             &connection.settings,
             &spec.settings,
             &connection.secrets,
         ) {
-            for error in errors {
-                problems.push(source.problem_at(
-                    activation,
-                    format!("activation `{activation_name}`: settings.{error}"),
-                ));
+            Ok(connector) => connector,
+            Err(errors) => {
+                for error in errors {
+                    problems.push(source.problem_at(
+                        activation,
+                        format!("activation `{activation_name}`: settings.{error}"),
+                    ));
+                }
+                continue;
             }
-            continue;
-        }
+        };
+        let min_audience_size = match &spec.min_audience_size {
+            Some(size) => Some(*size.get_ref()).filter(|size| *size > 0),
+            None => connector.min_audience_size(),
+        };
         let mode = match spec.mode.as_ref().map(|m| m.get_ref().as_str()) {
             None | Some("add_remove") => Mode::AddRemove,
             Some("add_only") => Mode::AddOnly,
@@ -316,7 +344,9 @@ fn load_one(
             Some(runs) if *runs.get_ref() == 0 => {
                 problems.push(source.problem_at(
                     runs,
-                    format!("activation `{activation_name}`: dead_letter_after_runs must be 1 or more"),
+                    format!(
+                        "activation `{activation_name}`: dead_letter_after_runs must be 1 or more"
+                    ),
                 ));
                 continue;
             }
@@ -326,30 +356,35 @@ fn load_one(
         activations.push(ActivationDef {
             mode,
             max_removal_share,
+            min_audience_size,
             dead_letter_after_runs,
             id: format!("{name}/{activation_name}"),
             connection: connection.name.clone(),
             kind: connection.kind.clone(),
-            identifiers: spec.identifiers.iter().map(|i| i.get_ref().clone()).collect(),
+            identifiers: spec
+                .identifiers
+                .iter()
+                .map(|i| i.get_ref().clone())
+                .collect(),
             settings: spec.settings.clone(),
         });
     }
     let _ = pipeline;
 
     if problems.len() > before {
-        return None;
+        return (None, references_with_lines);
     }
-    Some((
-        SegmentDef {
+    (
+        Some(SegmentDef {
             name: name.to_string(),
             file: file.to_path_buf(),
             description: raw.description.unwrap_or_default(),
             rule,
             references,
             activations,
-        },
+        }),
         references_with_lines,
-    ))
+    )
 }
 
 /// Orders segments so that each follows those it refers to; a cycle is a problem naming it.
@@ -361,9 +396,20 @@ fn order_by_dependency(segments: Vec<SegmentDef>, problems: &mut Vec<Problem>) -
     let mut reported = BTreeSet::new();
     for name in by_name.keys() {
         let mut path = Vec::new();
-        visit(name, &by_name, &mut done, &mut path, &mut ordered, problems, &mut reported);
+        visit(
+            name,
+            &by_name,
+            &mut done,
+            &mut path,
+            &mut ordered,
+            problems,
+            &mut reported,
+        );
     }
-    ordered.into_iter().map(|name| by_name[&name].clone()).collect()
+    ordered
+        .into_iter()
+        .map(|name| by_name[&name].clone())
+        .collect()
 }
 
 fn visit(
@@ -378,7 +424,9 @@ fn visit(
     if done.contains(name) {
         return;
     }
-    let Some(segment) = by_name.get(name) else { return };
+    let Some(segment) = by_name.get(name) else {
+        return;
+    };
     if let Some(start) = path.iter().position(|p| p == name) {
         let mut cycle: Vec<String> = path[start..].to_vec();
         cycle.push(name.to_string());
@@ -388,7 +436,10 @@ fn visit(
             problems.push(Problem {
                 file: segment.file.clone(),
                 line: None,
-                message: format!("segments refer to each other in a cycle: {}", cycle.join(" -> ")),
+                message: format!(
+                    "segments refer to each other in a cycle: {}",
+                    cycle.join(" -> ")
+                ),
             });
         }
         return;

@@ -16,7 +16,9 @@ pub struct Project {
 impl Project {
     /// An empty project whose config.toml has one `file` connection called `exports`.
     pub fn new() -> Project {
-        let project = Project { dir: tempfile::tempdir().expect("temp dir") };
+        let project = Project {
+            dir: tempfile::tempdir().expect("temp dir"),
+        };
         project.write(
             "config.toml",
             r#"
@@ -76,7 +78,9 @@ format = "csv"
         let folder = self.path("var/exports").join(activation.replace('/', "__"));
         let prefix = format!("run-{run_id:06}-{change}-");
         let mut keys = Vec::new();
-        let Ok(entries) = std::fs::read_dir(&folder) else { return keys };
+        let Ok(entries) = std::fs::read_dir(&folder) else {
+            return keys;
+        };
         for entry in entries {
             let path = entry.unwrap().path();
             let name = path.file_name().unwrap().to_string_lossy().into_owned();
@@ -97,7 +101,9 @@ format = "csv"
         let folder = self.path("var/exports").join(activation.replace('/', "__"));
         let mut names: Vec<String> = std::fs::read_dir(folder)
             .map(|entries| {
-                entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+                entries
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
             })
             .unwrap_or_default();
         names.sort();

@@ -45,7 +45,10 @@ async fn receive(
             platform.audience.remove(&key);
         }
     }
-    (StatusCode::OK, axum::Json(serde_json::json!({ "rejected": rejected })))
+    (
+        StatusCode::OK,
+        axum::Json(serde_json::json!({ "rejected": rejected })),
+    )
 }
 
 /// A running fake platform: its state and the URL to post to.
@@ -60,16 +63,30 @@ impl FakePlatform {
     pub fn start() -> FakePlatform {
         let state = Arc::new(Mutex::new(Platform::default()));
         let runtime = tokio::runtime::Runtime::new().unwrap();
-        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
         let url = format!("http://{}/audience", listener.local_addr().unwrap());
-        let app = axum::Router::new().route("/audience", post(receive)).with_state(Arc::clone(&state));
+        let app = axum::Router::new()
+            .route("/audience", post(receive))
+            .with_state(Arc::clone(&state));
         runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
-        FakePlatform { state, url, _runtime: runtime }
+        FakePlatform {
+            state,
+            url,
+            _runtime: runtime,
+        }
     }
 
     /// The audience, sorted.
     pub fn audience(&self) -> Vec<String> {
-        self.state.lock().unwrap().audience.iter().cloned().collect()
+        self.state
+            .lock()
+            .unwrap()
+            .audience
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// config.toml with one `webhook` connection called `platform` pointing here.

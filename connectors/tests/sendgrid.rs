@@ -1,0 +1,1250 @@
+//! The SendGrid connector against a fake Marketing Campaigns API on loopback.
+//!
+//! The fake serves the contact upsert (`PUT /v3/marketing/contacts`), the lookup by address
+//! (`POST /v3/marketing/contacts/search/emails`) and the removal from a list
+//! (`DELETE /v3/marketing/lists/{list_id}/contacts?contact_ids=...`) the way SendGrid does: a
+//! bearer API key; at most 30,000 contacts per upsert and 100 addresses per lookup; a 400
+//! naming each invalid address by its position; writes answered 202 with a `job_id`; lookups
+//! answered with a map keyed by address, or 404 when none is known; removal by contact id
+//! only; `X-RateLimit-*` headers on every answer. It keeps the contacts (address, id, lists)
+//! and applies each job at once. Faults queued on it answer the next requests the way SendGrid
+//! fails.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use segmentd_connectors::sendgrid::SendgridConnector;
+use segmentd_connectors::{
+    Batch, Change, Connector, DeliveryError, Member, Outcome, Rejection, RetryPolicy,
+    SettingsError, deliver_with_retries,
+};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+const KEY: &str = "SG.segmentd-test.0123456789abcdef";
+const LIST_ID: &str = "ca7a3796-e8a8-4029-9ccb-df8937940562";
+/// Another list of the account, which removals from [`LIST_ID`] must leave alone.
+const OTHER_LIST_ID: &str = "0f5e7a52-1b0c-4a8e-9d3f-6c2b1a0e9d87";
+const MAX_CONTACTS: usize = 30_000;
+const MAX_UPSERT_BYTES: usize = 6_000_000;
+const MAX_LOOKUP: usize = 100;
+
+/// One failure the fake answers a request with instead of its normal answer.
+#[derive(Debug, Clone)]
+enum Fault {
+    /// HTTP 429, with this `Retry-After` if any and `X-RateLimit-Reset` this many seconds
+    /// ahead if any.
+    TooManyRequests {
+        retry_after: Option<&'static str>,
+        reset_in: Option<u64>,
+    },
+    /// HTTP 503 with SendGrid's error body.
+    Unavailable,
+    /// An HTML error page with this status, as a proxy in front of the API sends.
+    HtmlPage(u16),
+    /// The normal answer (the change applied at once), sent after this delay.
+    Slow(Duration),
+    /// HTTP 401: the API key was revoked.
+    RevokedKey,
+    /// HTTP 403: the API key has no Marketing access.
+    NoMarketingAccess,
+}
+
+/// A request as the fake received it.
+#[derive(Debug, Clone)]
+struct Received {
+    method: Method,
+    uri: String,
+    authorization: Option<String>,
+    body: String,
+    status: u16,
+}
+
+/// One contact of the account.
+#[derive(Debug, Clone)]
+struct Contact {
+    id: String,
+    lists: BTreeSet<String>,
+}
+
+/// The fake API and the contacts of its one account.
+struct Sendgrid {
+    /// Contacts by lower-cased address.
+    contacts: Mutex<BTreeMap<String, Contact>>,
+    /// Job ids handed out, in order.
+    jobs: Mutex<Vec<String>>,
+    faults: Mutex<VecDeque<Fault>>,
+    received: Mutex<Vec<Received>>,
+}
+
+impl Sendgrid {
+    /// The addresses of the contacts in `list`.
+    fn members_of(&self, list: &str) -> BTreeSet<String> {
+        self.contacts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, contact)| contact.lists.contains(list))
+            .map(|(email, _)| email.clone())
+            .collect()
+    }
+
+    /// The addresses of the contacts in [`LIST_ID`].
+    fn audience(&self) -> BTreeSet<String> {
+        self.members_of(LIST_ID)
+    }
+
+    fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// `METHOD path -> status` of every request received.
+    fn calls(&self) -> Vec<String> {
+        self.received()
+            .iter()
+            .map(|r| {
+                let path = r.uri.split('?').next().unwrap_or_default();
+                format!("{} {path} -> {}", r.method, r.status)
+            })
+            .collect()
+    }
+
+    fn fail_next(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.faults.lock().unwrap().extend(faults);
+    }
+
+    /// Adds a contact directly, as if an earlier upsert had completed.
+    fn seed(&self, email: &str, lists: &[&str]) {
+        let mut contacts = self.contacts.lock().unwrap();
+        let id = contact_id(contacts.len());
+        contacts.insert(
+            email.to_owned(),
+            Contact {
+                id,
+                lists: lists.iter().map(|list| list.to_string()).collect(),
+            },
+        );
+    }
+
+    fn job(&self) -> Response {
+        let mut jobs = self.jobs.lock().unwrap();
+        let id = format!("job-{:04}", jobs.len() + 1);
+        jobs.push(id.clone());
+        (StatusCode::ACCEPTED, axum::Json(json!({ "job_id": id }))).into_response()
+    }
+}
+
+/// The fake's contact ids: UUID-shaped, numbered.
+fn contact_id(number: usize) -> String {
+    format!("7c1e0a00-0000-4000-8000-{number:012}")
+}
+
+/// SendGrid's error body with one error per `(field, message)`.
+fn errors(status: u16, entries: &[(Option<&str>, &str)]) -> Response {
+    let body = json!({
+        "errors": entries
+            .iter()
+            .map(|(field, message)| json!({"field": field, "message": message}))
+            .collect::<Vec<_>>(),
+    });
+    (StatusCode::from_u16(status).unwrap(), axum::Json(body)).into_response()
+}
+
+/// The fake's address check, stricter than the connector's: the domain needs a dot.
+fn valid_email(email: &str) -> bool {
+    match email.split_once('@') {
+        Some((local, domain)) => !local.is_empty() && domain.contains('.') && !email.contains(' '),
+        None => false,
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Answers with `fault` if it stands for a failure, otherwise checks the credentials.
+fn refusal(fault: Option<&Fault>, headers: &HeaderMap) -> Option<Response> {
+    match fault {
+        Some(Fault::TooManyRequests {
+            retry_after,
+            reset_in,
+        }) => {
+            let mut response = errors(429, &[(None, "too many requests")]);
+            if let Some(value) = retry_after {
+                response
+                    .headers_mut()
+                    .insert("retry-after", value.parse().unwrap());
+            }
+            if let Some(seconds) = reset_in {
+                let reset = (unix_now() + seconds).to_string();
+                response
+                    .headers_mut()
+                    .insert("x-ratelimit-reset", reset.parse().unwrap());
+                response
+                    .headers_mut()
+                    .insert("x-ratelimit-remaining", "0".parse().unwrap());
+            }
+            return Some(response);
+        }
+        Some(Fault::Unavailable) => {
+            return Some(errors(503, &[(None, "service temporarily unavailable")]));
+        }
+        Some(Fault::HtmlPage(status)) => {
+            let mut response = "<html><body><h1>Bad Gateway</h1></body></html>".into_response();
+            *response.status_mut() = StatusCode::from_u16(*status).unwrap();
+            return Some(response);
+        }
+        Some(Fault::RevokedKey) => return Some(errors(401, &[(None, "authorization required")])),
+        Some(Fault::NoMarketingAccess) => {
+            return Some(errors(403, &[(None, "access forbidden")]));
+        }
+        Some(Fault::Slow(_)) | None => {}
+    }
+    let authorization = headers.get("authorization").and_then(|v| v.to_str().ok());
+    if authorization != Some(&format!("Bearer {KEY}")) {
+        return Some(errors(401, &[(None, "authorization required")]));
+    }
+    None
+}
+
+/// Records the request, adds the rate-limit headers, and waits out a slow fault.
+async fn finish(
+    sendgrid: &Sendgrid,
+    method: Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+    fault: Option<Fault>,
+    mut response: Response,
+) -> Response {
+    let count = {
+        let mut received = sendgrid.received.lock().unwrap();
+        received.push(Received {
+            method,
+            uri: uri.to_string(),
+            authorization: headers
+                .get("authorization")
+                .map(|value| value.to_str().unwrap().to_owned()),
+            body: String::from_utf8_lossy(body).into_owned(),
+            status: response.status().as_u16(),
+        });
+        received.len()
+    };
+    // A 429 carries only the rate-limit headers its fault chose.
+    let throttled = response.status() == StatusCode::TOO_MANY_REQUESTS;
+    let limits = response.headers_mut();
+    limits.insert("x-ratelimit-limit", "600".parse().unwrap());
+    if !throttled {
+        let remaining = 600usize.saturating_sub(count).to_string();
+        limits.insert("x-ratelimit-remaining", remaining.parse().unwrap());
+        let reset = (unix_now() + 60).to_string();
+        limits.insert("x-ratelimit-reset", reset.parse().unwrap());
+    }
+    if let Some(Fault::Slow(delay)) = fault {
+        tokio::time::sleep(delay).await;
+    }
+    response
+}
+
+/// True when the request says it carries JSON.
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+async fn upsert_contacts(
+    State(sendgrid): State<Arc<Sendgrid>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let fault = sendgrid.faults.lock().unwrap().pop_front();
+    let response = refusal(fault.as_ref(), &headers).unwrap_or_else(|| {
+        if !is_json(&headers) {
+            return errors(415, &[(None, "content type must be application/json")]);
+        }
+        upsert(&sendgrid, &body)
+    });
+    finish(
+        &sendgrid,
+        Method::PUT,
+        &uri,
+        &headers,
+        &body,
+        fault,
+        response,
+    )
+    .await
+}
+
+fn upsert(sendgrid: &Sendgrid, body: &[u8]) -> Response {
+    if body.len() > MAX_UPSERT_BYTES {
+        return errors(413, &[(None, "request body is larger than 6 MB")]);
+    }
+    let Ok(request) = serde_json::from_slice::<Value>(body) else {
+        return errors(400, &[(None, "invalid JSON")]);
+    };
+    let Some(contacts) = request["contacts"].as_array() else {
+        return errors(400, &[(Some("contacts"), "contacts is required")]);
+    };
+    if contacts.is_empty() || contacts.len() > MAX_CONTACTS {
+        return errors(
+            400,
+            &[(Some("contacts"), "contacts must hold 1 to 30000 items")],
+        );
+    }
+    let lists: Vec<String> = match request.get("list_ids") {
+        None => Vec::new(),
+        Some(ids) => {
+            let ids: Option<Vec<String>> = ids.as_array().map(|ids| {
+                ids.iter()
+                    .filter_map(|id| id.as_str().map(str::to_owned))
+                    .collect()
+            });
+            match ids {
+                Some(ids)
+                    if ids
+                        .iter()
+                        .all(|id| [LIST_ID, OTHER_LIST_ID].contains(&id.as_str())) =>
+                {
+                    ids
+                }
+                _ => {
+                    return errors(
+                        400,
+                        &[(Some("list_ids"), "list_ids must be existing lists")],
+                    );
+                }
+            }
+        }
+    };
+    let mut refused = Vec::new();
+    for (index, contact) in contacts.iter().enumerate() {
+        let email = contact["email"].as_str().unwrap_or_default();
+        if !valid_email(email) {
+            refused.push((
+                format!("contacts[{index}].email"),
+                format!("{email} is not a valid email address"),
+            ));
+        }
+    }
+    if !refused.is_empty() {
+        let entries: Vec<(Option<&str>, &str)> = refused
+            .iter()
+            .map(|(field, message)| (Some(field.as_str()), message.as_str()))
+            .collect();
+        return errors(400, &entries);
+    }
+
+    let mut stored = sendgrid.contacts.lock().unwrap();
+    for contact in contacts {
+        let email = contact["email"].as_str().unwrap().to_lowercase();
+        let next = contact_id(stored.len());
+        let entry = stored.entry(email).or_insert(Contact {
+            id: next,
+            lists: BTreeSet::new(),
+        });
+        entry.lists.extend(lists.iter().cloned());
+    }
+    drop(stored);
+    sendgrid.job()
+}
+
+async fn search_emails(
+    State(sendgrid): State<Arc<Sendgrid>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let fault = sendgrid.faults.lock().unwrap().pop_front();
+    let response = refusal(fault.as_ref(), &headers).unwrap_or_else(|| search(&sendgrid, &body));
+    finish(
+        &sendgrid,
+        Method::POST,
+        &uri,
+        &headers,
+        &body,
+        fault,
+        response,
+    )
+    .await
+}
+
+fn search(sendgrid: &Sendgrid, body: &[u8]) -> Response {
+    let request: Value = serde_json::from_slice(body).unwrap_or_default();
+    let Some(emails) = request["emails"].as_array() else {
+        return errors(400, &[(Some("emails"), "emails is required")]);
+    };
+    if emails.is_empty() || emails.len() > MAX_LOOKUP {
+        return errors(400, &[(Some("emails"), "emails must hold 1 to 100 items")]);
+    }
+    let emails: Vec<&str> = emails
+        .iter()
+        .map(|e| e.as_str().unwrap_or_default())
+        .collect();
+    let invalid: Vec<(String, String)> = emails
+        .iter()
+        .enumerate()
+        .filter(|(_, email)| !valid_email(email))
+        .map(|(index, email)| {
+            (
+                format!("emails[{index}]"),
+                format!("{email} is an invalid email"),
+            )
+        })
+        .collect();
+    if !invalid.is_empty() {
+        let entries: Vec<(Option<&str>, &str)> = invalid
+            .iter()
+            .map(|(field, message)| (Some(field.as_str()), message.as_str()))
+            .collect();
+        return errors(400, &entries);
+    }
+    let contacts = sendgrid.contacts.lock().unwrap();
+    let mut result = serde_json::Map::new();
+    let mut any = false;
+    for email in emails {
+        let entry = match contacts.get(&email.to_lowercase()) {
+            Some(contact) => {
+                any = true;
+                json!({"contact": {
+                    "id": contact.id,
+                    "email": email.to_lowercase(),
+                    "list_ids": contact.lists,
+                    "created_at": "2026-12-01T09:00:00Z",
+                }})
+            }
+            None => json!({"error": "contact not found"}),
+        };
+        result.insert(email.to_owned(), entry);
+    }
+    if !any {
+        return errors(404, &[(None, "No contacts found")]);
+    }
+    axum::Json(json!({ "result": result })).into_response()
+}
+
+async fn remove_from_list(
+    State(sendgrid): State<Arc<Sendgrid>>,
+    Path(list_id): Path<String>,
+    RawQuery(query): RawQuery,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let fault = sendgrid.faults.lock().unwrap().pop_front();
+    let response = refusal(fault.as_ref(), &headers)
+        .unwrap_or_else(|| remove(&sendgrid, &list_id, query.as_deref().unwrap_or_default()));
+    finish(
+        &sendgrid,
+        Method::DELETE,
+        &uri,
+        &headers,
+        &body,
+        fault,
+        response,
+    )
+    .await
+}
+
+fn remove(sendgrid: &Sendgrid, list_id: &str, query: &str) -> Response {
+    if ![LIST_ID, OTHER_LIST_ID].contains(&list_id) {
+        return errors(404, &[(None, "list ID does not exist")]);
+    }
+    let ids: Vec<String> = query
+        .split('&')
+        .filter_map(|pair| pair.strip_prefix("contact_ids="))
+        .flat_map(|value| {
+            percent_decode(value)
+                .split(',')
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .filter(|id| !id.is_empty())
+        .collect();
+    if ids.is_empty() {
+        return errors(400, &[(Some("contact_ids"), "contact_ids is required")]);
+    }
+    if ids.iter().any(|id| id.contains('@')) {
+        return errors(
+            400,
+            &[(Some("contact_ids"), "contact_ids must be contact IDs")],
+        );
+    }
+    let mut contacts = sendgrid.contacts.lock().unwrap();
+    for contact in contacts.values_mut() {
+        if ids.contains(&contact.id) {
+            contact.lists.remove(list_id);
+        }
+    }
+    drop(contacts);
+    sendgrid.job()
+}
+
+/// `%XX` escapes decoded.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+            out.push(u8::from_str_radix(hex, 16).unwrap());
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// Starts the fake on a loopback port; returns it with its API root.
+async fn start_sendgrid() -> (Arc<Sendgrid>, String) {
+    let sendgrid = Arc::new(Sendgrid {
+        contacts: Mutex::new(BTreeMap::new()),
+        jobs: Mutex::new(Vec::new()),
+        faults: Mutex::new(VecDeque::new()),
+        received: Mutex::new(Vec::new()),
+    });
+    let router = axum::Router::new()
+        .route(
+            "/v3/marketing/contacts",
+            axum::routing::put(upsert_contacts),
+        )
+        .route(
+            "/v3/marketing/contacts/search/emails",
+            axum::routing::post(search_emails),
+        )
+        .route(
+            "/v3/marketing/lists/{list_id}/contacts",
+            axum::routing::delete(remove_from_list),
+        )
+        .with_state(Arc::clone(&sendgrid));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    (sendgrid, url)
+}
+
+fn secrets(key: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([("api_key".to_owned(), key.to_owned())])
+}
+
+fn connection(base_url: &str) -> toml::Table {
+    let mut table = toml::toml! {
+        api_key_env = "SENDGRID_KEY"
+        timeout_seconds = 1
+    };
+    table.insert("base_url".into(), base_url.into());
+    table
+}
+
+fn connector(base_url: &str) -> SendgridConnector {
+    let activation = toml::toml! { list_id = "ca7a3796-e8a8-4029-9ccb-df8937940562" };
+    SendgridConnector::from_settings(&connection(base_url), &activation, &secrets(KEY)).unwrap()
+}
+
+fn member(key: &str, email: &str) -> Member {
+    Member {
+        key: key.into(),
+        identifiers: BTreeMap::from([("email".into(), email.into())]),
+    }
+}
+
+fn batch(change: Change, members: Vec<Member>) -> Batch {
+    Batch {
+        run_id: 42,
+        activation: "vip/sendgrid".into(),
+        change,
+        sequence: 0,
+        members,
+    }
+}
+
+fn three_members() -> Vec<Member> {
+    vec![
+        member("1", "ann@example.com"),
+        member("2", " Bob@Example.com "),
+        member("3", "cat@example.com"),
+    ]
+}
+
+fn quick_policy(max_attempts: u32) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: NonZeroU32::new(max_attempts).unwrap(),
+        initial_delay: Duration::from_millis(20),
+        max_delay: Duration::from_millis(100),
+        max_total_time: Duration::from_secs(30),
+        max_retry_after: Duration::from_secs(5),
+    }
+}
+
+fn accepted(keys: &[&str]) -> Outcome {
+    Outcome {
+        accepted: keys.iter().map(|key| key.to_string()).collect(),
+        rejected: vec![],
+    }
+}
+
+fn addresses(emails: &[&str]) -> BTreeSet<String> {
+    emails.iter().map(|email| email.to_string()).collect()
+}
+
+#[tokio::test]
+async fn adding_three_and_removing_one_leaves_two_in_the_list_and_keeps_the_contact() {
+    let (sendgrid, url) = start_sendgrid().await;
+    let connector = connector(&url);
+
+    let added = connector
+        .deliver(&batch(Change::Add, three_members()))
+        .await;
+    let removed = connector
+        .deliver(&batch(Change::Remove, vec![member("2", "BOB@example.com")]))
+        .await;
+
+    assert_eq!(added, Ok(accepted(&["1", "2", "3"])));
+    assert_eq!(removed, Ok(accepted(&["2"])));
+    assert_eq!(
+        sendgrid.audience(),
+        addresses(&["ann@example.com", "cat@example.com"])
+    );
+    assert!(
+        sendgrid
+            .contacts
+            .lock()
+            .unwrap()
+            .contains_key("bob@example.com")
+    );
+    assert_eq!(
+        sendgrid.calls(),
+        [
+            "PUT /v3/marketing/contacts -> 202",
+            "POST /v3/marketing/contacts/search/emails -> 200",
+            &format!("DELETE /v3/marketing/lists/{LIST_ID}/contacts -> 202"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn requests_carry_the_bearer_key_lower_cased_addresses_and_contact_ids() {
+    let (sendgrid, url) = start_sendgrid().await;
+    let connector = connector(&url);
+
+    connector
+        .deliver(&batch(Change::Add, three_members()))
+        .await
+        .unwrap();
+    connector
+        .deliver(&batch(Change::Remove, three_members()))
+        .await
+        .unwrap();
+
+    let received = sendgrid.received();
+    assert!(
+        received
+            .iter()
+            .all(|r| r.authorization.as_deref() == Some(&format!("Bearer {KEY}")))
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&received[0].body).unwrap(),
+        json!({
+            "list_ids": [LIST_ID],
+            "contacts": [
+                {"email": "ann@example.com"},
+                {"email": "bob@example.com"},
+                {"email": "cat@example.com"},
+            ],
+        })
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&received[1].body).unwrap(),
+        json!({"emails": ["ann@example.com", "bob@example.com", "cat@example.com"]})
+    );
+    // The fake numbers contact ids in order of creation; commas are sent escaped.
+    assert_eq!(
+        received[2].uri,
+        format!(
+            "/v3/marketing/lists/{LIST_ID}/contacts?contact_ids=\
+             7c1e0a00-0000-4000-8000-000000000000%2C7c1e0a00-0000-4000-8000-000000000001%2C\
+             7c1e0a00-0000-4000-8000-000000000002"
+        )
+    );
+    assert!(sendgrid.audience().is_empty());
+    assert!(!format!("{connector:?}").contains("0123456789abcdef"));
+}
+
+#[tokio::test]
+async fn adding_the_same_batch_twice_leaves_one_contact_each_in_the_list() {
+    let (sendgrid, url) = start_sendgrid().await;
+    let connector = connector(&url);
+
+    connector
+        .deliver(&batch(Change::Add, three_members()))
+        .await
+        .unwrap();
+    let again = connector
+        .deliver(&batch(Change::Add, three_members()))
+        .await;
+
+    assert_eq!(again, Ok(accepted(&["1", "2", "3"])));
+    assert_eq!(
+        sendgrid.audience(),
+        addresses(&["ann@example.com", "bob@example.com", "cat@example.com"])
+    );
+    assert_eq!(sendgrid.contacts.lock().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn removing_the_same_batch_twice_sends_no_second_removal() {
+    let (sendgrid, url) = start_sendgrid().await;
+    let connector = connector(&url);
+    connector
+        .deliver(&batch(Change::Add, three_members()))
+        .await
+        .unwrap();
+
+    let first = connector
+        .deliver(&batch(Change::Remove, three_members()))
+        .await;
+    let second = connector
+        .deliver(&batch(Change::Remove, three_members()))
+        .await;
+
+    assert_eq!(first, Ok(accepted(&["1", "2", "3"])));
+    assert_eq!(second, Ok(accepted(&["1", "2", "3"])));
+    assert!(sendgrid.audience().is_empty());
+    assert_eq!(
+        sendgrid.calls()[3..],
+        ["POST /v3/marketing/contacts/search/emails -> 200"]
+    );
+}
+
+#[tokio::test]
+async fn removing_unknown_addresses_counts_as_removed_and_leaves_other_lists_alone() {
+    let (sendgrid, url) = start_sendgrid().await;
+    sendgrid.seed("ann@example.com", &[LIST_ID, OTHER_LIST_ID]);
+    sendgrid.seed("bob@example.com", &[OTHER_LIST_ID]);
+    let connector = connector(&url);
+
+    let unknown = connector
+        .deliver(&batch(
+            Change::Remove,
+            vec![member("9", "nobody@example.com")],
+        ))
+        .await;
+    let removed = connector
+        .deliver(&batch(
+            Change::Remove,
+            vec![
+                member("1", "ann@example.com"),
+                member("2", "bob@example.com"),
+            ],
+        ))
+        .await;
+
+    assert_eq!(unknown, Ok(accepted(&["9"])));
+    assert_eq!(removed, Ok(accepted(&["1", "2"])));
+    assert!(sendgrid.audience().is_empty());
+    assert_eq!(
+        sendgrid.members_of(OTHER_LIST_ID),
+        addresses(&["ann@example.com", "bob@example.com"])
+    );
+    let calls = sendgrid.calls();
+    assert_eq!(calls[0], "POST /v3/marketing/contacts/search/emails -> 404");
+    // Only ann was in the list, so only her id is sent.
+    assert!(
+        sendgrid.received()[2]
+            .uri
+            .ends_with("contact_ids=7c1e0a00-0000-4000-8000-000000000000")
+    );
+}
+
+#[tokio::test]
+async fn members_without_a_usable_address_are_rejected_and_never_sent() {
+    let (sendgrid, url) = start_sendgrid().await;
+    let members = vec![
+        member("1", "ann@example.com"),
+        member("2", "ann at example"),
+        Member {
+            key: "3".into(),
+            identifiers: BTreeMap::new(),
+        },
+    ];
+
+    let outcome = connector(&url).deliver(&batch(Change::Add, members)).await;
+
+    assert_eq!(
+        outcome,
+        Ok(Outcome {
+            accepted: vec!["1".into()],
+            rejected: vec![
+                Rejection {
+                    key: "2".into(),
+                    reason: "no usable e-mail address: `email` is not an e-mail address".into(),
+                },
+                Rejection {
+                    key: "3".into(),
+                    reason: "no usable e-mail address: `email` is missing".into(),
+                },
+            ],
+        })
+    );
+    let body: Value = serde_json::from_str(&sendgrid.received()[0].body).unwrap();
+    assert_eq!(body["contacts"], json!([{"email": "ann@example.com"}]));
+    assert_eq!(sendgrid.audience(), addresses(&["ann@example.com"]));
+}
+
+#[tokio::test]
+async fn a_batch_of_members_all_without_an_address_sends_nothing() {
+    let (sendgrid, url) = start_sendgrid().await;
+
+    let outcome = connector(&url)
+        .deliver(&batch(Change::Remove, vec![member("1", "  ")]))
+        .await
+        .unwrap();
+
+    assert_eq!(outcome.accepted, Vec::<String>::new());
+    assert_eq!(outcome.rejected.len(), 1);
+    assert!(sendgrid.received().is_empty());
+}
+
+#[tokio::test]
+async fn an_address_sendgrid_refuses_is_rejected_and_the_others_are_added() {
+    let (sendgrid, url) = start_sendgrid().await;
+    let members = vec![
+        member("1", "ann@example.com"),
+        member("2", "bob@localhost"),
+        member("3", "cat@example.com"),
+    ];
+
+    let outcome = connector(&url).deliver(&batch(Change::Add, members)).await;
+
+    assert_eq!(
+        outcome,
+        Ok(Outcome {
+            accepted: vec!["1".into(), "3".into()],
+            rejected: vec![Rejection {
+                key: "2".into(),
+                reason: "SendGrid refused the contact: <address> is not a valid email address"
+                    .into(),
+            }],
+        })
+    );
+    assert_eq!(
+        sendgrid.audience(),
+        addresses(&["ann@example.com", "cat@example.com"])
+    );
+    assert_eq!(
+        sendgrid.calls(),
+        [
+            "PUT /v3/marketing/contacts -> 400",
+            "PUT /v3/marketing/contacts -> 202"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_removal_with_an_address_sendgrid_refuses_rejects_it_and_removes_the_others() {
+    let (sendgrid, url) = start_sendgrid().await;
+    sendgrid.seed("ann@example.com", &[LIST_ID]);
+    sendgrid.seed("cat@example.com", &[LIST_ID]);
+    let members = vec![
+        member("1", "ann@example.com"),
+        member("2", "bob@localhost"),
+        member("3", "cat@example.com"),
+    ];
+
+    let outcome = connector(&url)
+        .deliver(&batch(Change::Remove, members))
+        .await;
+
+    assert_eq!(
+        outcome,
+        Ok(Outcome {
+            accepted: vec!["1".into(), "3".into()],
+            rejected: vec![Rejection {
+                key: "2".into(),
+                reason: "SendGrid refused to look the address up: <address> is an invalid email \
+                         (emails[0])"
+                    .into(),
+            }],
+        })
+    );
+    assert!(sendgrid.audience().is_empty());
+    let search = "POST /v3/marketing/contacts/search/emails";
+    assert_eq!(
+        sendgrid.calls(),
+        [
+            format!("{search} -> 400"),
+            format!("{search} -> 200"),
+            format!("{search} -> 400"),
+            format!("{search} -> 200"),
+            format!("DELETE /v3/marketing/lists/{LIST_ID}/contacts -> 202"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_removal_failing_after_its_first_hundred_finishes_on_retry() {
+    let (sendgrid, url) = start_sendgrid().await;
+    let members: Vec<Member> = (0..150)
+        .map(|n| member(&n.to_string(), &format!("member{n}@example.com")))
+        .collect();
+    let connector = connector(&url);
+    connector
+        .deliver(&batch(Change::Add, members.clone()))
+        .await
+        .unwrap();
+    sendgrid.fail_next([
+        Fault::Slow(Duration::ZERO),
+        Fault::Slow(Duration::ZERO),
+        Fault::Unavailable,
+    ]);
+
+    let outcome = deliver_with_retries(
+        &connector,
+        &batch(Change::Remove, members),
+        &quick_policy(3),
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(outcome.accepted.len(), 150);
+    assert!(sendgrid.audience().is_empty());
+    let search = "POST /v3/marketing/contacts/search/emails";
+    let delete = format!("DELETE /v3/marketing/lists/{LIST_ID}/contacts");
+    assert_eq!(
+        sendgrid.calls()[1..],
+        [
+            format!("{search} -> 200"),
+            format!("{delete} -> 202"),
+            format!("{search} -> 503"),
+            // The retry finds the first hundred already out of the list.
+            format!("{search} -> 200"),
+            format!("{search} -> 200"),
+            format!("{delete} -> 202"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_429_with_retry_after_is_waited_out_and_one_without_leaves_the_wait_open() {
+    let (sendgrid, url) = start_sendgrid().await;
+    sendgrid.fail_next([
+        Fault::TooManyRequests {
+            retry_after: Some("1"),
+            reset_in: None,
+        },
+        Fault::TooManyRequests {
+            retry_after: None,
+            reset_in: None,
+        },
+    ]);
+    let started = Instant::now();
+
+    let outcome = deliver_with_retries(
+        &connector(&url),
+        &batch(Change::Add, three_members()),
+        &quick_policy(2),
+    )
+    .await;
+
+    let elapsed = started.elapsed();
+    assert_eq!(
+        outcome,
+        Err(DeliveryError::RateLimited {
+            message: format!(
+                "{url}/v3/marketing/contacts answered 429 Too Many Requests: too many requests"
+            ),
+            wait: None,
+        })
+    );
+    assert!(elapsed >= Duration::from_secs(1), "waited only {elapsed:?}");
+    assert_eq!(sendgrid.received().len(), 2);
+    assert!(sendgrid.audience().is_empty());
+}
+
+#[tokio::test]
+async fn a_429_with_only_a_rate_limit_reset_waits_until_the_reset_then_adds() {
+    let (sendgrid, url) = start_sendgrid().await;
+    sendgrid.fail_next([Fault::TooManyRequests {
+        retry_after: None,
+        reset_in: Some(2),
+    }]);
+    let started = Instant::now();
+
+    let outcome = deliver_with_retries(
+        &connector(&url),
+        &batch(Change::Add, three_members()),
+        &quick_policy(2),
+    )
+    .await;
+
+    // The reset is in whole seconds, two ahead: the wait is more than one second.
+    let elapsed = started.elapsed();
+    assert_eq!(outcome, Ok(accepted(&["1", "2", "3"])));
+    assert!(elapsed > Duration::from_secs(1), "waited only {elapsed:?}");
+    assert_eq!(
+        sendgrid.calls(),
+        [
+            "PUT /v3/marketing/contacts -> 429",
+            "PUT /v3/marketing/contacts -> 202"
+        ]
+    );
+    assert_eq!(sendgrid.audience().len(), 3);
+}
+
+#[tokio::test]
+async fn a_revoked_key_is_an_auth_failure_sent_once() {
+    let (sendgrid, url) = start_sendgrid().await;
+    sendgrid.fail_next([Fault::RevokedKey]);
+
+    let outcome = deliver_with_retries(
+        &connector(&url),
+        &batch(Change::Add, three_members()),
+        &quick_policy(5),
+    )
+    .await;
+
+    assert_eq!(
+        outcome,
+        Err(DeliveryError::Auth {
+            message: format!(
+                "{url}/v3/marketing/contacts answered 401 Unauthorized: authorization required; \
+                 check the API key in `api_key_env`, it may have been revoked"
+            ),
+        })
+    );
+    assert_eq!(sendgrid.received().len(), 1);
+    assert!(sendgrid.audience().is_empty());
+}
+
+#[tokio::test]
+async fn a_wrong_key_or_one_without_marketing_access_is_an_auth_failure() {
+    let (sendgrid, url) = start_sendgrid().await;
+    let activation = toml::toml! { list_id = "ca7a3796-e8a8-4029-9ccb-df8937940562" };
+    let wrong = SendgridConnector::from_settings(
+        &connection(&url),
+        &activation,
+        &secrets("SG.someone-else.ffff"),
+    )
+    .unwrap();
+    sendgrid.fail_next([Fault::NoMarketingAccess]);
+
+    let scopeless = connector(&url)
+        .deliver(&batch(Change::Remove, three_members()))
+        .await;
+    let unknown = wrong.deliver(&batch(Change::Add, three_members())).await;
+
+    assert_eq!(
+        scopeless,
+        Err(DeliveryError::Auth {
+            message: format!(
+                "{url}/v3/marketing/contacts/search/emails answered 403 Forbidden: access \
+                 forbidden; give the API key access to Marketing contacts and lists"
+            ),
+        })
+    );
+    assert!(
+        matches!(unknown, Err(DeliveryError::Auth { .. })),
+        "{unknown:?}"
+    );
+    assert!(sendgrid.audience().is_empty());
+}
+
+#[tokio::test]
+async fn server_errors_and_html_pages_are_retried_up_to_max_attempts() {
+    let (sendgrid, url) = start_sendgrid().await;
+    let connector = connector(&url);
+
+    sendgrid.fail_next([Fault::HtmlPage(502)]);
+    let recovered = deliver_with_retries(
+        &connector,
+        &batch(Change::Add, three_members()),
+        &quick_policy(3),
+    )
+    .await;
+    sendgrid.fail_next([Fault::Unavailable, Fault::Unavailable, Fault::Unavailable]);
+    let exhausted = deliver_with_retries(
+        &connector,
+        &batch(Change::Remove, three_members()),
+        &quick_policy(3),
+    )
+    .await;
+
+    assert_eq!(recovered, Ok(accepted(&["1", "2", "3"])));
+    assert_eq!(
+        exhausted,
+        Err(DeliveryError::Retryable {
+            message: format!(
+                "{url}/v3/marketing/contacts/search/emails answered 503 Service Unavailable: \
+                 service temporarily unavailable"
+            ),
+        })
+    );
+    let statuses: Vec<u16> = sendgrid.received().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [502, 202, 503, 503, 503]);
+    assert_eq!(sendgrid.audience().len(), 3);
+}
+
+#[tokio::test]
+async fn an_html_error_page_says_so_without_quoting_it() {
+    let (sendgrid, url) = start_sendgrid().await;
+    sendgrid.fail_next([Fault::HtmlPage(504)]);
+
+    let outcome = connector(&url)
+        .deliver(&batch(Change::Add, three_members()))
+        .await;
+
+    assert_eq!(
+        outcome,
+        Err(DeliveryError::Retryable {
+            message: format!(
+                "{url}/v3/marketing/contacts answered 504 Gateway Timeout: an HTML page instead \
+                 of a SendGrid error"
+            ),
+        })
+    );
+    assert!(sendgrid.audience().is_empty());
+}
+
+#[tokio::test]
+async fn an_answer_slower_than_the_timeout_is_retried_and_changes_nothing_twice() {
+    let (sendgrid, url) = start_sendgrid().await;
+    sendgrid.fail_next([Fault::Slow(Duration::from_millis(1500))]);
+    let connector = connector(&url);
+
+    let direct = connector
+        .deliver(&batch(Change::Add, three_members()))
+        .await;
+    let retried = deliver_with_retries(
+        &connector,
+        &batch(Change::Add, three_members()),
+        &quick_policy(3),
+    )
+    .await;
+
+    let DeliveryError::Retryable { message } = direct.unwrap_err() else {
+        panic!("a timeout is retryable");
+    };
+    assert!(
+        message.starts_with(&format!("PUT to {url}/v3/marketing/contacts timed out")),
+        "{message}"
+    );
+    assert_eq!(retried, Ok(accepted(&["1", "2", "3"])));
+    assert_eq!(
+        sendgrid.audience(),
+        addresses(&["ann@example.com", "bob@example.com", "cat@example.com"])
+    );
+    assert_eq!(sendgrid.contacts.lock().unwrap().len(), 3);
+}
+
+#[test]
+fn sendgrid_settings_report_every_problem_by_key() {
+    let connection = toml::toml! {
+        api_key_env = "SENDGRID_KEY"
+        batch_size = 50000
+        region = "eu"
+    };
+    let activation = toml::toml! {
+        list_id = "newsletter"
+        segment_id = "abc"
+    };
+
+    let errors =
+        SendgridConnector::from_settings(&connection, &activation, &secrets("0123456789abcdef"))
+            .unwrap_err();
+
+    let error = |field: &str, message: &str| SettingsError {
+        field: field.into(),
+        message: message.into(),
+    };
+    assert_eq!(
+        errors,
+        [
+            error(
+                "region",
+                "unknown key in the connection settings; known keys: api_key_env, base_url, \
+                 batch_size, timeout_seconds"
+            ),
+            error(
+                "api_key_env",
+                "the API key does not start with `SG.`; copy the whole key from SendGrid"
+            ),
+            error(
+                "batch_size",
+                "must be between 1 and 30000 in the connection settings, got 50000"
+            ),
+            error(
+                "segment_id",
+                "unknown key in the activation settings; known keys: list_id, email_identifier"
+            ),
+            error(
+                "list_id",
+                "expected a SendGrid list id, a UUID, got `newsletter`"
+            ),
+        ]
+    );
+}
+
+#[test]
+fn a_sendgrid_activation_without_a_list_id_is_refused_but_its_connection_checks_alone() {
+    let connection = toml::toml! { api_key_env = "SENDGRID_KEY" };
+
+    let errors = SendgridConnector::from_settings(&connection, &toml::Table::new(), &secrets(KEY))
+        .unwrap_err();
+    let alone = segmentd_connectors::check_connection("sendgrid", &connection, &secrets(KEY));
+    let unset = segmentd_connectors::check_connection("sendgrid", &connection, &BTreeMap::new());
+
+    assert_eq!(
+        errors,
+        [SettingsError {
+            field: "list_id".into(),
+            message: "missing; set it to the SendGrid list's id (a UUID)".into(),
+        }]
+    );
+    assert_eq!(alone, Ok(()));
+    assert_eq!(
+        unset,
+        Err(vec![SettingsError {
+            field: "api_key_env".into(),
+            message: "the environment variable `SENDGRID_KEY` is not set; export it with a \
+                      SendGrid API key"
+                .into(),
+        }])
+    );
+}
+
+#[test]
+fn sendgrid_batch_size_defaults_to_10000_and_may_rise_to_30000() {
+    let activation = toml::toml! { list_id = "ca7a3796-e8a8-4029-9ccb-df8937940562" };
+    let default = toml::toml! { api_key_env = "SENDGRID_KEY" };
+    let largest = toml::toml! {
+        api_key_env = "SENDGRID_KEY"
+        batch_size = 30000
+    };
+
+    let by_default =
+        segmentd_connectors::build("sendgrid", &default, &activation, &secrets(KEY)).unwrap();
+    let at_most =
+        segmentd_connectors::build("sendgrid", &largest, &activation, &secrets(KEY)).unwrap();
+
+    assert_eq!(
+        (by_default.kind(), by_default.max_batch_size()),
+        ("sendgrid", 10_000)
+    );
+    assert_eq!(at_most.max_batch_size(), 30_000);
+    assert!(segmentd_connectors::KINDS.contains(&"sendgrid"));
+}
