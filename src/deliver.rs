@@ -661,12 +661,22 @@ pub async fn deliver(
             move |c| pending_sequences(c, &name, &id, run_id, change)
         })
         .await?;
-        for sequence in sequences {
-            let batch = blocking(&store, {
-                let (name, id) = (pipeline.name.clone(), activation.id.clone());
-                move |c| load_batch(c, &name, &id, run_id, change, sequence)
-            })
-            .await?;
+        let load = |sequence: i32| {
+            let store = Arc::clone(&store);
+            let (name, id) = (pipeline.name.clone(), activation.id.clone());
+            async move {
+                blocking(&store, move |c| {
+                    load_batch(c, &name, &id, run_id, change, sequence)
+                })
+                .await
+            }
+        };
+        let mut next = match sequences.first() {
+            Some(&sequence) => Some(load(sequence).await?),
+            None => None,
+        };
+        for (position, &sequence) in sequences.iter().enumerate() {
+            let batch = next.take().expect("each batch is read before its turn");
             let members = batch.members.len();
             let sent = segmentd_connectors::deliver_within_limits(
                 connector.as_ref(),
@@ -674,7 +684,18 @@ pub async fn deliver(
                 policy,
                 rate_limit,
             );
-            match sent.await {
+            // The next batch is read from DuckDB while this one is with the platform; it is
+            // only sent once this one's outcome is recorded.
+            let following = sequences.get(position + 1).copied();
+            let read_ahead = async {
+                match following {
+                    Some(sequence) => load(sequence).await.map(Some),
+                    None => Ok(None),
+                }
+            };
+            let (sent, read) = tokio::join!(sent, read_ahead);
+            next = read?;
+            match sent {
                 Ok(outcome) => {
                     let accepted = outcome.accepted.len() as i64;
                     match change {

@@ -650,3 +650,47 @@ fn preview_shows_size_sample_and_sql_and_changes_nothing() {
     assert!(!unknown.status.success());
     assert_eq!(state(), state_before, "a preview writes nothing");
 }
+
+/// Found by the property test: a time span read twice from a behaviour aggregate whose filter
+/// binds a value once needed the filter's value bound twice.
+#[test]
+fn a_time_span_on_a_filtered_aggregate_binds_each_value_once() {
+    let segments = [(
+        "big_order_this_month",
+        rule(
+            r#"behaviour = "orders"
+aggregate = "max"
+column = "at"
+where = { column = "amount", op = ">", value = 20 }
+op = "during"
+value = "this month""#,
+        ),
+    )];
+    let refs: Vec<(&str, &str)> = segments.iter().map(|(n, r)| (*n, r.as_str())).collect();
+    // 1's latest order over 20 is on 20 June, 2's on 15 June; 3 has none over 20.
+    assert_eq!(members(&refs)["big_order_this_month"], keys(&["1", "2"]));
+}
+
+/// Found by the property test: an attribute source in JSON lines with no line at all is an
+/// empty table, not a file missing its declared columns.
+#[test]
+fn an_empty_json_lines_attribute_source_gives_every_profile_missing_values() {
+    let project = Project::new();
+    let pipeline = format!(
+        "{PIPELINE}\n[sources.labels]\nformat = \"jsonl\"\npath = \"labels.jsonl\"\n\
+         columns = {{ id = \"BIGINT\", tags = \"VARCHAR[]\" }}\n\n\
+         [attributes.labels]\nkey = \"id\"\nsource = \"labels\"\n\
+         columns = {{ id = \"BIGINT\", tags = \"VARCHAR[]\" }}\n"
+    );
+    project.write("pipelines/shop/pipeline.toml", &pipeline);
+    project.write("pipelines/shop/people.csv", PEOPLE);
+    project.write("pipelines/shop/orders.csv", ORDERS);
+    project.write("pipelines/shop/labels.jsonl", "");
+    project.write(
+        "pipelines/shop/segments/untagged.toml",
+        &rule("attribute = \"tags\"\nop = \"is null\""),
+    );
+    let (ok, summary, stderr) = project.refresh("shop");
+    assert!(ok, "{stderr}");
+    assert_eq!(common::segment_size(&summary, "untagged"), 5);
+}

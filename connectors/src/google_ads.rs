@@ -36,7 +36,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -105,6 +105,8 @@ const MAX_JOB_WAIT_SECONDS: i64 = 86_400;
 const MAX_ANSWER_BYTES: usize = 32 << 20;
 /// A token is renewed this long before Google said it expires.
 const TOKEN_EXPIRY_MARGIN: Duration = Duration::from_secs(60);
+/// The longest a token is kept, whatever `expires_in` says: Google's last an hour.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(86_400);
 
 /// A member identifier Google matches on, as named in the `identifiers` setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -895,9 +897,13 @@ impl GoogleAdsConnector {
             refresh_token,
         )
         .await?;
+        let now = Instant::now();
+        let kept = lifetime
+            .min(MAX_TOKEN_LIFETIME)
+            .saturating_sub(TOKEN_EXPIRY_MARGIN);
         *cache = Some(CachedToken {
             token: token.clone(),
-            renew_at: Instant::now() + lifetime.saturating_sub(TOKEN_EXPIRY_MARGIN),
+            renew_at: now.checked_add(kept).unwrap_or(now),
             after_refusal,
         });
         Ok(token)
@@ -1271,6 +1277,22 @@ fn read_customer_id(problems: &mut Problems, table: &toml::Table, key: &str) -> 
     }
 }
 
+/// `value` when it can travel in an HTTP header; otherwise records a problem with `field`,
+/// without quoting the value, and gives `None`.
+fn header_safe(problems: &mut Problems, field: &str, what: &str, value: String) -> Option<String> {
+    if HeaderValue::from_str(&value).is_ok() {
+        return Some(value);
+    }
+    problems.push(
+        field,
+        format!(
+            "{what} holds characters an HTTP header cannot carry, such as a trailing newline; \
+             check the environment variable's value"
+        ),
+    );
+    None
+}
+
 /// The checked connection settings, `None` when any is wrong (the problems say which).
 fn read_connection(
     problems: &mut Problems,
@@ -1278,12 +1300,21 @@ fn read_connection(
     secrets: &BTreeMap<String, String>,
 ) -> Option<ConnectionSettings> {
     problems.reject_unknown_keys(table, Place::Connection, CONNECTION_KEYS);
-    let developer_token = problems.secret(
-        table,
-        secrets,
-        "developer_token",
-        "a Google Ads developer token",
-    );
+    let developer_token = problems
+        .secret(
+            table,
+            secrets,
+            "developer_token",
+            "a Google Ads developer token",
+        )
+        .and_then(|token| {
+            header_safe(
+                problems,
+                "developer_token_env",
+                "the developer token",
+                token,
+            )
+        });
     let credentials = read_credentials(problems, table, secrets);
     let customer_id = match table.contains_key("customer_id") {
         true => read_customer_id(problems, table, "customer_id"),
@@ -1376,7 +1407,9 @@ fn read_credentials(
                 "only used with `refresh_token_env`; remove it or switch to the refresh token",
             );
         }
-        let token = problems.secret(table, secrets, "access_token", "an OAuth access token");
+        let token = problems
+            .secret(table, secrets, "access_token", "an OAuth access token")
+            .and_then(|token| header_safe(problems, "access_token_env", "the access token", token));
         return Some(Credentials::Fixed(Secret(token?)));
     }
     if fixed {

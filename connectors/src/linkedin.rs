@@ -27,7 +27,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
 use serde_json::{Map, Value, json};
 
@@ -380,19 +380,15 @@ impl LinkedInConnector {
 
         let statuses = element_statuses(&body);
         if statuses.len() != members.len() {
-            tracing::warn!(
-                activation = %batch.activation,
-                change = batch.change.as_str(),
-                sequence = batch.sequence,
-                sent = members.len(),
-                statuses = statuses.len(),
-                "linkedin answered without one status per element; counting every element as \
-                 accepted"
-            );
-            outcome
-                .accepted
-                .extend(members.iter().map(|m| m.key.to_owned()));
-            return Ok(outcome);
+            // Nothing says which elements were applied; sending the whole batch again is
+            // harmless, since elements already done answer 201.
+            return Err(DeliveryError::Retryable {
+                message: format!(
+                    "{shown} answered {status} with {} element statuses for {} elements sent",
+                    statuses.len(),
+                    members.len()
+                ),
+            });
         }
         let statuses = match statuses.into_iter().collect::<Result<Vec<_>, u16>>() {
             Ok(statuses) => statuses,
@@ -619,6 +615,22 @@ fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     http::requested_wait(headers.get(RETRY_AFTER)?, now)
 }
 
+/// `value` when it can travel in an HTTP header; otherwise records a problem with `field`,
+/// without quoting the value, and gives `None`.
+fn header_safe(problems: &mut Problems, field: &str, what: &str, value: String) -> Option<String> {
+    if HeaderValue::from_str(&value).is_ok() {
+        return Some(value);
+    }
+    problems.push(
+        field,
+        format!(
+            "{what} holds characters an HTTP header cannot carry, such as a trailing newline; \
+             check the environment variable's value"
+        ),
+    );
+    None
+}
+
 /// The checked connection settings, `None` when any is wrong (the problems say which).
 fn read_connection(
     problems: &mut Problems,
@@ -626,12 +638,14 @@ fn read_connection(
     secrets: &BTreeMap<String, String>,
 ) -> Option<ConnectionSettings> {
     problems.reject_unknown_keys(table, Place::Connection, CONNECTION_KEYS);
-    let access_token = problems.secret(
-        table,
-        secrets,
-        "access_token",
-        "a LinkedIn access token with the rw_dmp_segments scope",
-    );
+    let access_token = problems
+        .secret(
+            table,
+            secrets,
+            "access_token",
+            "a LinkedIn access token with the rw_dmp_segments scope",
+        )
+        .and_then(|token| header_safe(problems, "access_token_env", "the access token", token));
     let base_url = match table.contains_key("base_url") {
         true => problems.http_url(table, Place::Connection, "base_url"),
         false => Some(Url::parse(DEFAULT_BASE_URL).expect("the default base URL parses")),

@@ -11,7 +11,9 @@
 //! twice leaves one subscribed member. Unsubscribing removes do the same with
 //! `status: "unsubscribed"`; an address Mailchimp did not know is then kept as unsubscribed.
 //! Archiving removes are one request per member, sent one after the other to stay well under
-//! Mailchimp's ten connections per account; archiving an absent member counts as done.
+//! Mailchimp's ten connections per account; archiving an absent member counts as done once a
+//! `GET {base}/lists/{list_id}` has shown the list exists (Mailchimp answers 404 for a missing
+//! list too).
 //!
 //! Addresses travel in clear (Mailchimp does not take hashes); they are trimmed and
 //! lower-cased first, which is also what the subscriber hash (MD5 of the lower-cased address)
@@ -273,8 +275,12 @@ impl MailchimpConnector {
     /// Archives `members` one request at a time. A failure of the whole request (throttling,
     /// credentials, server) fails the batch; sending it again archives the rest, and the
     /// members already archived answer 404, which counts as done.
+    ///
+    /// Mailchimp also answers 404 when the list itself does not exist, so the first 404 of a
+    /// batch is followed by a `GET` on the list: a list that is not there fails the batch.
     async fn archive(&self, members: &[Prepared<'_>]) -> Result<Outcome, DeliveryError> {
         let mut outcome = Outcome::default();
+        let mut list_confirmed = false;
         for member in members {
             let mut url = self.list_url.clone();
             url.path_segments_mut()
@@ -291,6 +297,10 @@ impl MailchimpConnector {
                 })?;
 
             let status = response.status();
+            if status == StatusCode::NOT_FOUND && !list_confirmed {
+                self.confirm_list().await?;
+                list_confirmed = true;
+            }
             if status.is_success() || status == StatusCode::NOT_FOUND {
                 outcome.accepted.push(member.key.to_owned());
                 continue;
@@ -314,6 +324,40 @@ impl MailchimpConnector {
             }
         }
         Ok(outcome)
+    }
+
+    /// Checks that the list exists (`GET {base}/lists/{list_id}`): a 404 there is a permanent
+    /// failure naming `list_id`, any other failure is classified as usual.
+    async fn confirm_list(&self) -> Result<(), DeliveryError> {
+        let shown = self.list_url.as_str();
+        let response = self
+            .client
+            .get(self.list_url.clone())
+            .basic_auth(BASIC_AUTH_USER, Some(self.api_key.expose()))
+            .send()
+            .await
+            .map_err(|error| http::transport_failure("GET", shown, error))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        if status == StatusCode::NOT_FOUND {
+            return Err(DeliveryError::Permanent {
+                message: format!(
+                    "{shown} answered {status}: the list does not exist, so no member could be \
+                     archived; check `list_id`"
+                ),
+            });
+        }
+        let headers = response.headers().clone();
+        let body = http::body_start(response, http::MAX_ERROR_BODY_BYTES).await;
+        Err(classify_failure(
+            status,
+            &headers,
+            &body,
+            shown,
+            SystemTime::now(),
+        ))
     }
 
     /// `{base}/lists/{list_id}/members/{subscriber_hash}` with the hash left out, for messages.

@@ -375,11 +375,13 @@ impl MetaConnector {
         body: &[u8],
         sent: usize,
     ) -> Answer {
-        if status.is_success() {
-            return read_counts(batch, body, sent);
-        }
         let message = format!("{} answered {status}", self.users_url);
-        match serde_json::from_slice::<ErrorEnvelope>(body) {
+        let envelope = serde_json::from_slice::<ErrorEnvelope>(body);
+        if status.is_success() && envelope.is_err() {
+            return read_counts(batch, body, sent, message);
+        }
+        // A 2xx carrying a Graph error envelope is that error, whatever the status says.
+        match envelope {
             Ok(envelope) => classify_graph_error(
                 batch.change,
                 status,
@@ -431,11 +433,10 @@ enum Answer {
     Failed(DeliveryError),
 }
 
-/// The counts of a successful answer.
+/// The counts of a successful answer; an answer without `num_received` is not one.
 #[derive(serde::Deserialize)]
 struct Counts {
-    #[serde(default)]
-    num_received: Option<u64>,
+    num_received: u64,
     #[serde(default)]
     num_invalid_entries: u64,
 }
@@ -478,17 +479,29 @@ impl GraphError {
     }
 }
 
-/// Reads `num_received` / `num_invalid_entries` of a 2xx answer.
-fn read_counts(batch: &Batch, body: &[u8], sent: usize) -> Answer {
-    let Ok(counts) = serde_json::from_slice::<Counts>(body) else {
-        tracing::warn!(
-            activation = %batch.activation,
-            change = batch.change.as_str(),
-            sequence = batch.sequence,
-            sent,
-            "meta answered 2xx without readable counts; counting every row as accepted"
-        );
-        return Answer::Accepted;
+/// Reads `num_received` / `num_invalid_entries` of a 2xx answer; one without readable counts
+/// says nothing of what Meta did and is retryable (the audience is a set: sending again is safe).
+fn read_counts(batch: &Batch, body: &[u8], sent: usize, message: String) -> Answer {
+    let counts = match serde_json::from_slice::<Counts>(body) {
+        Ok(counts) => counts,
+        Err(error) => {
+            tracing::warn!(
+                activation = %batch.activation,
+                change = batch.change.as_str(),
+                sequence = batch.sequence,
+                sent,
+                "meta answered 2xx without readable counts; sending the batch again"
+            );
+            let text = String::from_utf8_lossy(body);
+            let said = if text.trim_start().starts_with('<') {
+                "an HTML page".to_owned()
+            } else {
+                format!("`{}` ({error})", quote(&text))
+            };
+            return Answer::Failed(DeliveryError::Retryable {
+                message: format!("{message} without readable counts: {said}"),
+            });
+        }
     };
     let invalid = counts.num_invalid_entries;
     if invalid > 0 && invalid >= sent as u64 {
@@ -497,11 +510,7 @@ fn read_counts(batch: &Batch, body: &[u8], sent: usize) -> Answer {
              identifier mapping in `schema`"
         ));
     }
-    if invalid > 0
-        || counts
-            .num_received
-            .is_some_and(|received| received != sent as u64)
-    {
+    if invalid > 0 || counts.num_received != sent as u64 {
         tracing::warn!(
             activation = %batch.activation,
             change = batch.change.as_str(),

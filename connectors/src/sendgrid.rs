@@ -34,7 +34,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
 
 use crate::http::{self, Secret, quote};
@@ -710,10 +710,11 @@ fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 }
 
 /// The wait until `X-RateLimit-Reset` (Unix seconds), if the header is there and readable; a
-/// reset in the past asks for no wait.
+/// reset in the past asks for no wait, and one too far ahead for the clock to hold is ignored
+/// like an unreadable one.
 fn reset_wait(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let text = headers.get("x-ratelimit-reset")?.to_str().ok()?.trim();
-    let reset = UNIX_EPOCH + Duration::from_secs(text.parse().ok()?);
+    let reset = UNIX_EPOCH.checked_add(Duration::from_secs(text.parse().ok()?))?;
     Some(reset.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
@@ -725,6 +726,22 @@ fn is_uuid(text: &str) -> bool {
             .iter()
             .zip([8, 4, 4, 4, 12])
             .all(|(group, len)| group.len() == len && group.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// `value` when it can travel in an HTTP header; otherwise records a problem with `field`,
+/// without quoting the value, and gives `None`.
+fn header_safe(problems: &mut Problems, field: &str, what: &str, value: String) -> Option<String> {
+    if HeaderValue::from_str(&value).is_ok() {
+        return Some(value);
+    }
+    problems.push(
+        field,
+        format!(
+            "{what} holds characters an HTTP header cannot carry, such as a trailing newline; \
+             check the environment variable's value"
+        ),
+    );
+    None
 }
 
 /// The checked connection settings, `None` when any is wrong (the problems say which).
@@ -745,7 +762,8 @@ fn read_connection(
                 );
             }
             shaped
-        });
+        })
+        .and_then(|key| header_safe(problems, "api_key_env", "the API key", key));
     let base_url = match table.contains_key("base_url") {
         true => problems.http_url(table, Place::Connection, "base_url"),
         false => Some(Url::parse(DEFAULT_BASE_URL).expect("the default base URL parses")),

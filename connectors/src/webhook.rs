@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 use reqwest::header::{AUTHORIZATION, HeaderName, HeaderValue, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
 
-use crate::http::{self, error_chain, quote, quoted_body, requested_wait};
+use crate::http::{self, quote, quoted_body, requested_wait};
 use crate::settings::{Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
@@ -40,6 +40,8 @@ const MAX_BATCH_SIZE: i64 = 10_000;
 const DEFAULT_TIMEOUT_SECONDS: i64 = 30;
 /// The largest `timeout_seconds` accepted.
 const MAX_TIMEOUT_SECONDS: i64 = 3600;
+/// How much of a 2xx answer is read at most; 10,000 rejections with reasons fit well under it.
+const MAX_ANSWER_BYTES: usize = 16 << 20;
 /// The header carrying the batch identity, so a platform can drop a repeated request.
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
@@ -159,16 +161,8 @@ impl WebhookConnector {
 
         let status = response.status();
         if status.is_success() {
-            let body = response
-                .bytes()
-                .await
-                .map_err(|error| DeliveryError::Retryable {
-                    message: format!(
-                        "{} answered {status} but its body could not be read: {}",
-                        self.shown_url(),
-                        error_chain(&error.without_url())
-                    ),
-                })?;
+            // A body longer than the limit is cut, and its `rejected` list is then unreadable.
+            let body = http::body_start(response, MAX_ANSWER_BYTES).await;
             return Ok(self.outcome(batch, &body));
         }
 

@@ -888,6 +888,33 @@ async fn a_429_with_a_rate_limit_reset_waits_until_the_reset_then_lands() {
 }
 
 #[tokio::test]
+async fn a_429_with_a_rate_limit_reset_beyond_any_clock_leaves_the_wait_open_then_lands() {
+    let (braze, url) = start_braze().await;
+    braze.fail_next([Fault::TooManyRequests {
+        retry_after: None,
+        reset_in: Some(1 << 63),
+    }]);
+    let connector = by_external_id(&url);
+
+    let direct = connector
+        .deliver(&batch(Change::Add, three_members()))
+        .await;
+    let retried = deliver_with_retries(
+        &connector,
+        &batch(Change::Add, three_members()),
+        &quick_policy(2),
+    )
+    .await;
+
+    let Err(DeliveryError::RateLimited { wait, .. }) = direct else {
+        panic!("expected a rate limit, got {direct:?}");
+    };
+    assert_eq!(wait, None);
+    assert_eq!(retried, Ok(accepted(&["1", "2", "3"])));
+    assert_eq!(braze.in_segment(), ids(&["u1", "u2", "u3"]));
+}
+
+#[tokio::test]
 async fn a_queued_202_counts_as_accepted() {
     let (braze, url) = start_braze().await;
     braze.fail_next([Fault::Queued]);
@@ -1196,4 +1223,28 @@ fn braze_batch_size_defaults_to_75_and_subscription_groups_to_50() {
     );
     assert_eq!(group.max_batch_size(), 50);
     assert!(segmentd_connectors::KINDS.contains(&"braze"));
+}
+
+#[tokio::test]
+async fn an_api_key_with_a_trailing_newline_is_refused_at_load_naming_api_key_env() {
+    let (braze, url) = start_braze().await;
+    let activation = toml::toml! {
+        attribute = "segments"
+        value = "vip"
+    };
+    let with_newline = secrets(&format!("{KEY}\n"));
+
+    let built = BrazeConnector::from_settings(&connection(&url), &activation, &with_newline);
+    let checked = BrazeConnector::check_connection(&connection(&url), &with_newline);
+
+    let expected = vec![SettingsError {
+        field: "api_key_env".into(),
+        message: "the API key holds characters an HTTP header cannot carry, such as a trailing \
+                  newline; check the environment variable's value"
+            .into(),
+    }];
+    assert_eq!(built.unwrap_err(), expected);
+    assert_eq!(checked, Err(expected));
+    assert!(braze.received().is_empty());
+    assert!(braze.in_segment().is_empty());
 }

@@ -139,6 +139,8 @@ struct Ads {
     /// Access tokens the fake accepts.
     tokens: Mutex<BTreeSet<String>>,
     issued: Mutex<u32>,
+    /// The `expires_in` the token endpoint answers, 3599 unless set.
+    token_lifetime: Mutex<Option<u64>>,
     received: Mutex<Vec<Received>>,
 }
 
@@ -273,7 +275,7 @@ fn token(ads: &Ads, body: &[u8], fault: Option<Fault>) -> Response {
     ads.tokens.lock().unwrap().insert(token.clone());
     axum::Json(json!({
         "access_token": token,
-        "expires_in": 3599,
+        "expires_in": ads.token_lifetime.lock().unwrap().unwrap_or(3599),
         "scope": "https://www.googleapis.com/auth/adwords",
         "token_type": "Bearer",
     }))
@@ -1611,6 +1613,27 @@ async fn a_token_from_the_refresh_token_is_obtained_once_and_reused() {
 }
 
 #[tokio::test]
+async fn a_token_said_to_last_longer_than_any_clock_is_used_and_the_batches_land() {
+    let (ads, url) = start_ads().await;
+    *ads.token_lifetime.lock().unwrap() = Some(u64::MAX);
+    let google = connector_with(refreshing_connection(&url), activation());
+
+    let added = google.deliver(&batch(Change::Add, three_members())).await;
+    let removed = google
+        .deliver(&batch(
+            Change::Remove,
+            vec![member("2", &[("email", "bob@example.com")])],
+        ))
+        .await;
+
+    assert_eq!(added, Ok(accepted(&["1", "2", "3"])));
+    assert_eq!(removed, Ok(accepted(&["2"])));
+    assert_eq!(ads.list(), emails(&[ANN, CAT]));
+    let steps = ads.steps();
+    assert_eq!(steps.iter().filter(|(step, _)| *step == Token).count(), 1);
+}
+
+#[tokio::test]
 async fn an_expired_refreshed_token_is_renewed_and_the_batch_lands() {
     let (ads, url) = start_ads().await;
     ads.fail_next(Add, [Fault::ExpiredToken]);
@@ -1796,4 +1819,34 @@ fn google_ads_batch_size_defaults_to_ten_thousand() {
         ("google_ads", 10_000)
     );
     assert!(segmentd_connectors::KINDS.contains(&"google_ads"));
+}
+
+#[tokio::test]
+async fn tokens_with_a_trailing_newline_are_refused_at_load_naming_their_env_keys() {
+    let (ads, url) = start_ads().await;
+    let mut with_newlines = secrets();
+    with_newlines.insert("developer_token".into(), format!("{DEVELOPER_TOKEN}\n"));
+    with_newlines.insert("access_token".into(), format!("{ACCESS_TOKEN}\r\n"));
+
+    let built = GoogleAdsConnector::from_settings(&connection(&url), &activation(), &with_newlines);
+    let checked = GoogleAdsConnector::check_connection(&connection(&url), &with_newlines);
+
+    let expected = vec![
+        SettingsError {
+            field: "developer_token_env".into(),
+            message: "the developer token holds characters an HTTP header cannot carry, such as \
+                      a trailing newline; check the environment variable's value"
+                .into(),
+        },
+        SettingsError {
+            field: "access_token_env".into(),
+            message: "the access token holds characters an HTTP header cannot carry, such as a \
+                      trailing newline; check the environment variable's value"
+                .into(),
+        },
+    ];
+    assert_eq!(built.unwrap_err(), expected);
+    assert_eq!(checked, Err(expected));
+    assert!(ads.received().is_empty());
+    assert!(ads.list().is_empty());
 }

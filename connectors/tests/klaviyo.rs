@@ -1316,3 +1316,24 @@ fn klaviyo_batch_size_defaults_to_1000_and_may_rise_to_10000() {
     assert_eq!(at_most.max_batch_size(), 10_000);
     assert!(segmentd_connectors::KINDS.contains(&"klaviyo"));
 }
+
+#[tokio::test]
+async fn an_api_key_with_a_trailing_newline_is_refused_at_load_naming_api_key_env() {
+    let (klaviyo, url) = start_klaviyo().await;
+    let activation = toml::toml! { list_id = "Y6nRLr" };
+    let with_newline = secrets(&format!("{KEY}\n"));
+
+    let built = KlaviyoConnector::from_settings(&connection(&url), &activation, &with_newline);
+    let checked = KlaviyoConnector::check_connection(&connection(&url), &with_newline);
+
+    let expected = vec![SettingsError {
+        field: "api_key_env".into(),
+        message: "the API key holds characters an HTTP header cannot carry, such as a trailing \
+                  newline; check the environment variable's value"
+            .into(),
+    }];
+    assert_eq!(built.unwrap_err(), expected);
+    assert_eq!(checked, Err(expected));
+    assert!(klaviyo.received().is_empty());
+    assert!(klaviyo.audience().is_empty());
+}

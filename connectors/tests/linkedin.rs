@@ -58,6 +58,8 @@ enum Fault {
     /// A 200 answer in which the element at this position is throttled (429) and not
     /// processed; the others are.
     ElementThrottled(usize),
+    /// The normal answer (the change applied), its body cut off after this many bytes.
+    Truncated(usize),
 }
 
 /// A request as the fake received it.
@@ -187,7 +189,7 @@ fn answer(
             );
         }
         Some(Fault::ElementThrottled(index)) => throttled_element = Some(index),
-        Some(Fault::Slow(_)) | None => {}
+        Some(Fault::Truncated(_)) | Some(Fault::Slow(_)) | None => {}
     }
 
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
@@ -264,7 +266,15 @@ fn answer(
         }
         statuses.push(json!({"status": 201}));
     }
-    axum::Json(json!({ "elements": statuses })).into_response()
+    let mut answer = json!({ "elements": statuses }).to_string();
+    if let Some(Fault::Truncated(length)) = fault {
+        answer.truncate(length);
+    }
+    let mut response = answer.into_response();
+    response
+        .headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    response
 }
 
 fn lower_hex(text: &str, len: usize) -> bool {
@@ -624,6 +634,53 @@ async fn elements_linkedin_refuses_are_rejected_with_their_reason_and_the_rest_a
 async fn a_throttled_element_sends_the_batch_again_and_it_lands_once() {
     let (linkedin, url) = start_linkedin().await;
     linkedin.fail_next([Fault::ElementThrottled(1)]);
+
+    let outcome = deliver_with_retries(
+        &email_only(&url),
+        &batch(Change::Add, three_members()),
+        &quick_policy(3),
+    )
+    .await;
+
+    assert_eq!(outcome, Ok(accepted(&["1", "2", "3"])));
+    assert_eq!(linkedin.statuses(), [200, 200]);
+    assert_eq!(linkedin.segment(), emails(&[ANN, BOB, CAT]));
+}
+
+#[tokio::test]
+async fn a_200_html_page_is_retryable_and_the_batch_lands_when_sent_again() {
+    let (linkedin, url) = start_linkedin().await;
+    linkedin.fail_next([Fault::HtmlPage(200)]);
+    let connector = email_only(&url);
+
+    let first = connector
+        .deliver(&batch(Change::Add, three_members()))
+        .await;
+    let segment_after_first = linkedin.segment();
+    let second = connector
+        .deliver(&batch(Change::Add, three_members()))
+        .await;
+
+    assert_eq!(
+        first,
+        Err(DeliveryError::Retryable {
+            message: format!(
+                "{url}/rest/dmpSegments/{SEGMENT_ID}/users answered 200 OK with 0 element \
+                 statuses for 3 elements sent"
+            ),
+        })
+    );
+    assert!(segment_after_first.is_empty());
+    assert_eq!(second, Ok(accepted(&["1", "2", "3"])));
+    assert_eq!(linkedin.statuses(), [200, 200]);
+    assert_eq!(linkedin.segment(), emails(&[ANN, BOB, CAT]));
+}
+
+#[tokio::test]
+async fn a_truncated_200_is_retried_and_the_members_land_once() {
+    let (linkedin, url) = start_linkedin().await;
+    // `{"elements":[{"status":201},` is 28 bytes: one status survives of three.
+    linkedin.fail_next([Fault::Truncated(28)]);
 
     let outcome = deliver_with_retries(
         &email_only(&url),
@@ -1018,4 +1075,28 @@ fn linkedin_batch_size_defaults_to_one_thousand() {
         ("linkedin", 1_000)
     );
     assert!(segmentd_connectors::KINDS.contains(&"linkedin"));
+}
+
+#[tokio::test]
+async fn an_access_token_with_a_trailing_newline_is_refused_at_load_naming_access_token_env() {
+    let (linkedin, url) = start_linkedin().await;
+    let with_newline = BTreeMap::from([("access_token".to_owned(), format!("{TOKEN}\n"))]);
+
+    let built = LinkedInConnector::from_settings(
+        &connection(&url),
+        &toml::toml! { segment_id = 4711 },
+        &with_newline,
+    );
+    let checked = LinkedInConnector::check_connection(&connection(&url), &with_newline);
+
+    let expected = vec![SettingsError {
+        field: "access_token_env".into(),
+        message: "the access token holds characters an HTTP header cannot carry, such as a \
+                  trailing newline; check the environment variable's value"
+            .into(),
+    }];
+    assert_eq!(built.unwrap_err(), expected);
+    assert_eq!(checked, Err(expected));
+    assert!(linkedin.received().is_empty());
+    assert!(linkedin.segment().is_empty());
 }

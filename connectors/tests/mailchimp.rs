@@ -356,6 +356,41 @@ async fn archive(
     .await
 }
 
+async fn list_info(
+    State(mailchimp): State<Arc<Mailchimp>>,
+    Path(list_id): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let fault = mailchimp.faults.lock().unwrap().pop_front();
+    let response = refusal(fault.as_ref(), &headers).unwrap_or_else(|| {
+        if list_id != LIST_ID {
+            return problem(
+                404,
+                "Resource Not Found",
+                "The requested resource could not be found.",
+            );
+        }
+        let count = mailchimp.members.lock().unwrap().len();
+        axum::Json(json!({
+            "id": LIST_ID,
+            "name": "VIP",
+            "stats": {"member_count": count},
+        }))
+        .into_response()
+    });
+    record_and_delay(
+        &mailchimp,
+        Method::GET,
+        &uri,
+        &headers,
+        &Bytes::new(),
+        fault,
+        response,
+    )
+    .await
+}
+
 /// The subscriber hash the fake keys members by: MD5 of the lower-cased address, hex.
 fn fake_subscriber_hash(email: &str) -> String {
     hex::encode(md5::Md5::digest(email.to_lowercase().as_bytes()))
@@ -370,7 +405,10 @@ async fn start_mailchimp() -> (Arc<Mailchimp>, String) {
         received: Mutex::new(Vec::new()),
     });
     let router = axum::Router::new()
-        .route("/3.0/lists/{list_id}", axum::routing::post(batch_subscribe))
+        .route(
+            "/3.0/lists/{list_id}",
+            axum::routing::post(batch_subscribe).get(list_info),
+        )
         .route(
             "/3.0/lists/{list_id}/members/{subscriber_hash}",
             axum::routing::delete(archive),
@@ -546,6 +584,7 @@ async fn archiving_removes_the_member_and_an_absent_member_counts_as_removed() {
             format!("DELETE /3.0/lists/{LIST_ID}/members/{BOB}"),
             // printf '%s' nobody@example.com | md5sum
             format!("DELETE /3.0/lists/{LIST_ID}/members/8c5548eb0b2b80924f237953392df5e7"),
+            format!("GET /3.0/lists/{LIST_ID}"),
         ]
     );
 }
@@ -570,7 +609,51 @@ async fn an_archive_throttled_midway_finishes_on_retry() {
     assert_eq!(removed, Ok(accepted(&["1", "2", "3"])));
     assert_eq!(mailchimp.statuses(), BTreeMap::new());
     let statuses: Vec<u16> = mailchimp.received()[1..].iter().map(|r| r.status).collect();
-    assert_eq!(statuses, [204, 403, 404, 204, 204]);
+    assert_eq!(statuses, [204, 403, 404, 200, 204, 204]);
+}
+
+#[tokio::test]
+async fn archiving_from_a_list_that_does_not_exist_is_a_permanent_failure_naming_list_id() {
+    let (mailchimp, url) = start_mailchimp().await;
+    archiving(&url)
+        .deliver(&batch(Change::Add, three_members()))
+        .await
+        .unwrap();
+    let mut activation = toml::toml! { list_id = "f0f0f0f0f0" };
+    activation.insert("remove_action".into(), "archive".into());
+    let wrong_list =
+        MailchimpConnector::from_settings(&connection(&url), &activation, &secrets(KEY)).unwrap();
+
+    let removed = wrong_list
+        .deliver(&batch(Change::Remove, three_members()))
+        .await;
+
+    match removed {
+        Err(DeliveryError::Permanent { message }) => {
+            assert!(message.contains("check `list_id`"), "{message}");
+            assert!(message.contains("/lists/f0f0f0f0f0"), "{message}");
+        }
+        other => panic!("expected a permanent failure, got {other:?}"),
+    }
+    assert_eq!(
+        mailchimp.statuses(),
+        statuses(&[
+            (ANN, "subscribed"),
+            (BOB, "subscribed"),
+            (CAT, "subscribed")
+        ])
+    );
+    let requests: Vec<String> = mailchimp.received()[1..]
+        .iter()
+        .map(|r| format!("{} {} {}", r.method, r.uri, r.status))
+        .collect();
+    assert_eq!(
+        requests,
+        [
+            format!("DELETE /3.0/lists/f0f0f0f0f0/members/{ANN} 404"),
+            "GET /3.0/lists/f0f0f0f0f0 404".to_owned(),
+        ]
+    );
 }
 
 #[tokio::test]

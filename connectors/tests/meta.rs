@@ -61,6 +61,10 @@ enum Fault {
     ExpiredToken,
     /// The refusal to remove users from an audience that would become too small.
     AudienceTooSmall,
+    /// HTTP 200 with an empty JSON object, as a proxy might answer; nothing is applied.
+    EmptyObject,
+    /// HTTP 200 carrying a Graph error envelope with this code; nothing is applied.
+    ErrorIn200(i64),
 }
 
 /// A request as the fake received it.
@@ -200,6 +204,10 @@ fn answer(
                 "Audience Size too low: cannot remove users because the audience would be too \
                  small",
             );
+        }
+        Some(Fault::EmptyObject) => return axum::Json(json!({})).into_response(),
+        Some(Fault::ErrorIn200(code)) => {
+            return graph_error(200, code, "Error validating access token: session invalid.");
         }
         Some(Fault::Slow(_) | Fault::AudienceTooSmall) | None => {}
     }
@@ -785,6 +793,55 @@ async fn rows_meta_counts_as_invalid_are_only_counted_unless_all_are() {
         })
     );
     assert_eq!(graph.audience(), emails(&[ANN, CAT]));
+}
+
+#[tokio::test]
+async fn a_200_without_counts_is_retryable_and_the_add_lands_when_sent_again() {
+    let (graph, url) = start_graph().await;
+    graph.fail_next([Fault::EmptyObject]);
+    let connector = email_only(&url);
+
+    let first = connector
+        .deliver(&batch(Change::Add, three_members()))
+        .await;
+    let audience_after_first = graph.audience();
+    let second = connector
+        .deliver(&batch(Change::Add, three_members()))
+        .await;
+
+    assert_eq!(
+        first,
+        Err(DeliveryError::Retryable {
+            message: format!(
+                "{url}/v25.0/{AUDIENCE_ID}/users answered 200 OK without readable counts: `{{}}` \
+                 (missing field `num_received` at line 1 column 2)"
+            ),
+        })
+    );
+    assert!(audience_after_first.is_empty());
+    assert_eq!(second, Ok(accepted(&["1", "2", "3"])));
+    assert_eq!(graph.audience(), emails(&[ANN, BOB, CAT]));
+}
+
+#[tokio::test]
+async fn a_200_carrying_a_graph_error_is_classified_as_that_error() {
+    let (graph, url) = start_graph().await;
+    graph.fail_next([Fault::ErrorIn200(190)]);
+
+    let outcome = email_only(&url)
+        .deliver(&batch(Change::Add, three_members()))
+        .await;
+
+    assert_eq!(
+        outcome,
+        Err(DeliveryError::Auth {
+            message: format!(
+                "{url}/v25.0/{AUDIENCE_ID}/users answered 200 OK: Error validating access \
+                 token: session invalid. (code 190, fbtrace_id AbCdEf123); renew the access token"
+            ),
+        })
+    );
+    assert!(graph.audience().is_empty());
 }
 
 #[tokio::test]

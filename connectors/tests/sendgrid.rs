@@ -1007,6 +1007,41 @@ async fn a_429_with_only_a_rate_limit_reset_waits_until_the_reset_then_adds() {
 }
 
 #[tokio::test]
+async fn a_429_with_a_rate_limit_reset_beyond_any_clock_leaves_the_wait_open_then_adds() {
+    let (sendgrid, url) = start_sendgrid().await;
+    sendgrid.fail_next([Fault::TooManyRequests {
+        retry_after: None,
+        reset_in: Some(1 << 63),
+    }]);
+    let connector = connector(&url);
+
+    let direct = connector
+        .deliver(&batch(Change::Add, three_members()))
+        .await;
+    let retried = deliver_with_retries(
+        &connector,
+        &batch(Change::Add, three_members()),
+        &quick_policy(2),
+    )
+    .await;
+
+    assert_eq!(
+        direct,
+        Err(DeliveryError::RateLimited {
+            message: format!(
+                "{url}/v3/marketing/contacts answered 429 Too Many Requests: too many requests"
+            ),
+            wait: None,
+        })
+    );
+    assert_eq!(retried, Ok(accepted(&["1", "2", "3"])));
+    assert_eq!(
+        sendgrid.audience(),
+        addresses(&["ann@example.com", "bob@example.com", "cat@example.com"])
+    );
+}
+
+#[tokio::test]
 async fn a_revoked_key_is_an_auth_failure_sent_once() {
     let (sendgrid, url) = start_sendgrid().await;
     sendgrid.fail_next([Fault::RevokedKey]);
@@ -1247,4 +1282,25 @@ fn sendgrid_batch_size_defaults_to_10000_and_may_rise_to_30000() {
     );
     assert_eq!(at_most.max_batch_size(), 30_000);
     assert!(segmentd_connectors::KINDS.contains(&"sendgrid"));
+}
+
+#[tokio::test]
+async fn an_api_key_with_a_trailing_newline_is_refused_at_load_naming_api_key_env() {
+    let (sendgrid, url) = start_sendgrid().await;
+    let activation = toml::toml! { list_id = "ca7a3796-e8a8-4029-9ccb-df8937940562" };
+    let with_newline = secrets(&format!("{KEY}\n"));
+
+    let built = SendgridConnector::from_settings(&connection(&url), &activation, &with_newline);
+    let checked = SendgridConnector::check_connection(&connection(&url), &with_newline);
+
+    let expected = vec![SettingsError {
+        field: "api_key_env".into(),
+        message: "the API key holds characters an HTTP header cannot carry, such as a trailing \
+                  newline; check the environment variable's value"
+            .into(),
+    }];
+    assert_eq!(built.unwrap_err(), expected);
+    assert_eq!(checked, Err(expected));
+    assert!(sendgrid.received().is_empty());
+    assert!(sendgrid.audience().is_empty());
 }

@@ -380,6 +380,35 @@ async fn members_listed_as_rejected_in_a_200_are_rejected_and_the_rest_accepted(
 }
 
 #[tokio::test]
+async fn a_200_body_longer_than_sixteen_mebibytes_is_read_only_up_to_the_limit() {
+    // The `rejected` list closes only after 17 MiB of padding, past the 16 MiB read limit, so
+    // the connector never sees its end and counts every member as accepted.
+    let body = format!(
+        r#"{{"rejected": [{{"key": "2", "reason": "invalid email"}}]{}}}"#,
+        " ".repeat(17 << 20)
+    );
+    let (platform, url) = start_platform([Answer::status(200).with_body(body)]).await;
+    let batch = batch(vec![
+        member("1", "a@example.com"),
+        member("2", "not-an-email"),
+        member("3", "c@example.com"),
+    ]);
+
+    let outcome = connector(&url).deliver(&batch).await;
+
+    assert_eq!(
+        outcome,
+        Ok(Outcome {
+            accepted: keys(&["1", "2", "3"]),
+            rejected: vec![],
+        })
+    );
+    let delivered = platform.accepted_batches();
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0]["members"].as_array().map(Vec::len), Some(3));
+}
+
+#[tokio::test]
 async fn the_bearer_token_from_the_secrets_is_sent() {
     let (platform, url) = start_platform([Answer::status(200)]).await;
     let connection = settings([
