@@ -1534,9 +1534,11 @@ fn case() -> impl Strategy<Value = Case> {
 // ---------------------------------------------------------------------------------------------
 
 proptest! {
-    // 64 cases, each a fresh project: refresh and evaluation take well under a second per case
-    // in a debug build.
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    // 256 cases, each a fresh project refreshed and evaluated: about 20 seconds on 2 cores in a
+    // debug build. `PROPTEST_CASES` runs more.
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(256)
+    ))]
 
     #[test]
     fn compiled_segments_select_the_members_the_reference_finds(case in case()) {
