@@ -139,7 +139,7 @@ impl MatchBy {
         match self {
             MatchBy::ExternalId => identifiers::clear(raw),
             MatchBy::Email => identifiers::email(raw),
-            MatchBy::Phone => e164(raw),
+            MatchBy::Phone => identifiers::phone_e164(raw),
         }
     }
 
@@ -151,11 +151,6 @@ impl MatchBy {
             MatchBy::Phone => "phone number",
         }
     }
-}
-
-/// A phone number in E.164: `+`, then the country code and number, digits only.
-pub fn e164(raw: &str) -> Result<String, Invalid> {
-    identifiers::phone_digits(raw).map(|digits| format!("+{digits}"))
 }
 
 /// Adds and removes segment membership on Braze user profiles.
@@ -909,9 +904,15 @@ mod tests {
 
     #[test]
     fn phones_are_e164_with_a_plus() {
-        assert_eq!(e164("+1 (650) 555-1212"), Ok("+16505551212".into()));
-        assert_eq!(e164("0044 7700 900123"), Ok("+447700900123".into()));
-        assert_eq!(e164("call me"), Err(Invalid::Empty));
+        assert_eq!(
+            identifiers::phone_e164("+1 (650) 555-1212"),
+            Ok("+16505551212".into())
+        );
+        assert_eq!(
+            identifiers::phone_e164("0044 7700 900123"),
+            Ok("+447700900123".into())
+        );
+        assert_eq!(identifiers::phone_e164("call me"), Err(Invalid::Empty));
     }
 
     #[test]

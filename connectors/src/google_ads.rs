@@ -163,7 +163,7 @@ impl Field {
         use identifiers::hash_normalised as hash;
         match self {
             Field::Email => hash(raw, email),
-            Field::Phone => hash(raw, e164),
+            Field::Phone => hash(raw, identifiers::phone_e164),
             Field::FirstName | Field::LastName => hash(raw, name),
             Field::CountryCode => country_code(raw),
             Field::PostalCode => postal_code(raw),
@@ -188,11 +188,6 @@ fn email(raw: &str) -> Result<String, Invalid> {
         });
     }
     Ok(format!("{local}@{domain}"))
-}
-
-/// A phone number in E.164: `+`, country code and number, digits only.
-fn e164(raw: &str) -> Result<String, Invalid> {
-    identifiers::phone_digits(raw).map(|digits| format!("+{digits}"))
 }
 
 /// A first or last name trimmed and lower-cased.
@@ -1626,8 +1621,14 @@ mod tests {
 
     #[test]
     fn phones_are_hashed_in_e164_with_the_plus() {
-        assert_eq!(e164("+1 (650) 555-1212"), Ok("+16505551212".into()));
-        assert_eq!(e164("0044 7700 900123"), Ok("+447700900123".into()));
+        assert_eq!(
+            identifiers::phone_e164("+1 (650) 555-1212"),
+            Ok("+16505551212".into())
+        );
+        assert_eq!(
+            identifiers::phone_e164("0044 7700 900123"),
+            Ok("+447700900123".into())
+        );
         assert_eq!(
             Field::Phone.prepare("1-650-555-1212"),
             Ok(SHA256_PLUS_16505551212.into())

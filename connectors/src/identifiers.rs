@@ -99,6 +99,12 @@ pub fn phone_digits(raw: &str) -> Result<String, Invalid> {
     }
 }
 
+/// A phone number in E.164 form: `+` and the digits of [`phone_digits`]
+/// (`+1 (650) 555-1212` becomes `+16505551212`).
+pub fn phone_e164(raw: &str) -> Result<String, Invalid> {
+    phone_digits(raw).map(|digits| format!("+{digits}"))
+}
+
 /// A first or last name, a city or a region: lower-cased letters only, in any script, so
 /// punctuation, spaces and digits go (`Mary-Ann O'Neil` becomes `maryannoneil`).
 pub fn letters(raw: &str) -> Result<String, Invalid> {

@@ -109,7 +109,7 @@ impl IdType {
         match self {
             IdType::Email => hash(raw, email),
             IdType::Phone => match phone_format {
-                PhoneFormat::E164 => hash(raw, e164),
+                PhoneFormat::E164 => hash(raw, identifiers::phone_e164),
                 PhoneFormat::Digits => hash(raw, identifiers::phone_digits),
             },
             IdType::Idfa | IdType::Aaid => hash(raw, mobile_ad_id),
@@ -138,11 +138,6 @@ pub fn email(raw: &str) -> Result<String, Invalid> {
         });
     }
     Ok(format!("{local}@{domain}"))
-}
-
-/// A phone number in E.164: `+`, then the country code and number, digits only.
-fn e164(raw: &str) -> Result<String, Invalid> {
-    identifiers::phone_digits(raw).map(|digits| format!("+{digits}"))
 }
 
 /// A mobile advertising id, trimmed and lower-cased so that its case is always the same.
