@@ -301,12 +301,14 @@ impl BrazeConnector {
         let headers = response.headers().clone();
         let body = http::body_start(response, MAX_ANSWER_BYTES).await;
         if !status.is_success() {
+            let ids: Vec<&str> = members.iter().map(|member| member.id.as_str()).collect();
             return Err(classify_failure(
                 status,
                 &headers,
                 &body,
                 self.url.as_str(),
                 SystemTime::now(),
+                &ids,
             ));
         }
         let sent = self.read_success(batch, status, &headers, &body, &members)?;
@@ -359,7 +361,9 @@ impl BrazeConnector {
     }
 
     /// What a 2xx answer says about `members`: per-object errors reject those members, the
-    /// others are accepted. A `queued` answer (Braze under maintenance) accepts them all.
+    /// others are accepted. A `queued` answer (Braze under maintenance) accepts them all. An
+    /// error that names no member makes the whole batch retryable: none can be counted as
+    /// accepted.
     fn read_success(
         &self,
         batch: &Batch,
@@ -402,24 +406,29 @@ impl BrazeConnector {
         }
 
         let mut refused: BTreeMap<usize, String> = BTreeMap::new();
-        let mut unplaced = 0;
+        let mut unplaced = Vec::new();
         for error in &answer.errors {
             match error.index(members.len()) {
                 Some(index) => {
                     let reason = minor_error_reason(error, &members[index].id);
                     refused.insert(index, reason);
                 }
-                None => unplaced += 1,
+                None => unplaced.push(error),
             }
         }
-        if unplaced > 0 {
-            tracing::warn!(
-                activation = %batch.activation,
-                change = batch.change.as_str(),
-                sequence = batch.sequence,
-                errors = unplaced,
-                "braze reported errors that name no member; counting those members as accepted"
-            );
+        if let Some(first) = unplaced.first() {
+            // Which members such an error is about is unknown, so none of the batch can be
+            // counted as accepted; sending the batch again is safe, the requests are idempotent.
+            let ids: Vec<&str> = members.iter().map(|member| member.id.as_str()).collect();
+            return Err(DeliveryError::Retryable {
+                message: format!(
+                    "{} answered {status} with {} error(s) that name no member of the batch, \
+                     the first: {}",
+                    self.url,
+                    unplaced.len(),
+                    quote(&http::redact(first.text(), &ids))
+                ),
+            });
         }
         let mut outcome = Outcome::default();
         for (index, member) in members.iter().enumerate() {
@@ -553,7 +562,7 @@ impl MinorError {
 fn minor_error_reason(error: &MinorError, id: &str) -> String {
     format!(
         "Braze refused the attributes object: {}",
-        quote(&redact(error.text(), id))
+        quote(&http::redact_addresses(&redact(error.text(), id)))
     )
 }
 
@@ -597,21 +606,23 @@ impl FatalAnswer {
     }
 }
 
-/// The failure a non-2xx answer stands for.
+/// The failure a non-2xx answer stands for; the batch's `ids` and personal data are blanked
+/// from the quoted text.
 fn classify_failure(
     status: StatusCode,
     headers: &HeaderMap,
     body: &[u8],
     shown_url: &str,
     now: SystemTime,
+    ids: &[&str],
 ) -> DeliveryError {
     let text = String::from_utf8_lossy(body);
     let said = match serde_json::from_slice::<FatalAnswer>(body) {
-        Ok(answer) => format!(": {}", quote(&answer.describe())),
+        Ok(answer) => format!(": {}", quote(&http::redact(&answer.describe(), ids))),
         Err(_) if text.trim_start().starts_with('<') => {
             " with an HTML page instead of a Braze error".to_owned()
         }
-        Err(_) => format!(": {}", quote(&text)),
+        Err(_) => format!(": {}", quote(&http::redact(&text, ids))),
     };
     let message = format!("{shown_url} answered {status}{said}");
     match status.as_u16() {
@@ -871,7 +882,8 @@ mod tests {
         let fatal = br#"{"message": "Invalid API Key"}"#;
         let classify = |code: u16, body: &[u8]| {
             let status = StatusCode::from_u16(code).unwrap();
-            let error = classify_failure(status, &HeaderMap::new(), body, "u", SystemTime::now());
+            let error =
+                classify_failure(status, &HeaderMap::new(), body, "u", SystemTime::now(), &[]);
             kind(&error)
         };
 

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use reqwest::header::HeaderValue;
 
-use crate::DeliveryError;
+use crate::{Batch, DeliveryError};
 
 /// How much of an answer's body goes into an error message or a rejection reason.
 pub(crate) const MAX_QUOTED_CHARS: usize = 200;
@@ -69,10 +69,11 @@ pub(crate) async fn body_start(mut response: reqwest::Response, limit: usize) ->
     bytes
 }
 
-/// The start of a failed answer's body, quoted for an error message.
-pub(crate) async fn quoted_body(response: reqwest::Response) -> String {
+/// The start of a failed answer's body, quoted for an error message with personal data and
+/// the `known` identifier values blanked (see [`redact`]).
+pub(crate) async fn quoted_body(response: reqwest::Response, known: &[&str]) -> String {
     let bytes = body_start(response, MAX_ERROR_BODY_BYTES).await;
-    quote(&String::from_utf8_lossy(&bytes))
+    quote(&redact(&String::from_utf8_lossy(&bytes), known))
 }
 
 /// `text` cut to its first [`MAX_QUOTED_CHARS`] characters, with `...` when cut.
@@ -82,6 +83,122 @@ pub(crate) fn quote(text: &str) -> String {
         Some((end, _)) => format!("{}...", &text[..end]),
         None => text.to_owned(),
     }
+}
+
+/// Digits in a run at which the run counts as a phone number (or another personal number).
+const MIN_REDACTED_DIGITS: usize = 7;
+
+/// `text` with personal data blanked: e-mail-like tokens become `<address>` and runs of
+/// [`MIN_REDACTED_DIGITS`] or more digits (spaces, `-`, `.`, `(`, `)` and `/` allowed between
+/// them) become `<number>`. Apply before [`quote`]; only platform text needs it.
+pub(crate) fn redact_addresses(text: &str) -> String {
+    redact(text, &[])
+}
+
+/// [`redact_addresses`], after every occurrence (ASCII case ignored) of the batch's own
+/// identifier values in `known` has become `<member>`; values shorter than three characters
+/// are left, they would blank ordinary words.
+pub(crate) fn redact(text: &str, known: &[&str]) -> String {
+    let mut values: Vec<&str> = known
+        .iter()
+        .map(|value| value.trim())
+        .filter(|value| value.chars().count() >= 3)
+        .collect();
+    values.sort_by_key(|value| std::cmp::Reverse(value.len()));
+    let mut text = text.to_owned();
+    for value in values {
+        text = replace_ignoring_ascii_case(&text, value, "<member>");
+    }
+    blank_numbers(&blank_addresses(&text))
+}
+
+/// Every identifier value of the batch's members, for [`redact`].
+pub(crate) fn identifier_values(batch: &Batch) -> Vec<&str> {
+    batch
+        .members
+        .iter()
+        .flat_map(|member| member.identifiers.values().map(String::as_str))
+        .collect()
+}
+
+/// `text` with each occurrence of `value`, ASCII case ignored, replaced by `with`.
+fn replace_ignoring_ascii_case(text: &str, value: &str, with: &str) -> String {
+    // ASCII lowercasing keeps every byte offset, so offsets found in the lowered copies hold
+    // for `text` itself.
+    let lowered = text.to_ascii_lowercase();
+    let needle = value.to_ascii_lowercase();
+    let mut out = String::with_capacity(text.len());
+    let mut start = 0;
+    while let Some(found) = lowered[start..].find(&needle) {
+        let at = start + found;
+        out.push_str(&text[start..at]);
+        out.push_str(with);
+        start = at + needle.len();
+    }
+    out.push_str(&text[start..]);
+    out
+}
+
+/// Whether `c` can be part of an e-mail address as platforms echo them.
+fn address_char(c: char) -> bool {
+    c.is_alphanumeric() || "._%+-@'".contains(c)
+}
+
+/// `text` with every run of address characters that holds an `@` replaced by `<address>`.
+fn blank_addresses(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        if word.contains('@') {
+            out.push_str("<address>");
+        } else {
+            out.push_str(word);
+        }
+        word.clear();
+    };
+    for c in text.chars() {
+        if address_char(c) {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
+/// `text` with every run of at least [`MIN_REDACTED_DIGITS`] digits, separators allowed
+/// between them, replaced by `<number>`.
+fn blank_numbers(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut index = 0;
+    while index < chars.len() {
+        if !chars[index].is_ascii_digit() {
+            out.push(chars[index]);
+            index += 1;
+            continue;
+        }
+        // The run: digits and separators, ending on its last digit.
+        let mut end = index;
+        let mut last_digit = index;
+        let mut digits = 0;
+        while end < chars.len() && (chars[end].is_ascii_digit() || " -.()/".contains(chars[end])) {
+            if chars[end].is_ascii_digit() {
+                digits += 1;
+                last_digit = end;
+            }
+            end += 1;
+        }
+        if digits >= MIN_REDACTED_DIGITS {
+            out.push_str("<number>");
+        } else {
+            out.extend(&chars[index..=last_digit]);
+        }
+        index = last_digit + 1;
+    }
+    out
 }
 
 /// An error and its sources, `: `-separated: reqwest's own message alone says little.
@@ -153,6 +270,19 @@ mod tests {
         assert_eq!(requested_wait(&header("soon"), now), None);
         assert_eq!(requested_wait(&header("-5"), now), None);
         assert_eq!(requested_wait(&header(""), now), None);
+    }
+
+    #[test]
+    fn redaction_blanks_addresses_phone_numbers_and_known_values() {
+        let text = r#"{"message":"Invalid email A.b+c@Example.com, phone +1 (555) 010-2030, name Ada Lovelace, 12 rows"}"#;
+
+        let redacted = redact(text, &["ada lovelace", "x"]);
+
+        assert_eq!(
+            redacted,
+            r#"{"message":"Invalid email <address>, phone +<number>, name <member>, 12 rows"}"#
+        );
+        assert_eq!(redact_addresses("code 400 at 2030"), "code 400 at 2030");
     }
 
     #[test]

@@ -37,7 +37,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
 
-use crate::http::{self, Secret, quote};
+use crate::http::{self, Secret, quote, redact_addresses};
 use crate::identifiers;
 use crate::settings::{Place, Problems};
 use crate::{
@@ -645,20 +645,6 @@ fn split_by_bytes<'a, 'e>(addresses: &'a [&'e str], limit: usize) -> Vec<&'a [&'
         chunks.push(&addresses[start..]);
     }
     chunks
-}
-
-/// `text` with every word holding an `@` replaced by `<address>`.
-fn redact_addresses(text: &str) -> String {
-    text.split(' ')
-        .map(|word| {
-            if word.contains('@') {
-                "<address>"
-            } else {
-                word
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// The failure a non-2xx answer stands for.

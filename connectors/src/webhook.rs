@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 use reqwest::header::{AUTHORIZATION, HeaderName, HeaderValue, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
 
-use crate::http::{self, quote, quoted_body, requested_wait};
+use crate::http::{self, quote, requested_wait};
 use crate::settings::{Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
@@ -167,7 +167,7 @@ impl WebhookConnector {
         }
 
         let retry_after = response.headers().get(RETRY_AFTER).cloned();
-        let body = quoted_body(response).await;
+        let body = http::quoted_body(response, &http::identifier_values(batch)).await;
         let message = format!("{} answered {status}: {body}", self.shown_url());
         Err(classify_failure(
             status,
@@ -178,16 +178,17 @@ impl WebhookConnector {
     }
 
     /// The outcome of a 2xx answer: keys listed under `rejected` are rejected, the rest of the
-    /// batch accepted.
+    /// batch accepted. Reasons are quoted without personal data or the batch's identifiers.
     fn outcome(&self, batch: &Batch, body: &[u8]) -> Outcome {
-        let rejections = match read_rejections(body) {
+        let known = http::identifier_values(batch);
+        let rejections = match read_rejections(body, &known) {
             Ok(rejections) => rejections,
             Err(error) => {
                 tracing::warn!(
                     activation = %batch.activation,
                     change = batch.change.as_str(),
                     sequence = batch.sequence,
-                    error = %error,
+                    error = %http::redact(&error.to_string(), &known),
                     "webhook answer has an unreadable `rejected` list; counting every member \
                      as accepted"
                 );
@@ -317,7 +318,10 @@ fn read_authorization(
 
 /// Rejection reasons by key from a 2xx body. A body that is not a JSON object with a
 /// `rejected` key rejects nothing; a `rejected` value of the wrong shape is an error.
-fn read_rejections(body: &[u8]) -> Result<HashMap<String, String>, serde_json::Error> {
+fn read_rejections(
+    body: &[u8],
+    known: &[&str],
+) -> Result<HashMap<String, String>, serde_json::Error> {
     let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(body) else {
         return Ok(HashMap::new());
     };
@@ -331,7 +335,7 @@ fn read_rejections(body: &[u8]) -> Result<HashMap<String, String>, serde_json::E
         .map(|rejected| {
             let reason = rejected
                 .reason
-                .map(|reason| quote(&reason))
+                .map(|reason| quote(&http::redact(&reason, known)))
                 .unwrap_or_else(|| "rejected by the webhook without a reason".to_owned());
             (rejected.key, reason)
         })
@@ -409,18 +413,18 @@ mod tests {
 
     #[test]
     fn a_body_without_a_rejected_list_rejects_nothing() {
-        assert_eq!(read_rejections(b"").unwrap(), HashMap::new());
-        assert_eq!(read_rejections(b"OK").unwrap(), HashMap::new());
+        assert_eq!(read_rejections(b"", &[]).unwrap(), HashMap::new());
+        assert_eq!(read_rejections(b"OK", &[]).unwrap(), HashMap::new());
         assert_eq!(
-            read_rejections(br#"{"status":"ok"}"#).unwrap(),
+            read_rejections(br#"{"status":"ok"}"#, &[]).unwrap(),
             HashMap::new()
         );
     }
 
     #[test]
     fn a_rejected_list_of_the_wrong_shape_is_an_error() {
-        assert!(read_rejections(br#"{"rejected":"all"}"#).is_err());
-        assert!(read_rejections(br#"{"rejected":[{"reason":"no key"}]}"#).is_err());
+        assert!(read_rejections(br#"{"rejected":"all"}"#, &[]).is_err());
+        assert!(read_rejections(br#"{"rejected":[{"reason":"no key"}]}"#, &[]).is_err());
     }
 
     #[test]

@@ -55,6 +55,10 @@ enum Fault {
     RevokedKey,
     /// HTTP 403: the key lacks the endpoint's permission.
     MissingPermission,
+    /// HTTP 400 whose message quotes an e-mail address and a phone number.
+    InvalidContact,
+    /// The normal answer (the change applied), plus an error that names no attributes object.
+    UnplacedError,
 }
 
 /// A request as the fake received it.
@@ -186,7 +190,13 @@ fn refusal(fault: Option<&Fault>, headers: &HeaderMap) -> Option<Response> {
                 "Access denied: the API key does not have permission for this endpoint",
             ));
         }
-        Some(Fault::Slow(_) | Fault::Queued) | None => {}
+        Some(Fault::InvalidContact) => {
+            return Some(fatal(
+                400,
+                "Invalid email ann@example.com, contact support on +44 20 7946 0958",
+            ));
+        }
+        Some(Fault::Slow(_) | Fault::Queued | Fault::UnplacedError) | None => {}
     }
     let expected = format!("Bearer {KEY}");
     let authorization = headers.get("authorization").and_then(|v| v.to_str().ok());
@@ -222,6 +232,14 @@ fn finish(fault: Option<&Fault>, response: Response) -> Response {
         Some(Fault::Queued) if response.status().is_success() => (
             StatusCode::ACCEPTED,
             axum::Json(json!({"message": "queued"})),
+        )
+            .into_response(),
+        Some(Fault::UnplacedError) if response.status().is_success() => (
+            StatusCode::CREATED,
+            axum::Json(json!({
+                "message": "success",
+                "errors": [{"type": "internal error while processing bob@example.com"}],
+            })),
         )
             .into_response(),
         _ => response,
@@ -1247,4 +1265,51 @@ async fn an_api_key_with_a_trailing_newline_is_refused_at_load_naming_api_key_en
     assert_eq!(checked, Err(expected));
     assert!(braze.received().is_empty());
     assert!(braze.in_segment().is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_answer_quoting_an_address_and_a_phone_number_is_reported_without_them() {
+    let (braze, url) = start_braze().await;
+    braze.fail_next([Fault::InvalidContact]);
+    let members = vec![
+        member("1", &[("email", "ann@example.com")]),
+        member("2", &[("email", "bob@example.com")]),
+    ];
+
+    let outcome = by_email(&url).deliver(&batch(Change::Add, members)).await;
+
+    assert_eq!(
+        outcome,
+        Err(DeliveryError::Permanent {
+            message: format!(
+                "{url}/users/track answered 400 Bad Request: Invalid email <member>, contact \
+                 support on +<number>"
+            ),
+        })
+    );
+    assert_eq!(braze.in_segment(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn an_error_that_names_no_member_is_retried_instead_of_accepting_the_batch() {
+    let (braze, url) = start_braze().await;
+    braze.fail_next([Fault::UnplacedError]);
+    let connector = by_external_id(&url);
+    let added = batch(Change::Add, three_members());
+
+    let first = connector.deliver(&added).await;
+    let retried = deliver_with_retries(&connector, &added, &quick_policy(3)).await;
+
+    assert_eq!(
+        first,
+        Err(DeliveryError::Retryable {
+            message: format!(
+                "{url}/users/track answered 201 Created with 1 error(s) that name no member of \
+                 the batch, the first: internal error while processing <address>"
+            ),
+        })
+    );
+    assert_eq!(retried, Ok(accepted(&["1", "2", "3"])));
+    assert_eq!(braze.in_segment(), ids(&["u1", "u2", "u3"]));
+    assert_eq!(braze.received().len(), 2);
 }

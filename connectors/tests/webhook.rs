@@ -585,3 +585,62 @@ fn webhook_batch_size_defaults_to_1000() {
         ("webhook", 1000)
     );
 }
+
+#[tokio::test]
+async fn a_failure_body_quoting_an_address_and_a_phone_number_is_reported_without_them() {
+    let body = r#"{"error":"duplicate contact zed@example.org, phone 555-010-4477, member Ann Lee"}"#;
+    let (platform, url) = start_platform([Answer::status(409).with_body(body)]).await;
+    let batch = batch(vec![Member {
+        key: "1".into(),
+        identifiers: BTreeMap::from([("name".into(), "Ann Lee".into())]),
+    }]);
+
+    let outcome = deliver_with_retries(&connector(&url), &batch, &quick_policy(3)).await;
+
+    assert_eq!(
+        outcome,
+        Err(DeliveryError::Permanent {
+            message: format!(
+                r#"{url} answered 409 Conflict: {{"error":"duplicate contact <address>, phone <number>, member <member>"}}"#
+            ),
+        })
+    );
+    assert_eq!(platform.received().len(), 1);
+}
+
+#[tokio::test]
+async fn rejection_reasons_are_kept_without_addresses_phone_numbers_or_the_members_values() {
+    let body = r#"{"rejected": [
+        {"key": "1", "reason": "a@example.com bounced, call +1 415 555 0100"},
+        {"key": "2", "reason": "unknown customer CUST-77"}
+    ]}"#;
+    let (platform, url) = start_platform([Answer::status(200).with_body(body)]).await;
+    let batch = batch(vec![
+        member("1", "a@example.com"),
+        Member {
+            key: "2".into(),
+            identifiers: BTreeMap::from([("customer_id".into(), "cust-77".into())]),
+        },
+        member("3", "c@example.com"),
+    ]);
+
+    let outcome = connector(&url).deliver(&batch).await;
+
+    assert_eq!(
+        outcome,
+        Ok(Outcome {
+            accepted: keys(&["3"]),
+            rejected: vec![
+                Rejection {
+                    key: "1".into(),
+                    reason: "<member> bounced, call +<number>".into()
+                },
+                Rejection {
+                    key: "2".into(),
+                    reason: "unknown customer <member>".into()
+                },
+            ],
+        })
+    );
+    assert_eq!(platform.received().len(), 1);
+}
