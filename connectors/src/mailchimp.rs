@@ -240,12 +240,14 @@ impl MailchimpConnector {
         let body = http::body_start(response, MAX_ANSWER_BYTES).await;
         let shown = self.list_url.as_str();
         if !status.is_success() {
+            let emails: Vec<&str> = members.iter().map(|member| member.email.as_str()).collect();
             return Err(classify_failure(
                 status,
                 &headers,
                 &body,
                 shown,
                 SystemTime::now(),
+                &emails,
             ));
         }
         let answer: BatchAnswer =
@@ -308,7 +310,8 @@ impl MailchimpConnector {
             let headers = response.headers().clone();
             let body = http::body_start(response, http::MAX_ERROR_BODY_BYTES).await;
             let shown = self.members_shown();
-            let failure = classify_failure(status, &headers, &body, &shown, SystemTime::now());
+            let now = SystemTime::now();
+            let failure = classify_failure(status, &headers, &body, &shown, now, &[&member.email]);
             match failure {
                 DeliveryError::Permanent { .. } if status == StatusCode::BAD_REQUEST => {
                     let problem = serde_json::from_slice::<Problem>(&body).unwrap_or_default();
@@ -316,7 +319,7 @@ impl MailchimpConnector {
                         key: member.key.to_owned(),
                         reason: format!(
                             "Mailchimp refused to archive the member: {}",
-                            redact(&problem.describe(), &member.email)
+                            http::redact_addresses(&redact(&problem.describe(), &member.email))
                         ),
                     });
                 }
@@ -357,6 +360,7 @@ impl MailchimpConnector {
             &body,
             shown,
             SystemTime::now(),
+            &[],
         ))
     }
 
@@ -442,7 +446,10 @@ fn member_error_reason(error: &MemberError, email: &str) -> String {
     } else {
         ""
     };
-    format!("Mailchimp refused the member{code}: {}{hint}", quote(&text))
+    format!(
+        "Mailchimp refused the member{code}: {}{hint}",
+        quote(&http::redact_addresses(&text))
+    )
 }
 
 /// `text` with every occurrence of `email` (ASCII case ignored) replaced by `<address>`.
@@ -463,18 +470,20 @@ fn redact(text: &str, email: &str) -> String {
     redacted
 }
 
-/// The failure a non-2xx answer stands for.
+/// The failure a non-2xx answer stands for; personal data and the batch's `emails` are
+/// blanked from the quoted text.
 fn classify_failure(
     status: StatusCode,
     headers: &HeaderMap,
     body: &[u8],
     shown_url: &str,
     now: SystemTime,
+    emails: &[&str],
 ) -> DeliveryError {
     let problem = serde_json::from_slice::<Problem>(body).ok();
     let said = match &problem {
-        Some(problem) => quote(&problem.describe()),
-        None => quote(&String::from_utf8_lossy(body)),
+        Some(problem) => quote(&http::redact(&problem.describe(), emails)),
+        None => quote(&http::redact(&String::from_utf8_lossy(body), emails)),
     };
     let message = format!("{shown_url} answered {status}: {said}");
     match status.as_u16() {
@@ -491,7 +500,8 @@ fn classify_failure(
                  throttles under heavy load"
             ),
         },
-        403 => DeliveryError::Permanent {
+        // A disabled user or key, or a key sent to another data centre: an operator must act.
+        403 => DeliveryError::Auth {
             message: format!(
                 "{message}; check that the API key is enabled and that its data centre suffix \
                  matches the account"
@@ -680,7 +690,7 @@ mod tests {
         let problem = br#"{"title": "Forbidden", "status": 403, "detail": "no"}"#;
         let kind = |code: u16, body: &[u8]| {
             let status = StatusCode::from_u16(code).unwrap();
-            match classify_failure(status, &HeaderMap::new(), body, "u", SystemTime::now()) {
+            match classify_failure(status, &HeaderMap::new(), body, "u", SystemTime::now(), &[]) {
                 DeliveryError::Retryable { .. } => "retryable",
                 DeliveryError::RateLimited { .. } => "rate limited",
                 DeliveryError::Auth { .. } => "auth",
@@ -689,7 +699,7 @@ mod tests {
         };
 
         assert_eq!(kind(403, b""), "rate limited");
-        assert_eq!(kind(403, problem), "permanent");
+        assert_eq!(kind(403, problem), "auth");
         assert_eq!(kind(429, b""), "rate limited");
         assert_eq!(kind(401, problem), "auth");
         assert_eq!(kind(400, problem), "permanent");
