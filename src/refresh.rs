@@ -387,6 +387,22 @@ fn load_source(
             ),
         ));
     }
+    // A CSV file is read by position: columns in another order than declared would load
+    // each value into the wrong column.
+    if matches!(source.format, SourceFormat::Csv { header: true, .. }) {
+        let declared: Vec<&str> = source.columns.iter().map(|(n, _)| n.as_str()).collect();
+        if declared.iter().zip(&found).any(|(d, f)| *d != f.as_str()) {
+            return Err(source_error(
+                source,
+                format!(
+                    "the file's columns are in another order than declared: the file has {}, \
+                     the pipeline declares {}; declare the columns of a CSV file in file order",
+                    found.join(", "),
+                    declared.join(", ")
+                ),
+            ));
+        }
+    }
 
     let casts = source
         .columns

@@ -160,3 +160,16 @@ fn a_duplicate_master_key_fails_and_changes_nothing() {
     );
     assert_fails_and_keeps_state(&project, &["master table", "more than one row"]);
 }
+
+#[test]
+fn a_file_whose_columns_are_in_another_order_fails_and_changes_nothing() {
+    let project = shop();
+    assert!(project.refresh("shop").0);
+    // The same orders with `amount` and `id` swapped, header and rows: read by position,
+    // amounts would become profile keys.
+    project.write(
+        "pipelines/shop/orders.csv",
+        "amount,id,at\n150,2,2024-06-01 10:00:00\n20,3,2024-06-02 11:00:00\n",
+    );
+    assert_fails_and_keeps_state(&project, &["another order than declared", "amount, id, at"]);
+}
