@@ -384,7 +384,7 @@ impl BrazeConnector {
                 message: format!(
                     "{} answered {status} with the message {}",
                     self.url,
-                    quote(&answer.message)
+                    quote(&http::redact_addresses(&answer.message))
                 ),
             });
         }

@@ -1,8 +1,10 @@
 //! HTTP plumbing shared by the connectors that talk to a platform over HTTP.
 //!
 //! This module owns the client set-up (timeouts, no redirects), the reading of a `Retry-After`
-//! header, and the quoting of answers and transport errors into messages. It does not decide
-//! what an answer means; each connector classifies its platform's answers itself.
+//! header, the quoting of answers and transport errors into messages, and the blanking of
+//! personal data (addresses, phone numbers, the batch's identifier values) in quoted platform
+//! text. It does not decide what an answer means; each connector classifies its platform's
+//! answers itself.
 
 use std::time::{Duration, SystemTime};
 
@@ -90,7 +92,8 @@ const MIN_REDACTED_DIGITS: usize = 7;
 
 /// `text` with personal data blanked: e-mail-like tokens become `<address>` and runs of
 /// [`MIN_REDACTED_DIGITS`] or more digits (spaces, `-`, `.`, `(`, `)` and `/` allowed between
-/// them) become `<number>`. Apply before [`quote`]; only platform text needs it.
+/// them, a `+` or `(` before them) become `<number>`. Apply before [`quote`]; only platform
+/// text needs it.
 pub(crate) fn redact_addresses(text: &str) -> String {
     redact(text, &[])
 }
@@ -192,6 +195,10 @@ fn blank_numbers(text: &str) -> String {
             end += 1;
         }
         if digits >= MIN_REDACTED_DIGITS {
+            // A `+` or `(` just before the first digit belongs to the number.
+            while out.ends_with(['+', '(']) {
+                out.pop();
+            }
             out.push_str("<number>");
         } else {
             out.extend(&chars[index..=last_digit]);
@@ -274,13 +281,16 @@ mod tests {
 
     #[test]
     fn redaction_blanks_addresses_phone_numbers_and_known_values() {
-        let text = r#"{"message":"Invalid email A.b+c@Example.com, phone +1 (555) 010-2030, name Ada Lovelace, 12 rows"}"#;
+        let text = concat!(
+            r#"{"message":"Invalid email A.b+c@Example.com, phone +1 (555) 010-2030, "#,
+            r#"name Ada Lovelace, 12 rows"}"#
+        );
 
         let redacted = redact(text, &["ada lovelace", "x"]);
 
         assert_eq!(
             redacted,
-            r#"{"message":"Invalid email <address>, phone +<number>, name <member>, 12 rows"}"#
+            r#"{"message":"Invalid email <address>, phone <number>, name <member>, 12 rows"}"#
         );
         assert_eq!(redact_addresses("code 400 at 2030"), "code 400 at 2030");
     }

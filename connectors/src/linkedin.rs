@@ -368,6 +368,8 @@ impl LinkedInConnector {
         let headers = response.headers().clone();
         let body = http::body_start(response, MAX_ANSWER_BYTES).await;
         let shown = self.url.as_str();
+        // Names, titles and companies are sent in clear and can come back in messages.
+        let known = http::identifier_values(batch);
         if !status.is_success() {
             return Err(classify_failure(
                 shown,
@@ -375,10 +377,11 @@ impl LinkedInConnector {
                 &headers,
                 &body,
                 SystemTime::now(),
+                &known,
             ));
         }
 
-        let statuses = element_statuses(&body);
+        let statuses = element_statuses(&body, &known);
         if statuses.len() != members.len() {
             // Nothing says which elements were applied; sending the whole batch again is
             // harmless, since elements already done answer 201.
@@ -526,7 +529,8 @@ impl Connector for LinkedInConnector {
 
 /// The status of each element of a `BATCH_CREATE` answer, in order, `Err` with the status
 /// of an element left unprocessed; empty when the answer holds no readable `elements`.
-fn element_statuses(body: &[u8]) -> Vec<Result<ElementStatus, u16>> {
+/// Refusal reasons are quoted without personal data or the `known` identifier values.
+fn element_statuses(body: &[u8], known: &[&str]) -> Vec<Result<ElementStatus, u16>> {
     let Ok(answer) = serde_json::from_slice::<Value>(body) else {
         return Vec::new();
     };
@@ -552,7 +556,7 @@ fn element_statuses(body: &[u8]) -> Vec<Result<ElementStatus, u16>> {
                         .unwrap_or_default();
                     Ok(ElementStatus::Refused(format!(
                         "LinkedIn refused the element (status {status}{code}): {}",
-                        quote(message)
+                        quote(&http::redact(message, known))
                     )))
                 }
             }
@@ -560,13 +564,15 @@ fn element_statuses(body: &[u8]) -> Vec<Result<ElementStatus, u16>> {
         .collect()
 }
 
-/// The failure a non-2xx answer stands for.
+/// The failure a non-2xx answer stands for; personal data and the `known` identifier values
+/// are blanked from the quoted text.
 fn classify_failure(
     shown_url: &str,
     status: StatusCode,
     headers: &HeaderMap,
     body: &[u8],
     now: SystemTime,
+    known: &[&str],
 ) -> DeliveryError {
     let text = String::from_utf8_lossy(body);
     let error: Option<Value> = serde_json::from_slice::<Value>(body)
@@ -580,13 +586,19 @@ fn classify_failure(
                 .unwrap_or_default();
             format!(
                 "{shown_url} answered {status}: {}{code}",
-                quote(error["message"].as_str().unwrap_or_default())
+                quote(&http::redact(
+                    error["message"].as_str().unwrap_or_default(),
+                    known
+                ))
             )
         }
         None if text.trim_start().starts_with('<') => {
             format!("{shown_url} answered {status} with an HTML page instead of a LinkedIn error")
         }
-        None => format!("{shown_url} answered {status}: {}", quote(&text)),
+        None => format!(
+            "{shown_url} answered {status}: {}",
+            quote(&http::redact(&text, known))
+        ),
     };
     match status.as_u16() {
         429 => DeliveryError::RateLimited {
@@ -867,7 +879,7 @@ mod tests {
     fn statuses_are_classified_by_what_sending_again_would_do() {
         let kind = |code: u16, body: &[u8]| {
             let status = StatusCode::from_u16(code).unwrap();
-            match classify_failure("u", status, &HeaderMap::new(), body, SystemTime::now()) {
+            match classify_failure("u", status, &HeaderMap::new(), body, SystemTime::now(), &[]) {
                 DeliveryError::Retryable { .. } => "retryable",
                 DeliveryError::RateLimited { .. } => "rate limited",
                 DeliveryError::Auth { .. } => "auth",

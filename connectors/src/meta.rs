@@ -540,6 +540,19 @@ fn classify_graph_error(
         190 | 102 => DeliveryError::Auth {
             message: format!("{message}; renew the access token"),
         },
+        // Permissions: sending again cannot succeed until an operator grants them.
+        10 | 200..=299 => DeliveryError::Auth {
+            message: format!(
+                "{message}; the access token lacks a permission this call needs, check its \
+                 scopes and the system user's role on the ad account"
+            ),
+        },
+        100 if error.error_subcode == Some(33) => DeliveryError::Auth {
+            message: format!(
+                "{message}; the access token's system user has no permission on the audience, \
+                 assign the audience to it in Business Manager"
+            ),
+        },
         4 | 17 | 32 | 613 | 80_000..=80_014 => DeliveryError::RateLimited {
             wait: usage_wait(headers).or_else(|| retry_after(headers, now)),
             message,
@@ -861,13 +874,13 @@ mod tests {
                 (1, "retryable"),
                 (2, "retryable"),
                 (4, "rate limited"),
-                (10, "permanent"),
+                (10, "auth"),
                 (17, "rate limited"),
                 (32, "rate limited"),
                 (100, "permanent"),
                 (102, "auth"),
                 (190, "auth"),
-                (200, "permanent"),
+                (200, "auth"),
                 (613, "rate limited"),
                 (80003, "rate limited"),
                 (80015, "permanent"),

@@ -1283,7 +1283,7 @@ async fn a_failed_answer_quoting_an_address_and_a_phone_number_is_reported_witho
         Err(DeliveryError::Permanent {
             message: format!(
                 "{url}/users/track answered 400 Bad Request: Invalid email <member>, contact \
-                 support on +<number>"
+                 support on <number>"
             ),
         })
     );

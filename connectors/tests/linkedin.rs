@@ -60,6 +60,26 @@ enum Fault {
     ElementThrottled(usize),
     /// The normal answer (the change applied), its body cut off after this many bytes.
     Truncated(usize),
+    /// A 200 answer refusing the element at this position with a message that echoes its
+    /// names, title and company and quotes an address and a phone number; the others are
+    /// processed.
+    ElementEchoed(usize),
+    /// HTTP 400 for the whole request, its message echoing the first element's title and
+    /// company and quoting an address and a phone number.
+    RequestEchoed,
+}
+
+/// A message that echoes `element`'s clear fields, as LinkedIn's validation messages can.
+fn echo(element: &Value) -> String {
+    let field = |name: &str| element[name].as_str().unwrap_or("").to_owned();
+    format!(
+        "Member {} {} ({} at {}) could not be matched; write to privacy@linkedin.example or \
+         call +1 650 555 0199",
+        field("firstName"),
+        field("lastName"),
+        field("title"),
+        field("company"),
+    )
 }
 
 /// A request as the fake received it.
@@ -189,8 +209,17 @@ fn answer(
             );
         }
         Some(Fault::ElementThrottled(index)) => throttled_element = Some(index),
-        Some(Fault::Truncated(_)) | Some(Fault::Slow(_)) | None => {}
+        Some(Fault::RequestEchoed) => {
+            let request = serde_json::from_slice::<Value>(body).unwrap_or_default();
+            return error(400, "ILLEGAL_ARGUMENT", 100, &echo(&request["elements"][0]));
+        }
+        Some(Fault::ElementEchoed(_)) | Some(Fault::Truncated(_)) | Some(Fault::Slow(_)) | None => {
+        }
     }
+    let echoed_element = match fault {
+        Some(Fault::ElementEchoed(index)) => Some(index),
+        _ => None,
+    };
 
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     if header("authorization") != Some(&format!("Bearer {TOKEN}")) {
@@ -230,6 +259,14 @@ fn answer(
     for (index, element) in elements.iter().enumerate() {
         if throttled_element == Some(index) {
             statuses.push(json!({"status": 429}));
+            continue;
+        }
+        if echoed_element == Some(index) {
+            statuses.push(json!({"status": 400, "error": {
+                "status": 400,
+                "code": "ILLEGAL_ARGUMENT",
+                "message": echo(element),
+            }}));
             continue;
         }
         let ids = match kind {
@@ -1099,4 +1136,96 @@ async fn an_access_token_with_a_trailing_newline_is_refused_at_load_naming_acces
     assert_eq!(checked, Err(expected));
     assert!(linkedin.received().is_empty());
     assert!(linkedin.segment().is_empty());
+}
+
+/// A user segment fed e-mail, names, title and company.
+fn with_names(base_url: &str) -> LinkedInConnector {
+    let activation: toml::Table = r#"
+        segment_id = "4711"
+        [identifiers]
+        email = "email"
+        first_name = "first"
+        last_name = "last"
+        title = "job"
+        company = "employer"
+    "#
+    .parse()
+    .unwrap();
+    connector(base_url, activation)
+}
+
+fn named_members() -> Vec<Member> {
+    vec![
+        member(
+            "1",
+            &[
+                ("email", "ann@example.com"),
+                ("first", "Ann"),
+                ("last", "Lovelace"),
+                ("job", "Chief Analyst"),
+                ("employer", "Analytical Engines Ltd"),
+            ],
+        ),
+        member(
+            "2",
+            &[
+                ("email", "bob@example.com"),
+                ("first", " Bob "),
+                ("last", "Babbage"),
+                ("job", "Head of Difference"),
+                ("employer", "Engines & Co"),
+            ],
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn a_refused_element_s_reason_carries_no_name_title_company_address_or_phone() {
+    let (linkedin, url) = start_linkedin().await;
+    linkedin.fail_next([Fault::ElementEchoed(1)]);
+
+    let outcome = with_names(&url)
+        .deliver(&batch(Change::Add, named_members()))
+        .await;
+
+    assert_eq!(
+        outcome,
+        Ok(Outcome {
+            accepted: vec!["1".into()],
+            rejected: vec![Rejection {
+                key: "2".into(),
+                reason: "LinkedIn refused the element (status 400 ILLEGAL_ARGUMENT): Member \
+                         <member> <member> (<member> at <member>) could not be matched; write \
+                         to <address> or call <number>"
+                    .into(),
+            }],
+        })
+    );
+    assert_eq!(linkedin.segment(), emails(&[ANN]));
+}
+
+#[tokio::test]
+async fn a_refused_request_s_message_carries_no_name_title_company_address_or_phone() {
+    let (linkedin, url) = start_linkedin().await;
+    linkedin.fail_next([Fault::RequestEchoed]);
+
+    let outcome = deliver_with_retries(
+        &with_names(&url),
+        &batch(Change::Add, named_members()),
+        &quick_policy(3),
+    )
+    .await;
+
+    assert_eq!(
+        outcome,
+        Err(DeliveryError::Permanent {
+            message: format!(
+                "{url}/rest/dmpSegments/{SEGMENT_ID}/users answered 400 Bad Request: Member \
+                 <member> <member> (<member> at <member>) could not be matched; write to \
+                 <address> or call <number> (ILLEGAL_ARGUMENT)"
+            ),
+        })
+    );
+    assert_eq!(linkedin.statuses(), [400]);
+    assert_eq!(linkedin.segment(), Vec::<String>::new());
 }

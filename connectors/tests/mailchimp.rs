@@ -50,6 +50,10 @@ enum Fault {
     HtmlPage(u16),
     /// The normal answer (the change applied at once), sent after this delay.
     Slow(Duration),
+    /// HTTP 403 with a problem-details body: the account's user is disabled.
+    DisabledUser,
+    /// HTTP 400 whose detail quotes an e-mail address and a phone number.
+    InvalidResource,
 }
 
 /// A request as the fake received it.
@@ -168,6 +172,21 @@ fn refusal(fault: Option<&Fault>, headers: &HeaderMap) -> Option<Response> {
             let mut response = "<html><body><h1>Bad Gateway</h1></body></html>".into_response();
             *response.status_mut() = StatusCode::from_u16(*status).unwrap();
             return Some(response);
+        }
+        Some(Fault::DisabledUser) => {
+            return Some(problem(
+                403,
+                "User Disabled",
+                "This account has been disabled.",
+            ));
+        }
+        Some(Fault::InvalidResource) => {
+            return Some(problem(
+                400,
+                "Invalid Resource",
+                "Bob@Example.com looks fake; the owner dan@example.net can be called on \
+                 (212) 555-0147",
+            ));
         }
         Some(Fault::Slow(_)) | None => {}
     }
@@ -832,7 +851,7 @@ async fn an_invalid_api_key_is_an_auth_failure_sent_once() {
 }
 
 #[tokio::test]
-async fn a_key_of_another_data_centre_is_a_permanent_failure() {
+async fn a_key_of_another_data_centre_is_an_auth_failure() {
     let (mailchimp, url) = start_mailchimp().await;
     let connector = connector_with(&url, "unsubscribe", "0123456789abcdef0123456789abcdef-us9");
 
@@ -843,8 +862,8 @@ async fn a_key_of_another_data_centre_is_a_permanent_failure() {
     )
     .await;
 
-    let Err(DeliveryError::Permanent { message }) = outcome else {
-        panic!("expected a permanent failure, got {outcome:?}");
+    let Err(DeliveryError::Auth { message }) = outcome else {
+        panic!("expected an auth failure, got {outcome:?}");
     };
     assert!(
         message.starts_with(&format!(
@@ -1016,4 +1035,51 @@ fn mailchimp_batch_size_defaults_to_500() {
         ("mailchimp", 500)
     );
     assert!(segmentd_connectors::KINDS.contains(&"mailchimp"));
+}
+
+#[tokio::test]
+async fn a_403_for_a_disabled_user_is_an_auth_failure_sent_once() {
+    let (mailchimp, url) = start_mailchimp().await;
+    mailchimp.fail_next([Fault::DisabledUser]);
+
+    let outcome = deliver_with_retries(
+        &unsubscribing(&url),
+        &batch(Change::Add, three_members()),
+        &quick_policy(5),
+    )
+    .await;
+
+    assert_eq!(
+        outcome,
+        Err(DeliveryError::Auth {
+            message: format!(
+                "{url}/lists/{LIST_ID} answered 403 Forbidden: User Disabled: This account has \
+                 been disabled.; check that the API key is enabled and that its data centre \
+                 suffix matches the account"
+            ),
+        })
+    );
+    assert_eq!(mailchimp.received().len(), 1);
+    assert_eq!(mailchimp.statuses(), statuses(&[]));
+}
+
+#[tokio::test]
+async fn a_failure_quoting_an_address_and_a_phone_number_is_reported_without_them() {
+    let (mailchimp, url) = start_mailchimp().await;
+    mailchimp.fail_next([Fault::InvalidResource]);
+
+    let outcome = unsubscribing(&url)
+        .deliver(&batch(Change::Add, three_members()))
+        .await;
+
+    assert_eq!(
+        outcome,
+        Err(DeliveryError::Permanent {
+            message: format!(
+                "{url}/lists/{LIST_ID} answered 400 Bad Request: Invalid Resource: <member> \
+                 looks fake; the owner <address> can be called on <number>"
+            ),
+        })
+    );
+    assert_eq!(mailchimp.statuses(), statuses(&[]));
 }

@@ -65,6 +65,13 @@ enum Fault {
     EmptyObject,
     /// HTTP 200 carrying a Graph error envelope with this code; nothing is applied.
     ErrorIn200(i64),
+    /// A Graph permission error: this HTTP status, code and subcode if any, and message.
+    Denied {
+        status: u16,
+        code: i64,
+        subcode: Option<i64>,
+        message: &'static str,
+    },
 }
 
 /// A request as the fake received it.
@@ -188,6 +195,26 @@ fn answer(
             response
                 .headers_mut()
                 .insert("content-type", "text/html; charset=utf-8".parse().unwrap());
+            return response;
+        }
+        Some(Fault::Denied {
+            status,
+            code,
+            subcode,
+            message,
+        }) => {
+            let mut response = graph_error(status, code, message);
+            if let Some(subcode) = subcode {
+                let body = json!({"error": {
+                    "message": message,
+                    "type": "OAuthException",
+                    "code": code,
+                    "error_subcode": subcode,
+                    "fbtrace_id": "AbCdEf123",
+                }});
+                response =
+                    (StatusCode::from_u16(status).unwrap(), axum::Json(body)).into_response();
+            }
             return response;
         }
         Some(Fault::ExpiredToken) => {
@@ -1003,4 +1030,109 @@ fn meta_batch_size_defaults_to_ten_thousand() {
         ("meta", 10_000)
     );
     assert!(segmentd_connectors::KINDS.contains(&"meta"));
+}
+
+#[tokio::test]
+async fn permission_errors_are_auth_failures_sent_once_and_nothing_lands() {
+    let (graph, url) = start_graph().await;
+    let missing = "the access token lacks a permission this call needs, check its scopes and the \
+                   system user's role on the ad account";
+    let unassigned = "the access token's system user has no permission on the audience, assign \
+                      the audience to it in Business Manager";
+    let denials = [
+        (
+            403,
+            200,
+            None,
+            "(#200) Permissions error",
+            "403 Forbidden",
+            "code 200",
+            missing,
+        ),
+        (
+            400,
+            10,
+            None,
+            "(#10) No permission",
+            "400 Bad Request",
+            "code 10",
+            missing,
+        ),
+        (
+            400,
+            294,
+            None,
+            "(#294) Needs ads_management",
+            "400 Bad Request",
+            "code 294",
+            missing,
+        ),
+        (
+            400,
+            100,
+            Some(33),
+            "Unsupported post request",
+            "400 Bad Request",
+            "code 100, subcode 33",
+            unassigned,
+        ),
+    ];
+
+    for (status, code, subcode, message, answered, codes, hint) in denials {
+        graph.fail_next([Fault::Denied {
+            status,
+            code,
+            subcode,
+            message,
+        }]);
+        let sent_before = graph.received().len();
+
+        let outcome = deliver_with_retries(
+            &email_only(&url),
+            &batch(Change::Add, three_members()),
+            &quick_policy(5),
+        )
+        .await;
+
+        assert_eq!(
+            outcome,
+            Err(DeliveryError::Auth {
+                message: format!(
+                    "{url}/v25.0/{AUDIENCE_ID}/users answered {answered}: {message} ({codes}, \
+                     fbtrace_id AbCdEf123); {hint}"
+                ),
+            })
+        );
+        assert_eq!(graph.received().len(), sent_before + 1);
+    }
+    assert_eq!(graph.audience.lock().unwrap().len(), 0);
+}
+
+#[tokio::test]
+async fn code_100_without_subcode_33_stays_a_permanent_failure() {
+    let (graph, url) = start_graph().await;
+    graph.fail_next([Fault::Denied {
+        status: 400,
+        code: 100,
+        subcode: Some(1713230),
+        message: "Audience Upload Blocked",
+    }]);
+
+    let outcome = deliver_with_retries(
+        &email_only(&url),
+        &batch(Change::Add, three_members()),
+        &quick_policy(5),
+    )
+    .await;
+
+    assert_eq!(
+        outcome,
+        Err(DeliveryError::Permanent {
+            message: format!(
+                "{url}/v25.0/{AUDIENCE_ID}/users answered 400 Bad Request: Audience Upload \
+                 Blocked (code 100, subcode 1713230, fbtrace_id AbCdEf123)"
+            ),
+        })
+    );
+    assert_eq!(graph.received().len(), 1);
 }

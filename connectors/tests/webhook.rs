@@ -588,7 +588,8 @@ fn webhook_batch_size_defaults_to_1000() {
 
 #[tokio::test]
 async fn a_failure_body_quoting_an_address_and_a_phone_number_is_reported_without_them() {
-    let body = r#"{"error":"duplicate contact zed@example.org, phone 555-010-4477, member Ann Lee"}"#;
+    let body =
+        r#"{"error":"duplicate contact zed@example.org, phone 555-010-4477, member Ann Lee"}"#;
     let (platform, url) = start_platform([Answer::status(409).with_body(body)]).await;
     let batch = batch(vec![Member {
         key: "1".into(),
@@ -601,7 +602,8 @@ async fn a_failure_body_quoting_an_address_and_a_phone_number_is_reported_withou
         outcome,
         Err(DeliveryError::Permanent {
             message: format!(
-                r#"{url} answered 409 Conflict: {{"error":"duplicate contact <address>, phone <number>, member <member>"}}"#
+                "{url} answered 409 Conflict: {{\"error\":\"duplicate contact <address>, phone \
+                 <number>, member <member>\"}}"
             ),
         })
     );
@@ -633,7 +635,7 @@ async fn rejection_reasons_are_kept_without_addresses_phone_numbers_or_the_membe
             rejected: vec![
                 Rejection {
                     key: "1".into(),
-                    reason: "<member> bounced, call +<number>".into()
+                    reason: "<member> bounced, call <number>".into()
                 },
                 Rejection {
                     key: "2".into(),
