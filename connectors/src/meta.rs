@@ -475,7 +475,11 @@ impl GraphError {
         if let Some(trace) = &self.fbtrace_id {
             details.push(format!("fbtrace_id {trace}"));
         }
-        format!("{} ({})", quote(&self.message), details.join(", "))
+        format!(
+            "{} ({})",
+            quote(&http::redact_addresses(&self.message)),
+            details.join(", ")
+        )
     }
 }
 
@@ -496,7 +500,11 @@ fn read_counts(batch: &Batch, body: &[u8], sent: usize, message: String) -> Answ
             let said = if text.trim_start().starts_with('<') {
                 "an HTML page".to_owned()
             } else {
-                format!("`{}` ({error})", quote(&text))
+                format!(
+                    "`{}` ({})",
+                    quote(&http::redact_addresses(&text)),
+                    http::redact_addresses(&error.to_string())
+                )
             };
             return Answer::Failed(DeliveryError::Retryable {
                 message: format!("{message} without readable counts: {said}"),
@@ -594,7 +602,7 @@ fn classify_bare_failure(
     let message = if is_html {
         format!("{message} with an HTML page instead of a Graph API error")
     } else {
-        format!("{message}: {}", quote(&text))
+        format!("{message}: {}", quote(&http::redact_addresses(&text)))
     };
     match status.as_u16() {
         429 => DeliveryError::RateLimited {
