@@ -2,8 +2,9 @@
 //!
 //! Planning compares a segment's members with an activation's acknowledged state and writes
 //! the delta (adds and removes, cut into numbered batches) to the `deltas` table before
-//! anything is sent. Delivery sends the batches through the activation's connector, adds
-//! first, and after each batch the platform confirmed, in one transaction, marks its rows
+//! anything is sent. Delivery sends the batches through the activation's connector: the
+//! removes of members whose identifiers changed, then the adds, then the other removes; after
+//! each batch the platform confirmed, in one transaction, marks its rows
 //! delivered or rejected and advances the acknowledged state by exactly the confirmed members.
 //! A crash therefore loses nothing and re-sends at most the batch in flight: the next run's
 //! delta is computed from the acknowledged state again.
@@ -242,26 +243,41 @@ pub fn plan(
             params![pipeline.name, activation.id],
         )
         .doing("superseding unsent deltas")?;
-        let mut sizes = [0i64; 2];
-        for (i, (change, select)) in [("add", &adds_sql), ("remove", &removes_sql)]
-            .iter()
-            .enumerate()
-        {
-            sizes[i] = c
+        // A member whose identifiers changed is in both: the remove of its old identifiers is
+        // numbered first, in batches of its own, so it is sent before the add of the new ones
+        // (a platform that knows members by key, or by a digest both normalise to, would
+        // otherwise end without the member). Leavers' batches follow.
+        let re_added = "EXISTS (SELECT 1 FROM segmentd_state.deltas AS a WHERE a.run_id = $1 \
+                        AND a.pipeline = $2 AND a.activation = $3 AND a.change = 'add' \
+                        AND a.key = d.key)";
+        let parts = [
+            ("add", &adds_sql, "TRUE".to_string()),
+            ("remove", &removes_sql, re_added.to_string()),
+            ("remove", &removes_sql, format!("NOT {re_added}")),
+        ];
+        let mut counts = [0i64; 3];
+        for (i, (change, select, condition)) in parts.iter().enumerate() {
+            let first_sequence = if i == 2 {
+                (counts[1] + batch_size - 1) / batch_size
+            } else {
+                0
+            };
+            counts[i] = c
                 .execute(
                     &format!(
                         "INSERT INTO segmentd_state.deltas \
                          (run_id, pipeline, activation, change, sequence, key, identifiers, status) \
-                         SELECT ?, ?, ?, ?, \
-                                CAST((row_number() OVER (ORDER BY d.key, d.identifiers) - 1) // ? \
-                                     AS INTEGER), \
+                         SELECT $1, $2, $3, $4, \
+                                CAST($5 + (row_number() OVER (ORDER BY d.key, d.identifiers) - 1) \
+                                     // $6 AS INTEGER), \
                                 d.key, d.identifiers, 'pending' \
-                         FROM ({select}) AS d"
+                         FROM ({select}) AS d WHERE {condition}"
                     ),
-                    params![run_id, pipeline.name, activation.id, change, batch_size],
+                    params![run_id, pipeline.name, activation.id, change, first_sequence, batch_size],
                 )
                 .doing(format!("planning {change}s"))? as i64;
         }
+        let sizes = [counts[0], counts[1] + counts[2]];
         let audience = audience_size(c, &pipeline.name, &activation.id)?;
         let hold = brake(activation, sizes[0], sizes[1], audience);
         let delta = DeltaSize {
@@ -294,28 +310,51 @@ pub fn plan(
     })
 }
 
-/// The batch numbers still pending for an activation's change in a run, in order.
-fn pending_sequences(
+/// The batches still pending for an activation in a run, in the order they are sent: the
+/// removes of members whose identifiers changed (numbered first when planned), then the adds,
+/// then the other removes.
+fn pending_batches(
     connection: &Connection,
     pipeline: &str,
     activation: &str,
     run_id: i64,
-    change: Change,
-) -> Result<Vec<i32>, StoreError> {
-    let mut statement = connection
-        .prepare(
-            "SELECT DISTINCT sequence FROM segmentd_state.deltas WHERE pipeline = ? AND activation = ? \
-             AND run_id = ? AND change = ? AND status = 'pending' ORDER BY sequence",
-        )
-        .doing("listing pending batches")?;
-    let rows = statement
-        .query_map(
-            params![pipeline, activation, run_id, change.as_str()],
+) -> Result<Vec<(Change, i32)>, StoreError> {
+    let changed_batches: i32 = connection
+        .query_row(
+            "SELECT coalesce(max(r.sequence) + 1, 0) FROM segmentd_state.deltas AS r \
+             WHERE r.run_id = $1 AND r.pipeline = $2 AND r.activation = $3 AND r.change = 'remove' \
+             AND EXISTS (SELECT 1 FROM segmentd_state.deltas AS a WHERE a.run_id = $1 \
+                 AND a.pipeline = $2 AND a.activation = $3 AND a.change = 'add' AND a.key = r.key)",
+            params![run_id, pipeline, activation],
             |r| r.get(0),
         )
         .doing("listing pending batches")?;
-    rows.collect::<Result<_, _>>()
-        .doing("listing pending batches")
+    let mut statement = connection
+        .prepare(
+            "SELECT DISTINCT change, sequence FROM segmentd_state.deltas WHERE pipeline = ? \
+             AND activation = ? AND run_id = ? AND status = 'pending'",
+        )
+        .doing("listing pending batches")?;
+    let mut batches: Vec<(Change, i32)> = statement
+        .query_map(params![pipeline, activation, run_id], |r| {
+            let change = match r.get::<_, String>(0)?.as_str() {
+                "add" => Change::Add,
+                _ => Change::Remove,
+            };
+            Ok((change, r.get(1)?))
+        })
+        .doing("listing pending batches")?
+        .collect::<Result<_, _>>()
+        .doing("listing pending batches")?;
+    batches.sort_by_key(|&(change, sequence)| {
+        let phase = match change {
+            Change::Remove if sequence < changed_batches => 0,
+            Change::Add => 1,
+            Change::Remove => 2,
+        };
+        (phase, sequence)
+    });
+    Ok(batches)
 }
 
 fn load_batch(
@@ -655,78 +694,76 @@ pub async fn deliver(
     run_id: i64,
 ) -> Result<DeliveryReport, StoreError> {
     let mut report = DeliveryReport::default();
-    for change in [Change::Add, Change::Remove] {
-        let sequences = blocking(&store, {
-            let (name, id) = (pipeline.name.clone(), activation.id.clone());
-            move |c| pending_sequences(c, &name, &id, run_id, change)
-        })
-        .await?;
-        let load = |sequence: i32| {
-            let store = Arc::clone(&store);
-            let (name, id) = (pipeline.name.clone(), activation.id.clone());
-            async move {
-                blocking(&store, move |c| {
-                    load_batch(c, &name, &id, run_id, change, sequence)
-                })
-                .await
+    let batches = blocking(&store, {
+        let (name, id) = (pipeline.name.clone(), activation.id.clone());
+        move |c| pending_batches(c, &name, &id, run_id)
+    })
+    .await?;
+    let load = |(change, sequence): (Change, i32)| {
+        let store = Arc::clone(&store);
+        let (name, id) = (pipeline.name.clone(), activation.id.clone());
+        async move {
+            blocking(&store, move |c| {
+                load_batch(c, &name, &id, run_id, change, sequence)
+            })
+            .await
+        }
+    };
+    let mut next = match batches.first() {
+        Some(&batch) => Some(load(batch).await?),
+        None => None,
+    };
+    for (position, &(change, sequence)) in batches.iter().enumerate() {
+        let batch = next.take().expect("each batch is read before its turn");
+        let members = batch.members.len();
+        let sent = segmentd_connectors::deliver_within_limits(
+            connector.as_ref(),
+            &batch,
+            policy,
+            rate_limit,
+        );
+        // The next batch is read from DuckDB while this one is with the platform; it is
+        // only sent once this one's outcome is recorded.
+        let following = batches.get(position + 1).copied();
+        let read_ahead = async {
+            match following {
+                Some(batch) => load(batch).await.map(Some),
+                None => Ok(None),
             }
         };
-        let mut next = match sequences.first() {
-            Some(&sequence) => Some(load(sequence).await?),
-            None => None,
-        };
-        for (position, &sequence) in sequences.iter().enumerate() {
-            let batch = next.take().expect("each batch is read before its turn");
-            let members = batch.members.len();
-            let sent = segmentd_connectors::deliver_within_limits(
-                connector.as_ref(),
-                &batch,
-                policy,
-                rate_limit,
-            );
-            // The next batch is read from DuckDB while this one is with the platform; it is
-            // only sent once this one's outcome is recorded.
-            let following = sequences.get(position + 1).copied();
-            let read_ahead = async {
-                match following {
-                    Some(sequence) => load(sequence).await.map(Some),
-                    None => Ok(None),
+        let (sent, read) = tokio::join!(sent, read_ahead);
+        next = read?;
+        match sent {
+            Ok(outcome) => {
+                let accepted = outcome.accepted.len() as i64;
+                match change {
+                    Change::Add => report.delivered_adds += accepted,
+                    Change::Remove => report.delivered_removes += accepted,
                 }
-            };
-            let (sent, read) = tokio::join!(sent, read_ahead);
-            next = read?;
-            match sent {
-                Ok(outcome) => {
-                    let accepted = outcome.accepted.len() as i64;
-                    match change {
-                        Change::Add => report.delivered_adds += accepted,
-                        Change::Remove => report.delivered_removes += accepted,
-                    }
-                    report.rejected += outcome.rejected.len() as i64;
-                    tracing::info!(
-                        pipeline = %pipeline.name, activation = %activation.id, run_id,
-                        change = change.as_str(), sequence, members, accepted,
-                        rejected = outcome.rejected.len(), "batch delivered"
-                    );
-                    let name = pipeline.name.clone();
-                    let after = activation.dead_letter_after_runs;
-                    blocking(&store, move |c| {
-                        record_outcome(c, &name, &batch, &outcome, after)
-                    })
-                    .await?;
-                }
-                Err(err) => {
-                    tracing::error!(
-                        pipeline = %pipeline.name, activation = %activation.id, run_id,
-                        change = change.as_str(), sequence, error = %err,
-                        "batch not delivered; the activation stops for this run"
-                    );
-                    report.error = Some(format!(
-                        "{} batch {sequence} not delivered: {err}",
-                        change.as_str()
-                    ));
-                    return Ok(report);
-                }
+                report.rejected += outcome.rejected.len() as i64;
+                tracing::info!(
+                    pipeline = %pipeline.name, activation = %activation.id, run_id,
+                    change = change.as_str(), sequence, members, accepted,
+                    rejected = outcome.rejected.len(), "batch delivered"
+                );
+                let name = pipeline.name.clone();
+                let after = activation.dead_letter_after_runs;
+                blocking(&store, move |c| {
+                    record_outcome(c, &name, &batch, &outcome, after)
+                })
+                .await?;
+            }
+            Err(err) => {
+                tracing::error!(
+                    pipeline = %pipeline.name, activation = %activation.id, run_id,
+                    change = change.as_str(), sequence, error = %err,
+                    "batch not delivered; the activation stops for this run"
+                );
+                report.error = Some(format!(
+                    "{} batch {sequence} not delivered: {err}",
+                    change.as_str()
+                ));
+                return Ok(report);
             }
         }
     }

@@ -355,3 +355,25 @@ fn history_says_when_and_why_a_member_entered_and_left() {
         "{text}"
     );
 }
+
+#[test]
+fn a_member_whose_identifiers_change_is_removed_by_the_old_ones_before_the_add_of_the_new() {
+    let platform = FakePlatform::start();
+    let project = project(&platform, 1, "identifiers = [\"score\"]");
+    assert!(project.refresh("shop").0);
+    assert_eq!(platform.audience(), keys(1..=50));
+
+    // Person 7 stays in the segment with another score: the platform, which knows members by
+    // key, must still have 7 after the remove of the old score and the add of the new one.
+    let csv = people(50).replace("\n7,7\n", "\n7,70\n");
+    project.write("pipelines/shop/people.csv", &csv);
+    let (ok, summary, stderr) = project.refresh("shop");
+    assert!(ok, "{stderr}");
+    let entry = activation(&summary, ID);
+    assert_eq!(
+        (entry["adds"].as_i64(), entry["removes"].as_i64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(platform.audience(), keys(1..=50));
+    assert_eq!(platform.state.lock().unwrap().adds["7"], 2);
+}
