@@ -501,7 +501,13 @@ impl RunSummary {
             self.elapsed.as_secs_f64()
         ));
         if let Some(error) = &self.error {
-            out.push_str(&format!("error: {error}\n"));
+            // A held run succeeded: what it says is what waits, not an error.
+            let label = if self.status == "held" {
+                "waiting"
+            } else {
+                "error"
+            };
+            out.push_str(&format!("{label}: {error}\n"));
         }
         if !self.segments.is_empty() {
             let width = self
