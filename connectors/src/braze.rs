@@ -39,7 +39,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
 use serde_json::{Value, json};
 
@@ -684,22 +684,6 @@ fn remaining_quota(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// `value` when it can travel in an HTTP header; otherwise records a problem with `field`,
-/// without quoting the value, and gives `None`.
-fn header_safe(problems: &mut Problems, field: &str, what: &str, value: String) -> Option<String> {
-    if HeaderValue::from_str(&value).is_ok() {
-        return Some(value);
-    }
-    problems.push(
-        field,
-        format!(
-            "{what} holds characters an HTTP header cannot carry, such as a trailing newline; \
-             check the environment variable's value"
-        ),
-    );
-    None
-}
-
 /// The checked connection settings, `None` when any is wrong (the problems say which).
 fn read_connection(
     problems: &mut Problems,
@@ -709,7 +693,7 @@ fn read_connection(
     problems.reject_unknown_keys(table, Place::Connection, CONNECTION_KEYS);
     let api_key = problems
         .secret(table, secrets, "api_key", "a Braze REST API key")
-        .and_then(|key| header_safe(problems, "api_key_env", "the API key", key));
+        .and_then(|key| problems.header_safe("api_key_env", "the API key", key));
     let base_url = match table.contains_key("base_url") {
         true => problems.http_url(table, Place::Connection, "base_url"),
         false => {

@@ -36,7 +36,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::header::HeaderMap;
 use reqwest::{StatusCode, Url};
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -1095,7 +1095,7 @@ fn classify_failure(
         || has("quotaError")
     {
         return DeliveryError::RateLimited {
-            wait: retry_delay(error).or_else(|| retry_after(headers, now)),
+            wait: retry_delay(error).or_else(|| http::retry_after(headers, now)),
             message,
         };
     }
@@ -1149,7 +1149,7 @@ fn classify_bare_failure(
     };
     match status.as_u16() {
         429 => DeliveryError::RateLimited {
-            wait: retry_after(headers, now),
+            wait: http::retry_after(headers, now),
             message,
         },
         401 => DeliveryError::Auth { message },
@@ -1181,11 +1181,6 @@ fn retry_delay(error: &Value) -> Option<Duration> {
 fn protobuf_duration(text: &str) -> Option<Duration> {
     let seconds: f64 = text.trim().strip_suffix('s')?.parse().ok()?;
     Duration::try_from_secs_f64(seconds).ok()
-}
-
-/// The wait a `Retry-After` header asks for, if any.
-fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    http::requested_wait(headers.get(RETRY_AFTER)?, now)
 }
 
 /// Exchanges the refresh token for an access token; returns it with its lifetime.
@@ -1272,22 +1267,6 @@ fn read_customer_id(problems: &mut Problems, table: &toml::Table, key: &str) -> 
     }
 }
 
-/// `value` when it can travel in an HTTP header; otherwise records a problem with `field`,
-/// without quoting the value, and gives `None`.
-fn header_safe(problems: &mut Problems, field: &str, what: &str, value: String) -> Option<String> {
-    if HeaderValue::from_str(&value).is_ok() {
-        return Some(value);
-    }
-    problems.push(
-        field,
-        format!(
-            "{what} holds characters an HTTP header cannot carry, such as a trailing newline; \
-             check the environment variable's value"
-        ),
-    );
-    None
-}
-
 /// The checked connection settings, `None` when any is wrong (the problems say which).
 fn read_connection(
     problems: &mut Problems,
@@ -1303,12 +1282,7 @@ fn read_connection(
             "a Google Ads developer token",
         )
         .and_then(|token| {
-            header_safe(
-                problems,
-                "developer_token_env",
-                "the developer token",
-                token,
-            )
+            problems.header_safe("developer_token_env", "the developer token", token)
         });
     let credentials = read_credentials(problems, table, secrets);
     let customer_id = match table.contains_key("customer_id") {
@@ -1404,7 +1378,7 @@ fn read_credentials(
         }
         let token = problems
             .secret(table, secrets, "access_token", "an OAuth access token")
-            .and_then(|token| header_safe(problems, "access_token_env", "the access token", token));
+            .and_then(|token| problems.header_safe("access_token_env", "the access token", token));
         return Some(Credentials::Fixed(Secret(token?)));
     }
     if fixed {

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use reqwest::header::HeaderValue;
+use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
 
 use crate::{Batch, DeliveryError};
 
@@ -56,6 +56,11 @@ pub(crate) fn requested_wait(value: &HeaderValue, now: SystemTime) -> Option<Dur
     }
     let date = httpdate::parse_http_date(text).ok()?;
     Some(date.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// The wait a response's `Retry-After` header asks for, if it has a readable one.
+pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    requested_wait(headers.get(RETRY_AFTER)?, now)
 }
 
 /// At most the first `limit` bytes of an answer's body (a little more when a chunk crosses

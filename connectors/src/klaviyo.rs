@@ -32,7 +32,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
-use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 
 use crate::http::{self, Secret, quote, redact_addresses};
@@ -601,22 +601,6 @@ fn is_revision(text: &str) -> bool {
             .all(|(part, len)| part.len() == len && part.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// `value` when it can travel in an HTTP header; otherwise records a problem with `field`,
-/// without quoting the value, and gives `None`.
-fn header_safe(problems: &mut Problems, field: &str, what: &str, value: String) -> Option<String> {
-    if HeaderValue::from_str(&value).is_ok() {
-        return Some(value);
-    }
-    problems.push(
-        field,
-        format!(
-            "{what} holds characters an HTTP header cannot carry, such as a trailing newline; \
-             check the environment variable's value"
-        ),
-    );
-    None
-}
-
 /// The checked connection settings, `None` when any is wrong (the problems say which).
 fn read_connection(
     problems: &mut Problems,
@@ -637,7 +621,7 @@ fn read_connection(
             }
             shaped
         })
-        .and_then(|key| header_safe(problems, "api_key_env", "the API key", key));
+        .and_then(|key| problems.header_safe("api_key_env", "the API key", key));
     let base_url = match table.contains_key("base_url") {
         true => problems.http_url(table, Place::Connection, "base_url"),
         false => Some(Url::parse(DEFAULT_BASE_URL).expect("the default base URL parses")),

@@ -27,7 +27,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::header::HeaderMap;
 use reqwest::{StatusCode, Url};
 use serde_json::{Map, Value, json};
 
@@ -402,7 +402,7 @@ impl LinkedInConnector {
                 );
                 return Err(if code == 429 {
                     DeliveryError::RateLimited {
-                        wait: retry_after(&headers, SystemTime::now()),
+                        wait: http::retry_after(&headers, SystemTime::now()),
                         message,
                     }
                 } else {
@@ -602,7 +602,7 @@ fn classify_failure(
     };
     match status.as_u16() {
         429 => DeliveryError::RateLimited {
-            wait: retry_after(headers, now),
+            wait: http::retry_after(headers, now),
             message,
         },
         401 => DeliveryError::Auth {
@@ -622,27 +622,6 @@ fn classify_failure(
     }
 }
 
-/// The wait a `Retry-After` header asks for, if any.
-fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    http::requested_wait(headers.get(RETRY_AFTER)?, now)
-}
-
-/// `value` when it can travel in an HTTP header; otherwise records a problem with `field`,
-/// without quoting the value, and gives `None`.
-fn header_safe(problems: &mut Problems, field: &str, what: &str, value: String) -> Option<String> {
-    if HeaderValue::from_str(&value).is_ok() {
-        return Some(value);
-    }
-    problems.push(
-        field,
-        format!(
-            "{what} holds characters an HTTP header cannot carry, such as a trailing newline; \
-             check the environment variable's value"
-        ),
-    );
-    None
-}
-
 /// The checked connection settings, `None` when any is wrong (the problems say which).
 fn read_connection(
     problems: &mut Problems,
@@ -657,7 +636,7 @@ fn read_connection(
             "access_token",
             "a LinkedIn access token with the rw_dmp_segments scope",
         )
-        .and_then(|token| header_safe(problems, "access_token_env", "the access token", token));
+        .and_then(|token| problems.header_safe("access_token_env", "the access token", token));
     let base_url = match table.contains_key("base_url") {
         true => problems.http_url(table, Place::Connection, "base_url"),
         false => Some(Url::parse(DEFAULT_BASE_URL).expect("the default base URL parses")),

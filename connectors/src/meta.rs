@@ -28,7 +28,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode, Url};
 use sha2::{Digest, Sha256};
 
@@ -562,7 +562,7 @@ fn classify_graph_error(
             ),
         },
         4 | 17 | 32 | 613 | 80_000..=80_014 => DeliveryError::RateLimited {
-            wait: usage_wait(headers).or_else(|| retry_after(headers, now)),
+            wait: usage_wait(headers).or_else(|| http::retry_after(headers, now)),
             message,
         },
         1 | 2 => DeliveryError::Retryable { message },
@@ -606,7 +606,7 @@ fn classify_bare_failure(
     };
     match status.as_u16() {
         429 => DeliveryError::RateLimited {
-            wait: retry_after(headers, now),
+            wait: http::retry_after(headers, now),
             message,
         },
         401 => DeliveryError::Auth { message },
@@ -622,11 +622,6 @@ fn classify_bare_failure(
         408 | 500 | 502..=599 => DeliveryError::Retryable { message },
         _ => DeliveryError::Permanent { message },
     }
-}
-
-/// The wait a `Retry-After` header asks for, if any.
-fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    http::requested_wait(headers.get(RETRY_AFTER)?, now)
 }
 
 /// The longest `estimated_time_to_regain_access` (minutes) in an `X-Business-Use-Case-Usage`

@@ -34,7 +34,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::header::HeaderMap;
 use reqwest::{StatusCode, Url};
 
 use crate::http::{self, Secret, quote, redact_addresses};
@@ -666,7 +666,7 @@ fn classify_failure(
     let message = format!("{shown_url} answered {status}: {said}");
     match status.as_u16() {
         429 => DeliveryError::RateLimited {
-            wait: retry_after(headers, now).or_else(|| reset_wait(headers, now)),
+            wait: http::retry_after(headers, now).or_else(|| reset_wait(headers, now)),
             message,
         },
         401 => DeliveryError::Auth {
@@ -690,11 +690,6 @@ fn classify_failure(
     }
 }
 
-/// The wait a `Retry-After` header asks for, if any.
-fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    http::requested_wait(headers.get(RETRY_AFTER)?, now)
-}
-
 /// The wait until `X-RateLimit-Reset` (Unix seconds), if the header is there and readable; a
 /// reset in the past asks for no wait, and one too far ahead for the clock to hold is ignored
 /// like an unreadable one.
@@ -712,22 +707,6 @@ fn is_uuid(text: &str) -> bool {
             .iter()
             .zip([8, 4, 4, 4, 12])
             .all(|(group, len)| group.len() == len && group.bytes().all(|b| b.is_ascii_hexdigit()))
-}
-
-/// `value` when it can travel in an HTTP header; otherwise records a problem with `field`,
-/// without quoting the value, and gives `None`.
-fn header_safe(problems: &mut Problems, field: &str, what: &str, value: String) -> Option<String> {
-    if HeaderValue::from_str(&value).is_ok() {
-        return Some(value);
-    }
-    problems.push(
-        field,
-        format!(
-            "{what} holds characters an HTTP header cannot carry, such as a trailing newline; \
-             check the environment variable's value"
-        ),
-    );
-    None
 }
 
 /// The checked connection settings, `None` when any is wrong (the problems say which).
@@ -749,7 +728,7 @@ fn read_connection(
             }
             shaped
         })
-        .and_then(|key| header_safe(problems, "api_key_env", "the API key", key));
+        .and_then(|key| problems.header_safe("api_key_env", "the API key", key));
     let base_url = match table.contains_key("base_url") {
         true => problems.http_url(table, Place::Connection, "base_url"),
         false => Some(Url::parse(DEFAULT_BASE_URL).expect("the default base URL parses")),
@@ -818,7 +797,7 @@ fn read_activation(problems: &mut Problems, table: &toml::Table) -> Option<Activ
 
 #[cfg(test)]
 mod tests {
-    use reqwest::header::HeaderValue;
+    use reqwest::header::{HeaderValue, RETRY_AFTER};
 
     use super::*;
 

@@ -76,6 +76,22 @@ impl Problems {
         }
     }
 
+    /// `value` when it can travel in an HTTP header; otherwise records a problem with `field`,
+    /// without quoting the value, and gives `None`.
+    pub(crate) fn header_safe(&mut self, field: &str, what: &str, value: String) -> Option<String> {
+        if reqwest::header::HeaderValue::from_str(&value).is_ok() {
+            return Some(value);
+        }
+        self.push(
+            field,
+            format!(
+                "{what} holds characters an HTTP header cannot carry, such as a trailing newline; \
+                 check the environment variable's value"
+            ),
+        );
+        None
+    }
+
     /// The string at `key`, if present; a value of another type is a problem.
     pub(crate) fn string(
         &mut self,

@@ -27,7 +27,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::{StatusCode, Url};
 use serde_json::{Value, json};
 
@@ -409,7 +409,7 @@ impl TiktokConnector {
         let message = format!("{shown} answered {status}: {}", envelope.describe());
         if self.throttle_codes.contains(&code) || status == StatusCode::TOO_MANY_REQUESTS {
             return DeliveryError::RateLimited {
-                wait: retry_after(headers, now),
+                wait: http::retry_after(headers, now),
                 message,
             };
         }
@@ -489,7 +489,7 @@ fn classify_bare(
     };
     match status.as_u16() {
         429 => DeliveryError::RateLimited {
-            wait: retry_after(headers, now),
+            wait: http::retry_after(headers, now),
             message,
         },
         401 => DeliveryError::Auth { message },
@@ -500,11 +500,6 @@ fn classify_bare(
         200..=299 | 408 | 500 | 502..=599 => DeliveryError::Retryable { message },
         _ => DeliveryError::Permanent { message },
     }
-}
-
-/// The wait a `Retry-After` header asks for, if any.
-fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    http::requested_wait(headers.get(RETRY_AFTER)?, now)
 }
 
 /// The checked connection settings, `None` when any is wrong (the problems say which).
