@@ -199,7 +199,7 @@ pub fn delta_queries(
 }
 
 /// Members in the activation's acknowledged audience.
-fn audience_size(
+pub fn audience_size(
     connection: &Connection,
     pipeline: &str,
     activation: &str,

@@ -284,14 +284,7 @@ pub fn preview(
     as_of: NaiveDateTime,
     sample: usize,
 ) -> Result<Preview, anyhow::Error> {
-    let loaded: i64 = connection
-        .query_row(
-            "SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = 'master'",
-            params![pipeline.schema()],
-            |r| r.get(0),
-        )
-        .doing("looking for the master segment")?;
-    if loaded == 0 {
+    if !crate::refresh::master_loaded(connection, pipeline)? {
         anyhow::bail!(
             "pipeline `{}` has no master segment yet; run `segmentd refresh {}` first",
             pipeline.name,

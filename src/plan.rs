@@ -9,7 +9,7 @@ use duckdb::{Connection, params_from_iter};
 
 use crate::compile::segment_query_in;
 use crate::config::Pipeline;
-use crate::deliver::{brake, delta_queries};
+use crate::deliver::{audience_size, brake, delta_queries};
 use crate::schema::{quote_ident, quote_literal};
 use crate::store::{Doing, sql_params};
 
@@ -125,14 +125,7 @@ fn plan_in(
             let (adds_sql, removes_sql) = delta_queries(pipeline, activation, &members, schema);
             let (adds, sample_adds) = count_and_sample(connection, &adds_sql)?;
             let (removes, sample_removes) = count_and_sample(connection, &removes_sql)?;
-            let audience: i64 = connection
-                .query_row(
-                    "SELECT count(DISTINCT key) FROM segmentd_state.acknowledged \
-                     WHERE pipeline = ? AND activation = ?",
-                    [&pipeline.name, &activation.id],
-                    |r| r.get(0),
-                )
-                .doing("counting the acknowledged audience")?;
+            let audience = audience_size(connection, &pipeline.name, &activation.id)?;
             activations.push(ActivationPlan {
                 activation: activation.id.clone(),
                 adds,

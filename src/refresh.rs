@@ -182,14 +182,7 @@ fn check_guards(
             ),
         });
     }
-    let exists: bool = connection
-        .query_row(
-            "SELECT count(*) > 0 FROM duckdb_tables() WHERE schema_name = ? AND table_name = 'master'",
-            [pipeline.schema()],
-            |r| r.get(0),
-        )
-        .doing("looking for the live master table")?;
-    if !exists {
+    if !master_loaded(connection, pipeline)? {
         return Ok(());
     }
     let previous: i64 = connection
@@ -560,4 +553,15 @@ fn check_keys(
         }
     }
     Ok(())
+}
+
+/// Whether the pipeline has a live master segment, that is, a refresh has succeeded.
+pub fn master_loaded(connection: &Connection, pipeline: &Pipeline) -> Result<bool, StoreError> {
+    connection
+        .query_row(
+            "SELECT count(*) > 0 FROM duckdb_tables() WHERE schema_name = ? AND table_name = 'master'",
+            [pipeline.schema()],
+            |r| r.get(0),
+        )
+        .doing("looking for the live master table")
 }
