@@ -391,6 +391,7 @@ fn load_batch(
         change,
         sequence: sequence as u32,
         members,
+        replace: None,
     })
 }
 

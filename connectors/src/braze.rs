@@ -280,12 +280,17 @@ impl BrazeConnector {
         if members.is_empty() {
             return Ok(outcome);
         }
+        let adding = match batch.change {
+            Change::Add => true,
+            Change::Remove => false,
+            Change::Replace => return Err(crate::cannot_replace(self.kind())),
+        };
         let body = match &self.membership {
             Membership::Attribute { attribute, value } => {
-                track_body(self.match_by, attribute, value, batch.change, &members)
+                track_body(self.match_by, attribute, value, adding, &members)
             }
             Membership::SubscriptionGroup { id } => {
-                subscription_body(self.match_by, id, batch.change, &members)
+                subscription_body(self.match_by, id, adding, &members)
             }
         };
         let response = self
@@ -463,13 +468,10 @@ fn track_body(
     match_by: MatchBy,
     attribute: &str,
     value: &str,
-    change: Change,
+    adding: bool,
     members: &[Prepared<'_>],
 ) -> Value {
-    let operator = match change {
-        Change::Add => "add",
-        Change::Remove => "remove",
-    };
+    let operator = if adding { "add" } else { "remove" };
     let objects: Vec<Value> = members
         .iter()
         .map(|member| {
@@ -487,13 +489,10 @@ fn track_body(
 fn subscription_body(
     match_by: MatchBy,
     group_id: &str,
-    change: Change,
+    adding: bool,
     members: &[Prepared<'_>],
 ) -> Value {
-    let state = match change {
-        Change::Add => "subscribed",
-        Change::Remove => "unsubscribed",
-    };
+    let state = if adding { "subscribed" } else { "unsubscribed" };
     let mut ids: Vec<&str> = members.iter().map(|member| member.id.as_str()).collect();
     ids.sort_unstable();
     ids.dedup();

@@ -341,6 +341,7 @@ mod tests {
             change: crate::Change::Add,
             sequence: 0,
             members: vec![],
+            replace: None,
         };
 
         let error = connector.destination(&batch).unwrap_err();

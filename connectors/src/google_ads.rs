@@ -688,6 +688,7 @@ impl GoogleAdsConnector {
         let verb = match change {
             Change::Add => "create",
             Change::Remove => "remove",
+            Change::Replace => return Err(crate::cannot_replace("google_ads")),
         };
         let body = json!({
             "enablePartialFailure": true,

@@ -211,6 +211,7 @@ impl KlaviyoConnector {
         match batch.change {
             Change::Add => self.add(&addresses).await?,
             Change::Remove => self.remove(&addresses).await?,
+            Change::Replace => return Err(crate::cannot_replace(self.kind())),
         }
         outcome
             .accepted

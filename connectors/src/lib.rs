@@ -5,7 +5,9 @@
 //! DuckDB, rules or runs beyond the identifiers carried in a [`Batch`]: the engine decides what
 //! to send, a connector sends one batch and says what the platform did with it.
 //!
-//! - [`Connector`] is the contract: validate settings at load, deliver one batch.
+//! - [`Connector`] is the contract: validate settings at load, deliver one batch. A batch
+//!   adds members, removes them, or is one of the batches of a [`Replace`] of the whole list,
+//!   which only connectors that say [`Connector::replaces_lists`] accept.
 //! - [`deliver_with_retries`] wraps one connector call in the retry policy shared by every
 //!   connector (exponential backoff with full jitter, bounded attempts and total time,
 //!   `Retry-After` honoured and capped).
@@ -47,7 +49,8 @@ pub use retry::{RetryPolicy, deliver_with_retries, deliver_within_limits};
 /// A future returned by a connector; boxed so connectors can live behind `dyn Connector`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Whether a batch adds members to the destination or removes them from it.
+/// Whether a batch adds members to the destination, removes them from it, or is part of a
+/// replace of its whole list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Change {
@@ -55,16 +58,36 @@ pub enum Change {
     Add,
     /// The members left the segment: remove them from the destination.
     Remove,
+    /// The members are part of the destination's new list: once the replace's last batch is
+    /// confirmed the destination holds exactly the members of its batches (see [`Replace`]).
+    Replace,
 }
 
 impl Change {
-    /// The word used in file names, logs and state tables: `add` or `remove`.
+    /// The word used in file names, logs and state tables: `add`, `remove` or `replace`.
     pub fn as_str(self) -> &'static str {
         match self {
             Change::Add => "add",
             Change::Remove => "remove",
+            Change::Replace => "replace",
         }
     }
+}
+
+/// Where a batch of a replace stands in it.
+///
+/// A replace is sent as batches `0..batches` in order, all with the same `session`. The
+/// destination's list becomes the members of all of them when the last one is confirmed;
+/// until then it keeps its old list. A replace begun again after an interruption gets a new
+/// session and starts from batch 0, so a platform never joins the batches of two attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replace {
+    /// Identifies this attempt at the replace; never 0.
+    pub session: u64,
+    /// How many batches the replace has.
+    pub batches: u32,
+    /// How many members its batches hold in all.
+    pub members: u64,
 }
 
 /// One member of a segment as a destination sees it.
@@ -97,6 +120,17 @@ pub struct Batch {
     pub sequence: u32,
     /// The members, at most the connector's [`Connector::max_batch_size`].
     pub members: Vec<Member>,
+    /// For a [`Change::Replace`] batch, its replace; `None` for adds and removes.
+    pub replace: Option<Replace>,
+}
+
+impl Batch {
+    /// Whether this batch is the last of its replace: once it is confirmed the destination
+    /// holds the replace's members and no others.
+    pub fn ends_replace(&self) -> bool {
+        self.replace
+            .is_some_and(|replace| self.sequence + 1 >= replace.batches)
+    }
 }
 
 /// A member the platform (or the connector, before sending) refused, with the reason.
@@ -183,6 +217,13 @@ pub trait Connector: Send + Sync {
         None
     }
 
+    /// Whether the connector can replace the destination's whole list ([`Change::Replace`]),
+    /// which `mirror` activations need. A connector that cannot answers a replace batch with
+    /// a permanent failure before sending anything.
+    fn replaces_lists(&self) -> bool {
+        false
+    }
+
     /// Sends one batch once, without retrying, and classifies the answer.
     fn deliver<'a>(&'a self, batch: &'a Batch) -> BoxFuture<'a, Result<Outcome, DeliveryError>>;
 }
@@ -245,6 +286,15 @@ pub fn check_connection(
         "linkedin" => linkedin::LinkedInConnector::check_connection(connection, secrets),
         "file" | "webhook" => build(kind, connection, &toml::Table::new(), secrets).map(|_| ()),
         other => Err(vec![unknown_kind(other)]),
+    }
+}
+
+/// The failure a connector that cannot replace a list gives a [`Change::Replace`] batch.
+pub(crate) fn cannot_replace(kind: &str) -> DeliveryError {
+    DeliveryError::Permanent {
+        message: format!(
+            "a `{kind}` connection cannot replace a whole list; use mode add_remove or add_only"
+        ),
     }
 }
 

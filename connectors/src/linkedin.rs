@@ -343,6 +343,7 @@ impl LinkedInConnector {
         let action = match batch.change {
             Change::Add => "ADD",
             Change::Remove => "REMOVE",
+            Change::Replace => return Err(crate::cannot_replace(self.kind())),
         };
         let elements: Vec<Value> = members
             .iter()

@@ -178,6 +178,7 @@ impl MailchimpConnector {
                 self.batch_subscribe(&members, "unsubscribed").await?
             }
             (Change::Remove, RemoveAction::Archive) => self.archive(&members).await?,
+            (Change::Replace, _) => return Err(crate::cannot_replace(self.kind())),
         };
         outcome.accepted.extend(sent.accepted);
         outcome.rejected.extend(sent.rejected);

@@ -281,6 +281,7 @@ impl MetaConnector {
         let method = match batch.change {
             Change::Add => Method::POST,
             Change::Remove => Method::DELETE,
+            Change::Replace => return Err(crate::cannot_replace(self.kind())),
         };
         let response = self
             .client
@@ -829,6 +830,7 @@ mod tests {
             change,
             sequence,
             members: Vec::new(),
+            replace: None,
         }
     }
 

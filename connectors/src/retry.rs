@@ -215,6 +215,7 @@ mod tests {
             change: Change::Add,
             sequence: 0,
             members: Vec::new(),
+            replace: None,
         }
     }
 

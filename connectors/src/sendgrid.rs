@@ -201,6 +201,7 @@ impl SendgridConnector {
         let sent = match batch.change {
             Change::Add => self.add(&members).await?,
             Change::Remove => self.remove(&members).await?,
+            Change::Replace => return Err(crate::cannot_replace(self.kind())),
         };
         outcome.accepted.extend(sent.accepted);
         outcome.rejected.extend(sent.rejected);

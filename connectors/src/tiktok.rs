@@ -280,6 +280,11 @@ impl TiktokConnector {
         if rows.is_empty() {
             return Ok(outcome);
         }
+        let action = match batch.change {
+            Change::Add => "add",
+            Change::Remove => "delete",
+            Change::Replace => return Err(crate::cannot_replace(self.kind())),
+        };
 
         let batch_data: Vec<Vec<Value>> = rows
             .iter()
@@ -294,10 +299,7 @@ impl TiktokConnector {
             .collect();
         let body = json!({
             "advertiser_ids": [self.advertiser_id],
-            "action": match batch.change {
-                Change::Add => "add",
-                Change::Remove => "delete",
-            },
+            "action": action,
             "id_schema": self.schema.iter().map(|(kind, _)| kind.name()).collect::<Vec<_>>(),
             "batch_data": batch_data,
         });

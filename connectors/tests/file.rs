@@ -48,6 +48,7 @@ fn batch() -> Batch {
             ),
             member("2", &[("email", "b@example.com")]),
         ],
+        replace: None,
     }
 }
 

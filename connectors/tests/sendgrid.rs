@@ -570,6 +570,7 @@ fn batch(change: Change, members: Vec<Member>) -> Batch {
         change,
         sequence: 0,
         members,
+        replace: None,
     }
 }
 

@@ -317,6 +317,7 @@ fn batch(change: Change, members: Vec<Member>) -> Batch {
         change,
         sequence: 0,
         members,
+        replace: None,
     }
 }
 

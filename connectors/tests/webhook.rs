@@ -156,6 +156,7 @@ fn batch(members: Vec<Member>) -> Batch {
         change: Change::Add,
         sequence: 3,
         members,
+        replace: None,
     }
 }
 
