@@ -22,7 +22,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use duckdb::{Connection, params};
-use segmentd_connectors::{Batch, Change, Connector, Member, Outcome, RateLimit, RetryPolicy};
+use segmentd_connectors::{
+    Batch, Change, Connector, Member, Outcome, RateLimit, Replace, RetryPolicy,
+};
 
 use crate::config::{ActivationDef, Mode, Pipeline};
 use crate::schema::{quote_ident, quote_literal};
@@ -35,6 +37,9 @@ pub struct DeltaSize {
     pub adds: i64,
     /// Members to remove.
     pub removes: i64,
+    /// Members of the list a `mirror` activation sends to replace the destination's; 0 for
+    /// other activations.
+    pub replaces: i64,
     /// Which brake held the delta, if one did.
     pub hold: Option<Hold>,
 }
@@ -66,9 +71,10 @@ pub enum Hold {
 }
 
 impl Hold {
-    /// Whether the adds wait too.
-    pub fn holds_adds(self) -> bool {
-        matches!(self, Hold::RemovalShare { .. })
+    /// Whether the adds wait too. A replace cannot be split, so a `mirror` activation's
+    /// whole delta waits whichever brake holds it.
+    pub fn holds_adds(self, mode: Mode) -> bool {
+        matches!(self, Hold::RemovalShare { .. }) || mode == Mode::Mirror
     }
 
     /// Why, in words for the operator.
@@ -79,6 +85,12 @@ impl Hold {
                  ({}); approve the run to send them",
                 activation.max_removal_share
             ),
+            Hold::MinimumAudience { after, minimum } if activation.mode == Mode::Mirror => {
+                format!(
+                    "the replace would leave {after} members, below the platform's minimum \
+                     audience of {minimum} (min_audience_size); approve the run to send it"
+                )
+            }
             Hold::MinimumAudience { after, minimum } => format!(
                 "the removes would leave {after} members, below the platform's minimum audience \
                  of {minimum} (min_audience_size); the adds were sent, approve the run to send \
@@ -111,6 +123,8 @@ pub struct DeliveryReport {
     pub delivered_removes: i64,
     /// Members the platform refused.
     pub rejected: i64,
+    /// For a `mirror` activation whose replace completed, the members the list now holds.
+    pub replaced: Option<i64>,
     /// Why delivery stopped early, if it did.
     pub error: Option<String>,
 }
@@ -161,32 +175,47 @@ fn identifiers_query(
     )
 }
 
-/// The SQL selecting `(key, identifiers)` of the members to add and of those to remove, for
-/// an activation whose segment's members are selected by `members` (a query returning `key`).
+/// The SQL of an activation's delta, each selecting `(key, identifiers)`.
+#[derive(Debug, Clone)]
+pub struct DeltaQueries {
+    /// Members to add: in the segment, not acknowledged with these identifiers.
+    pub adds: String,
+    /// Members to remove: acknowledged, no longer in the segment with those identifiers.
+    pub removes: String,
+    /// The whole list a `mirror` activation replaces the destination's with: the segment's
+    /// members, less those whose add is dead-lettered.
+    pub list: String,
+}
+
+/// The delta's SQL for an activation whose segment's members are selected by `members` (a
+/// query returning `key`).
 pub fn delta_queries(
     pipeline: &Pipeline,
     activation: &ActivationDef,
     members: &str,
     master_schema: &str,
-) -> (String, String) {
+) -> DeltaQueries {
     let identifiers = identifiers_query(pipeline, activation, master_schema);
     let name = quote_literal(&pipeline.name);
     let id = quote_literal(&activation.id);
     let current = format!(
         "SELECT p.key, p.identifiers FROM ({members}) AS s JOIN ({identifiers}) AS p ON p.key = s.key"
     );
-    let adds = format!(
+    let list = format!(
         "SELECT c.key, c.identifiers FROM ({current}) AS c \
-         WHERE NOT EXISTS (SELECT 1 FROM segmentd_state.acknowledged AS a WHERE a.pipeline = {name} \
-             AND a.activation = {id} AND a.key = c.key AND a.identifiers = c.identifiers) \
-         AND NOT EXISTS (SELECT 1 FROM segmentd_state.dead_letters AS d WHERE d.pipeline = {name} \
+         WHERE NOT EXISTS (SELECT 1 FROM segmentd_state.dead_letters AS d WHERE d.pipeline = {name} \
              AND d.activation = {id} AND d.change = 'add' AND d.dead AND d.key = c.key)"
+    );
+    let adds = format!(
+        "SELECT l.key, l.identifiers FROM ({list}) AS l \
+         WHERE NOT EXISTS (SELECT 1 FROM segmentd_state.acknowledged AS a WHERE a.pipeline = {name} \
+             AND a.activation = {id} AND a.key = l.key AND a.identifiers = l.identifiers)"
     );
     let removes = match activation.mode {
         Mode::AddOnly => {
             "SELECT key, identifiers FROM segmentd_state.acknowledged WHERE FALSE".to_string()
         }
-        Mode::AddRemove => format!(
+        Mode::AddRemove | Mode::Mirror => format!(
             "SELECT a.key, a.identifiers FROM segmentd_state.acknowledged AS a \
              WHERE a.pipeline = {name} AND a.activation = {id} \
              AND NOT EXISTS (SELECT 1 FROM ({current}) AS c \
@@ -195,7 +224,11 @@ pub fn delta_queries(
                  AND d.activation = {id} AND d.change = 'remove' AND d.dead AND d.key = a.key)"
         ),
     };
-    (adds, removes)
+    DeltaQueries {
+        adds,
+        removes,
+        list,
+    }
 }
 
 /// Members in the activation's acknowledged audience.
@@ -220,7 +253,8 @@ pub fn over_removal_limit(activation: &ActivationDef, removes: i64, audience: i6
 
 /// Writes the activation's delta for this run; earlier unsent deltas are superseded, since
 /// the acknowledged state they were computed from is the one this delta starts from too. A
-/// delta over the removal brake is written as held.
+/// delta a brake stops is written as held. A `mirror` activation's delta is its whole list,
+/// as replace batches (or, when the list is empty, the removes of everyone acknowledged).
 pub fn plan(
     connection: &Connection,
     pipeline: &Pipeline,
@@ -234,7 +268,7 @@ pub fn plan(
         quote_literal(&pipeline.name),
         quote_literal(segment)
     );
-    let (adds_sql, removes_sql) = delta_queries(pipeline, activation, &members, &pipeline.schema());
+    let queries = delta_queries(pipeline, activation, &members, &pipeline.schema());
     let batch_size = batch_size.max(1) as i64;
     in_transaction(connection, |c| {
         c.execute(
@@ -243,49 +277,63 @@ pub fn plan(
             params![pipeline.name, activation.id],
         )
         .doing("superseding unsent deltas")?;
-        // A member whose identifiers changed is in both: the remove of its old identifiers is
-        // numbered first, in batches of its own, so it is sent before the add of the new ones
-        // (a platform that knows members by key, or by a digest both normalise to, would
-        // otherwise end without the member). Leavers' batches follow.
-        let re_added = "EXISTS (SELECT 1 FROM segmentd_state.deltas AS a WHERE a.run_id = $1 \
-                        AND a.pipeline = $2 AND a.activation = $3 AND a.change = 'add' \
-                        AND a.key = d.key)";
-        let parts = [
-            ("add", &adds_sql, "TRUE".to_string()),
-            ("remove", &removes_sql, re_added.to_string()),
-            ("remove", &removes_sql, format!("NOT {re_added}")),
-        ];
-        let mut counts = [0i64; 3];
-        for (i, (change, select, condition)) in parts.iter().enumerate() {
-            let first_sequence = if i == 2 {
-                (counts[1] + batch_size - 1) / batch_size
-            } else {
-                0
-            };
-            counts[i] = c
-                .execute(
-                    &format!(
-                        "INSERT INTO segmentd_state.deltas \
-                         (run_id, pipeline, activation, change, sequence, key, identifiers, status) \
-                         SELECT $1, $2, $3, $4, \
-                                CAST($5 + (row_number() OVER (ORDER BY d.key, d.identifiers) - 1) \
-                                     // $6 AS INTEGER), \
-                                d.key, d.identifiers, 'pending' \
-                         FROM ({select}) AS d WHERE {condition}"
-                    ),
-                    params![run_id, pipeline.name, activation.id, change, first_sequence, batch_size],
-                )
-                .doing(format!("planning {change}s"))? as i64;
-        }
-        let sizes = [counts[0], counts[1] + counts[2]];
-        let audience = audience_size(c, &pipeline.name, &activation.id)?;
-        let hold = brake(activation, sizes[0], sizes[1], audience);
-        let delta = DeltaSize {
-            adds: sizes[0],
-            removes: sizes[1],
-            hold,
+        let insert = |change: &str, select: &str, condition: &str, first_sequence: i64| {
+            c.execute(
+                &format!(
+                    "INSERT INTO segmentd_state.deltas \
+                     (run_id, pipeline, activation, change, sequence, key, identifiers, status) \
+                     SELECT $1, $2, $3, $4, \
+                            CAST($5 + (row_number() OVER (ORDER BY d.key, d.identifiers) - 1) \
+                                 // $6 AS INTEGER), \
+                            d.key, d.identifiers, 'pending' \
+                     FROM ({select}) AS d WHERE {condition}"
+                ),
+                params![
+                    run_id,
+                    pipeline.name,
+                    activation.id,
+                    change,
+                    first_sequence,
+                    batch_size
+                ],
+            )
+            .map(|rows| rows as i64)
+            .doing(format!("planning {change}s"))
         };
-        if let Some(hold) = hold {
+        let count = |select: &str| -> Result<i64, StoreError> {
+            c.query_row(&format!("SELECT count(*) FROM ({select}) AS d"), [], |r| {
+                r.get(0)
+            })
+            .doing("sizing the delta")
+        };
+        let mut delta = DeltaSize::default();
+        if activation.mode == Mode::Mirror {
+            delta.adds = count(&queries.adds)?;
+            delta.removes = count(&queries.removes)?;
+            delta.replaces = insert("replace", &queries.list, "TRUE", 0)?;
+        }
+        if delta.replaces == 0 {
+            // A member whose identifiers changed is in both: the remove of its old identifiers
+            // is numbered first, in batches of its own, so it is sent before the add of the
+            // new ones (a platform that knows members by key, or by a digest both normalise
+            // to, would otherwise end without the member). Leavers' batches follow.
+            let re_added = "EXISTS (SELECT 1 FROM segmentd_state.deltas AS a WHERE a.run_id = $1 \
+                            AND a.pipeline = $2 AND a.activation = $3 AND a.change = 'add' \
+                            AND a.key = d.key)";
+            delta.adds = insert("add", &queries.adds, "TRUE", 0)?;
+            let changed = insert("remove", &queries.removes, re_added, 0)?;
+            let first_leaver_batch = (changed + batch_size - 1) / batch_size;
+            let leavers = insert(
+                "remove",
+                &queries.removes,
+                &format!("NOT {re_added}"),
+                first_leaver_batch,
+            )?;
+            delta.removes = changed + leavers;
+        }
+        let audience = audience_size(c, &pipeline.name, &activation.id)?;
+        delta.hold = brake(activation, delta.adds, delta.removes, audience);
+        if let Some(hold) = delta.hold {
             let reason = hold.reason(activation, delta.removes);
             c.execute(
                 "UPDATE segmentd_state.deltas SET status = 'held', reason = ? \
@@ -296,7 +344,7 @@ pub fn plan(
                     pipeline.name,
                     activation.id,
                     run_id,
-                    hold.holds_adds()
+                    hold.holds_adds(activation.mode)
                 ],
             )
             .doing("holding the delta")?;
@@ -339,6 +387,7 @@ fn pending_batches(
         .query_map(params![pipeline, activation, run_id], |r| {
             let change = match r.get::<_, String>(0)?.as_str() {
                 "add" => Change::Add,
+                "replace" => Change::Replace,
                 _ => Change::Remove,
             };
             Ok((change, r.get(1)?))
@@ -349,7 +398,7 @@ fn pending_batches(
     batches.sort_by_key(|&(change, sequence)| {
         let phase = match change {
             Change::Remove if sequence < changed_batches => 0,
-            Change::Add => 1,
+            Change::Add | Change::Replace => 1,
             Change::Remove => 2,
         };
         (phase, sequence)
@@ -364,6 +413,7 @@ fn load_batch(
     run_id: i64,
     change: Change,
     sequence: i32,
+    replace: Option<Replace>,
 ) -> Result<Batch, StoreError> {
     let mut statement = connection
         .prepare(
@@ -391,7 +441,7 @@ fn load_batch(
         change,
         sequence: sequence as u32,
         members,
-        replace: None,
+        replace: replace.filter(|_| change == Change::Replace),
     })
 }
 
@@ -415,15 +465,28 @@ fn parse_identifiers(json: &str) -> BTreeMap<String, String> {
     identifiers
 }
 
+/// How a confirmed batch changed the acknowledged audience.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Applied {
+    /// Members the audience gained.
+    added: i64,
+    /// Members the audience lost.
+    removed: i64,
+    /// The audience's size after the last batch of a replace; `None` for other batches.
+    replaced: Option<i64>,
+}
+
 /// Records a confirmed batch: rows delivered or rejected, acknowledged state advanced by the
-/// members the platform accepted. One transaction.
+/// members the platform accepted. The batches of a replace only mark their rows; the last one
+/// swaps the acknowledged audience for the members the whole replace delivered. One
+/// transaction.
 fn record_outcome(
     connection: &Connection,
     pipeline: &str,
     batch: &Batch,
     outcome: &Outcome,
     dead_letter_after_runs: u32,
-) -> Result<(), StoreError> {
+) -> Result<Applied, StoreError> {
     in_transaction(connection, |c| {
         c.execute_batch(
             "CREATE OR REPLACE TEMP TABLE batch_outcome \
@@ -460,39 +523,108 @@ fn record_outcome(
             scope,
         )
         .doing("recording a batch")?;
-        match batch.change {
-            Change::Add => c.execute(
-                "INSERT INTO segmentd_state.acknowledged (pipeline, activation, key, identifiers, run_id) \
-                 SELECT d.pipeline, d.activation, d.key, d.identifiers, d.run_id \
-                 FROM segmentd_state.deltas AS d JOIN batch_outcome AS o ON o.key = d.key \
-                 WHERE d.pipeline = ? AND d.activation = ? AND d.run_id = ? AND d.change = ? \
-                 AND d.sequence = ? AND o.status = 'delivered'",
-                scope,
-            ),
-            Change::Remove => c.execute(
-                "DELETE FROM segmentd_state.acknowledged AS a USING segmentd_state.deltas AS d, batch_outcome AS o \
-                 WHERE d.pipeline = ? AND d.activation = ? AND d.run_id = ? AND d.change = ? \
-                 AND d.sequence = ? AND o.status = 'delivered' AND o.key = d.key \
-                 AND a.pipeline = d.pipeline AND a.activation = d.activation \
-                 AND a.key = d.key AND a.identifiers = d.identifiers",
-                scope,
-            ),
-        }
-        .doing("advancing the acknowledged state")?;
+        let applied = match batch.change {
+            Change::Add => Applied {
+                added: c
+                    .execute(
+                        "INSERT INTO segmentd_state.acknowledged \
+                         (pipeline, activation, key, identifiers, run_id) \
+                         SELECT d.pipeline, d.activation, d.key, d.identifiers, d.run_id \
+                         FROM segmentd_state.deltas AS d JOIN batch_outcome AS o ON o.key = d.key \
+                         WHERE d.pipeline = ? AND d.activation = ? AND d.run_id = ? \
+                         AND d.change = ? AND d.sequence = ? AND o.status = 'delivered'",
+                        scope,
+                    )
+                    .doing("advancing the acknowledged state")? as i64,
+                ..Applied::default()
+            },
+            Change::Remove => Applied {
+                removed: c
+                    .execute(
+                        "DELETE FROM segmentd_state.acknowledged AS a \
+                         USING segmentd_state.deltas AS d, batch_outcome AS o \
+                         WHERE d.pipeline = ? AND d.activation = ? AND d.run_id = ? \
+                         AND d.change = ? AND d.sequence = ? AND o.status = 'delivered' \
+                         AND o.key = d.key AND a.pipeline = d.pipeline \
+                         AND a.activation = d.activation AND a.key = d.key \
+                         AND a.identifiers = d.identifiers",
+                        scope,
+                    )
+                    .doing("advancing the acknowledged state")? as i64,
+                ..Applied::default()
+            },
+            Change::Replace if batch.ends_replace() => {
+                swap_acknowledged(c, pipeline, &batch.activation, batch.run_id)?
+            }
+            Change::Replace => Applied::default(),
+        };
         record_rejections(c, pipeline, batch, dead_letter_after_runs)?;
-        Ok(())
+        Ok(applied)
     })
 }
 
-/// Counts each rejected member's rejections; at `dead_letter_after_runs` it is dead-lettered.
-/// A member the platform accepted starts again from zero.
+/// Makes the members a completed replace delivered the activation's acknowledged audience.
+fn swap_acknowledged(
+    connection: &Connection,
+    pipeline: &str,
+    activation: &str,
+    run_id: i64,
+) -> Result<Applied, StoreError> {
+    let scope = params![pipeline, activation, run_id];
+    let replaced = "SELECT key, identifiers FROM segmentd_state.deltas WHERE pipeline = $1 \
+                    AND activation = $2 AND run_id = $3 AND change = 'replace' \
+                    AND status = 'delivered'";
+    let acknowledged = "SELECT key, identifiers FROM segmentd_state.acknowledged \
+                        WHERE pipeline = $1 AND activation = $2";
+    let count = |sql: String| -> Result<i64, StoreError> {
+        connection
+            .query_row(&sql, scope, |r| r.get(0))
+            .doing("swapping the acknowledged audience")
+    };
+    let added = count(format!(
+        "SELECT count(*) FROM ({replaced} EXCEPT {acknowledged})"
+    ))?;
+    let removed = count(format!(
+        "SELECT count(*) FROM ({acknowledged} EXCEPT {replaced})"
+    ))?;
+    connection
+        .execute(
+            "DELETE FROM segmentd_state.acknowledged WHERE pipeline = ? AND activation = ?",
+            params![pipeline, activation],
+        )
+        .doing("swapping the acknowledged audience")?;
+    let size = connection
+        .execute(
+            "INSERT INTO segmentd_state.acknowledged \
+             (pipeline, activation, key, identifiers, run_id) \
+             SELECT pipeline, activation, key, identifiers, run_id FROM segmentd_state.deltas \
+             WHERE pipeline = ? AND activation = ? AND run_id = ? AND change = 'replace' \
+             AND status = 'delivered'",
+            scope,
+        )
+        .doing("swapping the acknowledged audience")? as i64;
+    Ok(Applied {
+        added,
+        removed,
+        replaced: Some(size),
+    })
+}
+
+/// Counts each rejected member's rejections, once per run; at `dead_letter_after_runs` runs it
+/// is dead-lettered. A member the platform accepted starts again from zero. A member refused
+/// in a replace counts as a refused add: it is left out of the list while dead-lettered.
 fn record_rejections(
     connection: &Connection,
     pipeline: &str,
     batch: &Batch,
     dead_letter_after_runs: u32,
 ) -> Result<(), StoreError> {
-    let scope = params![pipeline, batch.activation, batch.change.as_str()];
+    let change = match batch.change {
+        Change::Add | Change::Replace => Change::Add,
+        Change::Remove => Change::Remove,
+    }
+    .as_str();
+    let scope = params![pipeline, batch.activation, change];
     connection
         .execute(
             "DELETE FROM segmentd_state.dead_letters WHERE pipeline = ? AND activation = ? \
@@ -502,15 +634,16 @@ fn record_rejections(
         .doing("clearing rejections")?;
     connection
         .execute(
-            "UPDATE segmentd_state.dead_letters AS d SET rejections = d.rejections + 1, \
+            "UPDATE segmentd_state.dead_letters AS d \
+             SET rejections = d.rejections + CAST(d.run_id <> $4 AS INTEGER), \
              reason = o.reason, run_id = $4, recorded_at = current_timestamp::TIMESTAMP, \
-             dead = d.rejections + 1 >= $5 \
+             dead = d.rejections + CAST(d.run_id <> $4 AS INTEGER) >= $5 \
              FROM batch_outcome AS o WHERE o.status = 'rejected' AND o.key = d.key \
              AND d.pipeline = $1 AND d.activation = $2 AND d.change = $3",
             params![
                 pipeline,
                 batch.activation,
-                batch.change.as_str(),
+                change,
                 batch.run_id,
                 dead_letter_after_runs
             ],
@@ -528,7 +661,7 @@ fn record_rejections(
             params![
                 pipeline,
                 batch.activation,
-                batch.change.as_str(),
+                change,
                 batch.run_id,
                 dead_letter_after_runs
             ],
@@ -683,8 +816,76 @@ pub fn activations_with_pending(
         .doing("finding pending deltas")
 }
 
-/// Sends an activation's pending batches for a run: adds first, then removes. Stops at the
-/// first batch that fails after retries; what was confirmed before stays confirmed.
+/// Prepares a run's replace for sending and returns it, `None` when the activation has no
+/// replace pending in the run. A replace some of whose batches were confirmed before an
+/// interruption starts again from its first batch, under a new session: a platform's replace
+/// session cannot be trusted to survive a restart, and finishing only its remaining batches
+/// would leave the destination with part of the list.
+fn begin_replace(
+    connection: &Connection,
+    pipeline: &str,
+    activation: &str,
+    run_id: i64,
+) -> Result<Option<Replace>, StoreError> {
+    in_transaction(connection, |c| {
+        let scope = params![pipeline, activation, run_id];
+        let (batches, members, pending, sent): (i64, i64, i64, i64) = c
+            .query_row(
+                "SELECT count(DISTINCT sequence), count(*), count(*) FILTER (status = 'pending'), \
+                        count(*) FILTER (status IN ('delivered', 'rejected')) \
+                 FROM segmentd_state.deltas WHERE pipeline = ? AND activation = ? AND run_id = ? \
+                 AND change = 'replace' AND status IN ('pending', 'delivered', 'rejected')",
+                scope,
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .doing("reading the replace")?;
+        if pending == 0 {
+            return Ok(None);
+        }
+        if sent > 0 {
+            c.execute(
+                "UPDATE segmentd_state.deltas SET status = 'pending', reason = NULL \
+                 WHERE pipeline = ? AND activation = ? AND run_id = ? AND change = 'replace' \
+                 AND status IN ('delivered', 'rejected')",
+                scope,
+            )
+            .doing("starting the replace again")?;
+            tracing::warn!(
+                pipeline,
+                activation,
+                run_id,
+                batches,
+                "an interrupted replace starts again from its first batch"
+            );
+        }
+        Ok(Some(Replace {
+            session: new_session(pipeline, activation, run_id),
+            batches: u32::try_from(batches).unwrap_or(u32::MAX),
+            members: u64::try_from(members).unwrap_or(0),
+        }))
+    })
+}
+
+/// A session id for one attempt at a replace: never 0, and different for every attempt.
+fn new_session(pipeline: &str, activation: &str, run_id: i64) -> u64 {
+    use sha2::{Digest, Sha256};
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let seed = format!(
+        "{pipeline}\n{activation}\n{run_id}\n{now}\n{}",
+        std::process::id()
+    );
+    let digest = Sha256::digest(seed.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first).max(1)
+}
+
+/// Sends an activation's pending batches for a run, in the order [`pending_batches`] gives.
+/// Stops at the first batch that fails after retries; what was confirmed before stays
+/// confirmed.
 pub async fn deliver(
     store: Arc<Store>,
     pipeline: &Pipeline,
@@ -695,9 +896,12 @@ pub async fn deliver(
     run_id: i64,
 ) -> Result<DeliveryReport, StoreError> {
     let mut report = DeliveryReport::default();
-    let batches = blocking(&store, {
+    let (replace, batches) = blocking(&store, {
         let (name, id) = (pipeline.name.clone(), activation.id.clone());
-        move |c| pending_batches(c, &name, &id, run_id)
+        move |c| {
+            let replace = begin_replace(c, &name, &id, run_id)?;
+            Ok((replace, pending_batches(c, &name, &id, run_id)?))
+        }
     })
     .await?;
     let load = |(change, sequence): (Change, i32)| {
@@ -705,7 +909,7 @@ pub async fn deliver(
         let (name, id) = (pipeline.name.clone(), activation.id.clone());
         async move {
             blocking(&store, move |c| {
-                load_batch(c, &name, &id, run_id, change, sequence)
+                load_batch(c, &name, &id, run_id, change, sequence, replace)
             })
             .await
         }
@@ -736,23 +940,29 @@ pub async fn deliver(
         next = read?;
         match sent {
             Ok(outcome) => {
-                let accepted = outcome.accepted.len() as i64;
-                match change {
-                    Change::Add => report.delivered_adds += accepted,
-                    Change::Remove => report.delivered_removes += accepted,
-                }
                 report.rejected += outcome.rejected.len() as i64;
                 tracing::info!(
                     pipeline = %pipeline.name, activation = %activation.id, run_id,
-                    change = change.as_str(), sequence, members, accepted,
-                    rejected = outcome.rejected.len(), "batch delivered"
+                    change = change.as_str(), sequence, members,
+                    accepted = outcome.accepted.len(), rejected = outcome.rejected.len(),
+                    "batch delivered"
                 );
                 let name = pipeline.name.clone();
                 let after = activation.dead_letter_after_runs;
-                blocking(&store, move |c| {
+                let applied = blocking(&store, move |c| {
                     record_outcome(c, &name, &batch, &outcome, after)
                 })
                 .await?;
+                report.delivered_adds += applied.added;
+                report.delivered_removes += applied.removed;
+                if let Some(size) = applied.replaced {
+                    tracing::info!(
+                        pipeline = %pipeline.name, activation = %activation.id, run_id,
+                        members = size, added = applied.added, removed = applied.removed,
+                        "list replaced"
+                    );
+                    report.replaced = Some(size);
+                }
             }
             Err(err) => {
                 tracing::error!(

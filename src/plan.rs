@@ -8,7 +8,7 @@ use chrono::NaiveDateTime;
 use duckdb::{Connection, params_from_iter};
 
 use crate::compile::segment_query_in;
-use crate::config::Pipeline;
+use crate::config::{Mode, Pipeline};
 use crate::deliver::{audience_size, brake, delta_queries};
 use crate::schema::{quote_ident, quote_literal};
 use crate::store::{Doing, sql_params};
@@ -40,6 +40,9 @@ pub struct ActivationPlan {
     pub sample_adds: Vec<String>,
     /// Some keys it would remove.
     pub sample_removes: Vec<String>,
+    /// For a `mirror` activation, the members of the list it would replace the
+    /// destination's with.
+    pub replaces: Option<i64>,
     /// Why a brake would hold the delta (or its removes), if one would.
     pub would_hold: Option<String>,
 }
@@ -122,9 +125,13 @@ fn plan_in(
             quote_literal(&segment.name)
         );
         for activation in &segment.activations {
-            let (adds_sql, removes_sql) = delta_queries(pipeline, activation, &members, schema);
-            let (adds, sample_adds) = count_and_sample(connection, &adds_sql)?;
-            let (removes, sample_removes) = count_and_sample(connection, &removes_sql)?;
+            let queries = delta_queries(pipeline, activation, &members, schema);
+            let (adds, sample_adds) = count_and_sample(connection, &queries.adds)?;
+            let (removes, sample_removes) = count_and_sample(connection, &queries.removes)?;
+            let replaces = match activation.mode {
+                Mode::Mirror => Some(count_and_sample(connection, &queries.list)?.0),
+                Mode::AddRemove | Mode::AddOnly => None,
+            };
             let audience = audience_size(connection, &pipeline.name, &activation.id)?;
             activations.push(ActivationPlan {
                 activation: activation.id.clone(),
@@ -132,6 +139,7 @@ fn plan_in(
                 removes,
                 sample_adds,
                 sample_removes,
+                replaces,
                 would_hold: brake(activation, adds, removes, audience)
                     .map(|hold| hold.reason(activation, removes)),
             });
@@ -205,9 +213,12 @@ impl Plan {
                 "activation", "adds", "removes"
             ));
             for a in &self.activations {
-                let note = match &a.would_hold {
-                    Some(reason) => format!("would be held: {reason}"),
-                    None => String::new(),
+                let note = match (&a.would_hold, a.replaces) {
+                    (Some(reason), _) => format!("would be held: {reason}"),
+                    (None, Some(members)) => {
+                        format!("mirror: would replace the list with {members} members")
+                    }
+                    (None, None) => String::new(),
                 };
                 out.push_str(&format!(
                     "{:<width$}  {:>8}  {:>8}  {note}\n",

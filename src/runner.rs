@@ -42,6 +42,8 @@ pub struct ActivationSummary {
     pub delivered_removes: i64,
     /// Members refused.
     pub rejected: i64,
+    /// For a `mirror` activation whose replace completed, the members the list now holds.
+    pub replaced: Option<i64>,
     /// Whether a brake held the delta, or its removes, for an operator's approval.
     pub held: bool,
     /// Why it was held, if it was.
@@ -232,6 +234,7 @@ pub async fn deliver_pending(
             delivered_adds: report.delivered_adds,
             delivered_removes: report.delivered_removes,
             rejected: report.rejected,
+            replaced: report.replaced,
             held: false,
             hold_reason: None,
             error: report.error,
@@ -394,7 +397,10 @@ pub async fn run(
         let hold_reason = delta
             .hold
             .map(|hold| hold.reason(&activation, delta.removes));
-        let report = if delta.hold.is_some_and(|hold| hold.holds_adds()) {
+        let report = if delta
+            .hold
+            .is_some_and(|hold| hold.holds_adds(activation.mode))
+        {
             DeliveryReport::default()
         } else {
             deliver::deliver(
@@ -425,6 +431,7 @@ pub async fn run(
             delivered_adds: report.delivered_adds,
             delivered_removes: report.delivered_removes,
             rejected: report.rejected,
+            replaced: report.replaced,
             held: delta.held(),
             hold_reason,
             error: report.error.clone(),
@@ -552,10 +559,11 @@ impl RunSummary {
                     a.removes,
                     a.delivered_adds + a.delivered_removes,
                     a.rejected,
-                    match (&a.error, &a.hold_reason) {
-                        (Some(error), _) => error.clone(),
-                        (None, Some(reason)) => format!("held: {reason}"),
-                        (None, None) => "delivered".to_string(),
+                    match (&a.error, &a.hold_reason, a.replaced) {
+                        (Some(error), _, _) => error.clone(),
+                        (None, Some(reason), _) => format!("held: {reason}"),
+                        (None, None, Some(members)) => format!("replaced ({members} members)"),
+                        (None, None, None) => "delivered".to_string(),
                     }
                 ));
             }

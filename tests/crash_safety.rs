@@ -134,3 +134,76 @@ fn kill_nine_during_a_push_loses_nothing_and_adds_each_member_at_most_twice() {
         "a converged audience gets no further requests"
     );
 }
+
+#[test]
+fn kill_nine_during_a_replace_leaves_the_old_list_or_the_new_one_never_a_part() {
+    let platform = FakePlatform::start();
+    let project = Project::new();
+    let port = free_port();
+    project.write(
+        "config.toml",
+        &format!(
+            "{}\n[http]\nlisten = \"127.0.0.1:{port}\"\n",
+            platform.config(5)
+        ),
+    );
+    project.write("pipelines/shop/pipeline.toml", PIPELINE);
+    let ids: String = (1..=MEMBERS).map(|id| format!("{id}\n")).collect();
+    project.write("pipelines/shop/people.csv", &format!("id\n{ids}"));
+    let segment = |rule: &str| {
+        format!(
+            "{rule}[[activations]]\nname = \"audience\"\nconnection = \"platform\"\n\
+             mode = \"mirror\"\n"
+        )
+    };
+    project.write("pipelines/shop/segments/everyone.toml", &segment(""));
+    let (ok, _, stderr) = project.refresh("shop");
+    assert!(ok, "{stderr}");
+    assert_eq!(platform.state.lock().unwrap().audience.len(), MEMBERS);
+    let first_replace = platform.state.lock().unwrap().sizes.len();
+
+    // The next list leaves out ids 1 to 100; every replace of it is killed part way.
+    project.write(
+        "pipelines/shop/segments/everyone.toml",
+        &segment("[rule]\nattribute = \"id\"\nop = \">\"\nvalue = 100\n\n"),
+    );
+    platform.state.lock().unwrap().delay = Duration::from_millis(20);
+    let requests = || platform.state.lock().unwrap().requests;
+    for point in 0..8u64 {
+        let mut daemon = start(&project);
+        trigger(port);
+        let seen = requests();
+        wait_for("two requests", || requests() >= seen + 2);
+        std::thread::sleep(Duration::from_millis(point * 11 % 60));
+        daemon.kill().unwrap();
+        daemon.wait().unwrap();
+    }
+    assert_eq!(
+        platform.state.lock().unwrap().audience.len(),
+        MEMBERS,
+        "no replace finished, so the old list stands"
+    );
+
+    let mut daemon = start(&project);
+    trigger(port);
+    wait_for("the new list", || {
+        platform.state.lock().unwrap().audience.len() == MEMBERS - 100
+    });
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+
+    let state = platform.state.lock().unwrap();
+    let expected: std::collections::BTreeSet<String> =
+        (101..=MEMBERS).map(|id| id.to_string()).collect();
+    assert_eq!(state.audience, expected);
+    assert!(
+        state.sizes[first_replace..]
+            .iter()
+            .all(|size| [MEMBERS, MEMBERS - 100].contains(size)),
+        "the audience held part of a list"
+    );
+    assert!(
+        !state.sessions.is_empty(),
+        "each interrupted replace was begun again under a new session"
+    );
+}

@@ -4,10 +4,16 @@
 //! makes delivery idempotent: a batch is written to a temporary file beside its final name,
 //! synced, then renamed over that name, so a crash leaves either no file or the whole file,
 //! and delivering the same batch again replaces the file with the same content. It does not
-//! clean up old files or tell readers when a run is complete.
+//! clean up old files.
 //!
 //! Files are laid out as
-//! `<directory>/<activation, '/' replaced by '__'>/run-<run_id:06>-<change>-<sequence:05>.<ext>`.
+//! `<directory>/<activation, '/' replaced by '__'>/run-<run_id:06>-<change>-<sequence:05>.<ext>`,
+//! `<change>` being `add`, `remove` or `replace`. The batches of a replace (a `mirror`
+//! activation) together hold the whole list; once the last is written, the marker
+//! `run-<run_id:06>-replace.complete` is written beside them, holding `batches = N` and
+//! `members = M`. A reader takes a run's replace files only once its marker exists: before
+//! that the list is incomplete (a replace interrupted and begun again rewrites the same
+//! files).
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -142,6 +148,10 @@ impl Connector for FileConnector {
         self.batch_size
     }
 
+    fn replaces_lists(&self) -> bool {
+        true
+    }
+
     fn deliver<'a>(&'a self, batch: &'a Batch) -> BoxFuture<'a, Result<Outcome, DeliveryError>> {
         Box::pin(async move {
             let (folder, file_name) = self.destination(batch)?;
@@ -161,8 +171,29 @@ impl Connector for FileConnector {
             let format = self.format;
             let members = batch.members.clone();
             let path = folder.join(&file_name);
+            let marker = batch
+                .replace
+                .filter(|_| batch.ends_replace())
+                .map(|replace| {
+                    (
+                        format!("run-{:06}-replace.complete", batch.run_id),
+                        format!(
+                            "batches = {}\nmembers = {}\n",
+                            replace.batches, replace.members
+                        ),
+                    )
+                });
             tokio::task::spawn_blocking(move || {
-                write_atomically(&folder, &file_name, format, &members)
+                write_atomically(&folder, &file_name, |writer| match format {
+                    Format::Csv => write_csv(writer, &members),
+                    Format::Jsonl => write_jsonl(writer, &members),
+                })?;
+                match marker {
+                    Some((name, text)) => {
+                        write_atomically(&folder, &name, |writer| writer.write_all(text.as_bytes()))
+                    }
+                    None => Ok(()),
+                }
             })
             .await
             .map_err(|error| DeliveryError::Retryable {
@@ -188,12 +219,11 @@ impl Connector for FileConnector {
     }
 }
 
-/// Writes `members` to `folder/file_name` so that readers only ever see a complete file.
+/// Writes `folder/file_name` with `write` so that readers only ever see a complete file.
 fn write_atomically(
     folder: &Path,
     file_name: &str,
-    format: Format,
-    members: &[Member],
+    write: impl FnOnce(&mut BufWriter<tempfile::NamedTempFile>) -> io::Result<()>,
 ) -> io::Result<()> {
     std::fs::create_dir_all(folder)?;
 
@@ -202,10 +232,7 @@ fn write_atomically(
         .suffix(".tmp")
         .tempfile_in(folder)?;
     let mut writer = BufWriter::new(temporary);
-    match format {
-        Format::Csv => write_csv(&mut writer, members)?,
-        Format::Jsonl => write_jsonl(&mut writer, members)?,
-    }
+    write(&mut writer)?;
     let temporary = writer
         .into_inner()
         .map_err(io::IntoInnerError::into_error)?;

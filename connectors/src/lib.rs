@@ -308,6 +308,12 @@ fn unknown_kind(kind: &str) -> SettingsError {
     }
 }
 
+/// The connection types whose connectors replace whole lists ([`Connector::replaces_lists`]),
+/// so `mirror` activations can use them. Google Ads is not among them: its replace (a job
+/// starting with `remove_all`) is not atomic, and a job that fails half way leaves the list
+/// empty.
+pub const REPLACING_KINDS: &[&str] = &["file", "webhook", "meta"];
+
 /// The connection types this build knows.
 pub const KINDS: &[&str] = &[
     "file",

@@ -15,6 +15,12 @@
 //!
 //! A 2xx answer may carry `{"rejected": [{"key": "1", "reason": "..."}]}`; every other key of
 //! the batch counts as accepted.
+//!
+//! The batches of a replace (a `mirror` activation) have `"change": "replace"` and a
+//! `"replace": {"session": 7, "batches": 3, "members": 2500}` object, and their `batch_id`
+//! holds the session (`42-vip/crm-replace-7-0`). The receiver keeps the members of a session's
+//! batches aside and, when batch `batches - 1` arrives, makes them its whole list; a session
+//! whose last batch never comes must change nothing, and a new session starts from batch 0.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime};
@@ -122,13 +128,19 @@ impl WebhookConnector {
 
     /// Sends one batch and classifies the answer.
     async fn post(&self, batch: &Batch) -> Result<Outcome, DeliveryError> {
-        let batch_id = format!(
-            "{}-{}-{}-{}",
-            batch.run_id,
-            batch.activation,
-            batch.change.as_str(),
-            batch.sequence
-        );
+        let batch_id = match batch.replace {
+            Some(replace) => format!(
+                "{}-{}-replace-{}-{}",
+                batch.run_id, batch.activation, replace.session, batch.sequence
+            ),
+            None => format!(
+                "{}-{}-{}-{}",
+                batch.run_id,
+                batch.activation,
+                batch.change.as_str(),
+                batch.sequence
+            ),
+        };
         let idempotency_key =
             HeaderValue::from_str(&batch_id).map_err(|_| DeliveryError::Permanent {
                 message: format!(
@@ -144,6 +156,11 @@ impl WebhookConnector {
             sequence: batch.sequence,
             batch_id: &batch_id,
             members: &batch.members,
+            replace: batch.replace.map(|replace| ReplaceFields {
+                session: replace.session,
+                batches: replace.batches,
+                members: replace.members,
+            }),
         };
 
         let mut request = self
@@ -234,6 +251,10 @@ impl Connector for WebhookConnector {
         self.batch_size
     }
 
+    fn replaces_lists(&self) -> bool {
+        true
+    }
+
     fn deliver<'a>(&'a self, batch: &'a Batch) -> BoxFuture<'a, Result<Outcome, DeliveryError>> {
         Box::pin(self.post(batch))
     }
@@ -248,6 +269,16 @@ struct Payload<'a> {
     sequence: u32,
     batch_id: &'a str,
     members: &'a [Member],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replace: Option<ReplaceFields>,
+}
+
+/// Where a replace batch stands in its replace, as sent.
+#[derive(serde::Serialize)]
+struct ReplaceFields {
+    session: u64,
+    batches: u32,
+    members: u64,
 }
 
 /// The part of a 2xx answer the connector reads.

@@ -97,6 +97,10 @@ pub enum Mode {
     AddRemove,
     /// Send adds only; members who leave stay on the destination (`add_only`).
     AddOnly,
+    /// Replace the destination's whole list with the segment's members every run (`mirror`),
+    /// so members added or removed on the platform by other means are put right too. Only
+    /// connections whose platform can replace a list take it.
+    Mirror,
 }
 
 /// The default of `max_removal_share`.
@@ -310,13 +314,16 @@ fn load_one(
         let mode = match spec.mode.as_ref().map(|m| m.get_ref().as_str()) {
             None | Some("add_remove") => Mode::AddRemove,
             Some("add_only") => Mode::AddOnly,
+            Some("mirror") if connector.replaces_lists() => Mode::Mirror,
             Some("mirror") => {
                 problems.push(source.problem_at(
                     spec.mode.as_ref().expect("set"),
                     format!(
                         "activation `{activation_name}`: connection type `{}` cannot replace a \
-                         whole list, so `mirror` is not available; use add_remove or add_only",
-                        connection.kind
+                         whole list, so `mirror` is not available (connection types that can: \
+                         {}); use add_remove or add_only",
+                        connection.kind,
+                        segmentd_connectors::REPLACING_KINDS.join(", ")
                     ),
                 ));
                 continue;
@@ -324,7 +331,10 @@ fn load_one(
             Some(other) => {
                 problems.push(source.problem_at(
                     spec.mode.as_ref().expect("set"),
-                    format!("activation `{activation_name}`: mode `{other}` is not one of add_remove, add_only"),
+                    format!(
+                        "activation `{activation_name}`: mode `{other}` is not one of \
+                         add_remove, add_only, mirror"
+                    ),
                 ));
                 continue;
             }

@@ -1,5 +1,6 @@
 //! A fake destination platform on loopback that speaks the `webhook` connector's protocol and
-//! keeps the audience it was sent: adds insert keys, removes delete them.
+//! keeps the audience it was sent: adds insert keys, removes delete them, and the batches of a
+//! replace are kept aside per session until its last batch makes them the whole audience.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,14 @@ pub struct Platform {
     pub delay: Duration,
     /// Requests received.
     pub requests: usize,
+    /// Keys received in each replace session that has not had its last batch yet.
+    pub sessions: BTreeMap<u64, BTreeSet<String>>,
+    /// Replaces completed.
+    pub replaces: usize,
+    /// The audience's size after each request, in order.
+    pub sizes: Vec<usize>,
+    /// Batch sequences it answers with HTTP 500 instead of taking them.
+    pub failing_sequences: BTreeSet<u64>,
 }
 
 async fn receive(
@@ -32,19 +41,47 @@ async fn receive(
     tokio::time::sleep(delay).await;
     let mut platform = platform.lock().unwrap();
     platform.requests += 1;
-    let add = body["change"] == "add";
+    let sequence = body["sequence"].as_u64().unwrap();
+    if platform.failing_sequences.contains(&sequence) {
+        let size = platform.audience.len();
+        platform.sizes.push(size);
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(serde_json::json!({ "error": "unavailable" })),
+        );
+    }
+    let change = body["change"].as_str().unwrap().to_string();
+    let session = body["replace"]["session"].as_u64();
     let mut rejected = Vec::new();
     for member in body["members"].as_array().unwrap() {
         let key = member["key"].as_str().unwrap().to_string();
         if platform.rejects.contains(&key) {
             rejected.push(serde_json::json!({ "key": key, "reason": "invalid address" }));
-        } else if add {
-            *platform.adds.entry(key.clone()).or_default() += 1;
-            platform.audience.insert(key);
-        } else {
-            platform.audience.remove(&key);
+            continue;
+        }
+        match (change.as_str(), session) {
+            ("add", _) => {
+                *platform.adds.entry(key.clone()).or_default() += 1;
+                platform.audience.insert(key);
+            }
+            ("remove", _) => {
+                platform.audience.remove(&key);
+            }
+            ("replace", Some(session)) => {
+                platform.sessions.entry(session).or_default().insert(key);
+            }
+            other => panic!("a batch the webhook protocol does not have: {other:?}"),
         }
     }
+    if let Some(session) = session {
+        let batches = body["replace"]["batches"].as_u64().unwrap();
+        if sequence + 1 == batches {
+            platform.audience = platform.sessions.remove(&session).unwrap_or_default();
+            platform.replaces += 1;
+        }
+    }
+    let size = platform.audience.len();
+    platform.sizes.push(size);
     (
         StatusCode::OK,
         axum::Json(serde_json::json!({ "rejected": rejected })),
