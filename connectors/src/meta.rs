@@ -1,11 +1,12 @@
 //! The `meta` connector: members of a Meta (Facebook/Instagram) customer-file Custom Audience.
 //!
-//! This module owns the request (`POST {base_url}/{api_version}/{audience_id}/users` for adds,
-//! `DELETE` on the same edge for removes, a multi-key `payload` of SHA-256 rows and a
-//! one-request `session`), the preparation of rows from members' identifiers through
-//! [`crate::identifiers`], and the classification of Graph API answers. It does not create
-//! audiences, check an audience's `operation_status` beforehand, or retry;
-//! [`crate::deliver_with_retries`] does that.
+//! This module owns the requests (`POST {base_url}/{api_version}/{audience_id}/users` for adds,
+//! `DELETE` on the same edge for removes, `POST .../{audience_id}/usersreplace` for the batches
+//! of a replace; each a multi-key `payload` of SHA-256 rows and a `session`), the preparation
+//! of rows from members' identifiers through [`crate::identifiers`], the sessions of replaces,
+//! and the classification of Graph API answers. It does not create audiences, check an
+//! audience's `operation_status` beforehand, or retry; [`crate::deliver_with_retries`] does
+//! that.
 //!
 //! The body sent, as JSON (the access token travels in the body, never in the URL):
 //!
@@ -16,9 +17,27 @@
 //!              "estimated_num_total": 1}}
 //! ```
 //!
-//! Each batch is its own session: the [`Batch`] contract does not say which batch of a run is
-//! the last, so no session spans batches. The session id is derived from the batch identity,
-//! so a batch sent again after a timeout reuses its session.
+//! Each add or remove batch is its own session: one request, `batch_seq` 1, `last_batch_flag`
+//! true. Its session id is derived from the batch identity, so a batch sent again after a
+//! timeout reuses its session.
+//!
+//! A replace is one Meta session across all its batches, sent to `usersreplace` with the same
+//! payload, schema and rows as an add: `session_id` is the replace's session, `last_batch_flag`
+//! is true on its last batch only, and `estimated_num_total` is the replace's member count.
+//! Meta swaps the audience's whole membership for the rows of the session once its last batch
+//! arrives. `batch_seq` counts the requests the session has actually sent, from 1: a batch none
+//! of whose members has a usable identifier sends nothing, so it takes no `batch_seq` and
+//! leaves no gap for Meta to wait on. A batch keeps the `batch_seq` it was first given, so one
+//! sent again (after a timeout, a `5xx`) repeats its request. A last batch without a usable
+//! row still closes the session: it sends again one row of a request Meta accepted earlier in
+//! the session (harmless within a session) with `last_batch_flag` true. A replace none of whose
+//! batches has a usable row, or whose every row Meta counted as invalid, fails on its last
+//! batch as a permanent failure without closing the session: it would empty the audience.
+//! What each session has sent (the `batch_seq` of each batch, one accepted row) is kept in
+//! memory only; a replace begun again after an interruption comes with a new session and
+//! starts from its first batch, so nothing of an earlier attempt is needed. Meta's "audience
+//! size too low" refusal rejects the members of a remove; on a replace it is a permanent
+//! failure, as on an add.
 //!
 //! Meta reports invalid rows as a count (`num_invalid_entries`) and a few samples, never as a
 //! list of rows. A request in which every row is invalid rejects every member sent; a request
@@ -26,6 +45,7 @@
 //! invalid is not known.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::HeaderMap;
@@ -36,7 +56,8 @@ use crate::http::{self, Secret, quote};
 use crate::identifiers::{self, Invalid};
 use crate::settings::{Place, Problems};
 use crate::{
-    Batch, BoxFuture, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
+    Batch, BoxFuture, Change, Connector, DeliveryError, Member, Outcome, Rejection, Replace,
+    SettingsError,
 };
 
 /// Connection keys the Meta connector knows.
@@ -155,7 +176,7 @@ impl SchemaKey {
     }
 }
 
-/// Adds and removes members of one Meta Custom Audience.
+/// Adds, removes and replaces the members of one Meta Custom Audience.
 ///
 /// Connection settings:
 /// - `access_token_env` (required): the environment variable holding the access token (a
@@ -177,12 +198,44 @@ pub struct MetaConnector {
     client: reqwest::Client,
     /// `{base_url}/{api_version}/{audience_id}/users`; carries no credential.
     users_url: Url,
+    /// `{base_url}/{api_version}/{audience_id}/usersreplace`; carries no credential.
+    replace_url: Url,
     /// The access token, sent in the request body.
     access_token: Secret,
     /// Schema keys in wire order, each with the member identifier it is read from.
     schema: Vec<(SchemaKey, String)>,
     /// Rows per request (`batch_size`).
     batch_size: usize,
+    /// What each replace session has sent so far, by the replace's `session`.
+    replaces: Arc<Mutex<BTreeMap<u64, ReplaceSession>>>,
+}
+
+/// What one replace session has sent to Meta so far.
+#[derive(Debug, Default)]
+struct ReplaceSession {
+    /// The `batch_seq` given to each batch (by its sequence) that made a request, so that a
+    /// batch sent again repeats its request; the next request takes one more than the count.
+    batch_seqs: BTreeMap<u32, u64>,
+    /// A row of a request Meta accepted in the session, to close the session with when its
+    /// last batch has no usable row; `None` while Meta has accepted none.
+    accepted_row: Option<Vec<String>>,
+}
+
+/// One request to Meta, ready to send.
+struct Request<'a> {
+    /// `POST` or `DELETE`.
+    method: Method,
+    /// The edge: `users` or `usersreplace`.
+    url: &'a Url,
+    /// The rows, in schema order.
+    rows: Vec<Vec<String>>,
+    /// The profile key of each row's member, in row order; empty when the request only closes
+    /// a replace session with a row an earlier batch sent.
+    keys: Vec<&'a str>,
+    /// The `session` object.
+    session: serde_json::Value,
+    /// The replace's `session` for a batch of a replace, `None` for an add or a remove.
+    replace_session: Option<u64>,
 }
 
 /// The connection's settings, checked.
@@ -237,77 +290,205 @@ impl MetaConnector {
     }
 
     fn new(connection: ConnectionSettings, activation: ActivationSettings) -> MetaConnector {
-        let mut users_url = connection.base_url;
-        users_url
-            .path_segments_mut()
-            .expect("an http URL has path segments")
-            .pop_if_empty()
-            .extend([
-                connection.api_version.as_str(),
-                activation.audience_id.as_str(),
-                "users",
-            ]);
-        users_url.set_query(None);
-        users_url.set_fragment(None);
+        let edge = |name: &str| {
+            let mut url = connection.base_url.clone();
+            url.path_segments_mut()
+                .expect("an http URL has path segments")
+                .pop_if_empty()
+                .extend([
+                    connection.api_version.as_str(),
+                    activation.audience_id.as_str(),
+                    name,
+                ]);
+            url.set_query(None);
+            url.set_fragment(None);
+            url
+        };
         MetaConnector {
             client: connection.client,
-            users_url,
+            users_url: edge("users"),
+            replace_url: edge("usersreplace"),
             access_token: connection.access_token,
             schema: activation.schema,
             batch_size: connection.batch_size,
+            replaces: Arc::default(),
         }
     }
 
     /// Sends one batch once and classifies the answer.
     async fn send(&self, batch: &Batch) -> Result<Outcome, DeliveryError> {
         let (rows, mut outcome) = self.prepare(batch);
-        if rows.is_empty() {
+        let request = match batch.change {
+            Change::Add => self.change_request(batch, Method::POST, rows),
+            Change::Remove => self.change_request(batch, Method::DELETE, rows),
+            Change::Replace => self.replace_request(batch, rows)?,
+        };
+        let Some(request) = request else {
             return Ok(outcome);
-        }
+        };
 
+        let answer = self.call(batch, &request).await;
+        if let (Answer::Accepted, Some(session)) = (&answer, request.replace_session) {
+            self.remember_accepted_row(session, &request.rows);
+        }
+        match answer {
+            Answer::Accepted => outcome
+                .accepted
+                .extend(request.keys.iter().map(|key| key.to_string())),
+            Answer::Rejected(reason) => {
+                outcome
+                    .rejected
+                    .extend(request.keys.iter().map(|key| Rejection {
+                        key: key.to_string(),
+                        reason: reason.clone(),
+                    }))
+            }
+            Answer::Failed(error) => return Err(error),
+        }
+        Ok(outcome)
+    }
+
+    /// The request of an add or a remove, its own one-request session; `None` when no member
+    /// has a usable row, so nothing is sent.
+    fn change_request<'a>(
+        &'a self,
+        batch: &Batch,
+        method: Method,
+        rows: Vec<(&'a str, Vec<String>)>,
+    ) -> Option<Request<'a>> {
+        if rows.is_empty() {
+            return None;
+        }
+        let session = serde_json::json!({
+            "session_id": session_id(batch),
+            "batch_seq": 1,
+            "last_batch_flag": true,
+            "estimated_num_total": rows.len(),
+        });
+        let (keys, rows) = rows.into_iter().unzip();
+        Some(Request {
+            method,
+            url: &self.users_url,
+            rows,
+            keys,
+            session,
+            replace_session: None,
+        })
+    }
+
+    /// The request of one batch of a replace, in its session; `None` when the batch has no
+    /// usable row and is not the last, so nothing is sent (and no `batch_seq` is used).
+    fn replace_request<'a>(
+        &'a self,
+        batch: &Batch,
+        rows: Vec<(&'a str, Vec<String>)>,
+    ) -> Result<Option<Request<'a>>, DeliveryError> {
+        let Some(replace) = batch.replace else {
+            return Err(DeliveryError::Permanent {
+                message: format!(
+                    "replace batch {} of `{}` carries no replace session; nothing was sent",
+                    batch.sequence, batch.activation
+                ),
+            });
+        };
+        let session_id = i64::try_from(replace.session)
+            .ok()
+            .filter(|id| *id > 0)
+            .ok_or_else(|| DeliveryError::Permanent {
+                message: format!(
+                    "replace session {} of `{}` is not a Meta session id (1 to 2^63 - 1); \
+                     nothing was sent",
+                    replace.session, batch.activation
+                ),
+            })?;
+        let last = batch.ends_replace();
+        let (keys, rows): (Vec<&str>, Vec<Vec<String>>) = rows.into_iter().unzip();
+
+        let mut sessions = self.replaces.lock().unwrap_or_else(PoisonError::into_inner);
+        let session = sessions.entry(replace.session).or_default();
+        let rows = match (rows.is_empty(), last, &session.accepted_row) {
+            (false, _, _) => rows,
+            (true, false, _) => return Ok(None),
+            (true, true, Some(row)) => {
+                tracing::debug!(
+                    activation = %batch.activation,
+                    session = replace.session,
+                    sequence = batch.sequence,
+                    "the last batch of the replace has no usable row; closing the meta session \
+                     with a row it already holds"
+                );
+                vec![row.clone()]
+            }
+            (true, true, None) => {
+                return Err(would_empty(batch, replace, !session.batch_seqs.is_empty()));
+            }
+        };
+        let next = session.batch_seqs.len() as u64 + 1;
+        let batch_seq = *session.batch_seqs.entry(batch.sequence).or_insert(next);
+        drop(sessions);
+
+        Ok(Some(Request {
+            method: Method::POST,
+            url: &self.replace_url,
+            rows,
+            keys,
+            session: serde_json::json!({
+                "session_id": session_id,
+                "batch_seq": batch_seq,
+                "last_batch_flag": last,
+                "estimated_num_total": replace.members,
+            }),
+            replace_session: Some(replace.session),
+        }))
+    }
+
+    /// Keeps a row of a request Meta accepted in a replace `session`, unless one is kept.
+    fn remember_accepted_row(&self, session: u64, rows: &[Vec<String>]) {
+        let mut sessions = self.replaces.lock().unwrap_or_else(PoisonError::into_inner);
+        let session = sessions.entry(session).or_default();
+        if session.accepted_row.is_none() {
+            session.accepted_row = rows.first().cloned();
+        }
+    }
+
+    /// Sends one request and reads Meta's answer.
+    async fn call(&self, batch: &Batch, request: &Request<'_>) -> Answer {
         let body = serde_json::json!({
             "access_token": self.access_token.expose(),
             "payload": {
                 "schema": self.schema.iter().map(|(key, _)| key.name()).collect::<Vec<_>>(),
-                "data": rows.iter().map(|(_, row)| row).collect::<Vec<_>>(),
+                "data": request.rows,
             },
-            "session": {
-                "session_id": session_id(batch),
-                "batch_seq": 1,
-                "last_batch_flag": true,
-                "estimated_num_total": rows.len(),
-            },
+            "session": request.session,
         });
-        let method = match batch.change {
-            Change::Add => Method::POST,
-            Change::Remove => Method::DELETE,
-            Change::Replace => return Err(crate::cannot_replace(self.kind())),
-        };
-        let response = self
+        let response = match self
             .client
-            .request(method.clone(), self.users_url.clone())
+            .request(request.method.clone(), request.url.clone())
             .json(&body)
             .send()
             .await
-            .map_err(|error| {
-                http::transport_failure(method.as_str(), self.users_url.as_str(), error)
-            })?;
+        {
+            Ok(response) => response,
+            Err(error) => {
+                return Answer::Failed(http::transport_failure(
+                    request.method.as_str(),
+                    request.url.as_str(),
+                    error,
+                ));
+            }
+        };
 
         let status = response.status();
         let headers = response.headers().clone();
         let body = http::body_start(response, MAX_ANSWER_BYTES).await;
-        let sent: Vec<&str> = rows.iter().map(|(key, _)| *key).collect();
-        match self.read_answer(batch, status, &headers, &body, sent.len()) {
-            Answer::Accepted => outcome
-                .accepted
-                .extend(sent.iter().map(|key| key.to_string())),
-            Answer::Rejected(reason) => outcome.rejected.extend(sent.iter().map(|key| Rejection {
-                key: key.to_string(),
-                reason: reason.clone(),
-            })),
-            Answer::Failed(error) => return Err(error),
-        }
-        Ok(outcome)
+        self.read_answer(
+            batch,
+            request.url,
+            status,
+            &headers,
+            &body,
+            request.rows.len(),
+        )
     }
 
     /// The row of each member that has at least one usable identifier, with its key, and an
@@ -371,12 +552,13 @@ impl MetaConnector {
     fn read_answer(
         &self,
         batch: &Batch,
+        url: &Url,
         status: StatusCode,
         headers: &HeaderMap,
         body: &[u8],
         sent: usize,
     ) -> Answer {
-        let message = format!("{} answered {status}", self.users_url);
+        let message = format!("{url} answered {status}");
         let envelope = serde_json::from_slice::<ErrorEnvelope>(body);
         if status.is_success() && envelope.is_err() {
             return read_counts(batch, body, sent, message);
@@ -416,6 +598,11 @@ impl Connector for MetaConnector {
     /// to use, so the engine holds removals below that instead of failing them.
     fn min_audience_size(&self) -> Option<u64> {
         Some(MIN_AUDIENCE_SIZE)
+    }
+
+    /// A replace goes to `usersreplace`, one Meta session across its batches.
+    fn replaces_lists(&self) -> bool {
+        true
     }
 
     fn deliver<'a>(&'a self, batch: &'a Batch) -> BoxFuture<'a, Result<Outcome, DeliveryError>> {
@@ -581,6 +768,31 @@ fn classify_graph_error(
         _ => DeliveryError::Permanent { message },
     };
     Answer::Failed(failure)
+}
+
+/// The failure of a replace's last batch when it has no usable row and Meta accepted no
+/// request of the session; `sent` says whether the session sent any (Meta counted every row of
+/// them as invalid) or none (no member had a usable identifier).
+fn would_empty(batch: &Batch, replace: Replace, sent: bool) -> DeliveryError {
+    let (why, what) = if sent {
+        (
+            "Meta counted every row the replace sent as invalid",
+            "its session was left unfinished",
+        )
+    } else {
+        (
+            "no member of the replace has a usable identifier",
+            "nothing was sent",
+        )
+    };
+    DeliveryError::Permanent {
+        message: format!(
+            "{why} ({} members in {} batches for `{}`), so the replace would empty the \
+             audience; {what}, nothing was replaced and the audience keeps its members. Check \
+             the activation's `schema` and the identifiers it maps",
+            replace.members, replace.batches, batch.activation
+        ),
+    }
 }
 
 /// True for Meta's refusal to remove users from an audience that would become too small.
@@ -913,7 +1125,7 @@ mod tests {
     }
 
     #[test]
-    fn audience_too_small_rejects_a_removal_and_fails_anything_else() {
+    fn audience_too_small_rejects_a_removal_and_fails_an_add_or_a_replace() {
         let error = graph_error(
             2650,
             "Audience Size too low: cannot remove users from this audience",
@@ -931,6 +1143,7 @@ mod tests {
 
         assert_eq!(kind(&classify(Change::Remove)), "rejected");
         assert_eq!(kind(&classify(Change::Add)), "permanent");
+        assert_eq!(kind(&classify(Change::Replace)), "permanent");
     }
 
     #[test]

@@ -6,6 +6,14 @@
 //! answers with `num_received` / `num_invalid_entries`. Faults queued on it answer the next
 //! requests the way Meta fails: throttling codes in the error body, an expired token, an HTML
 //! page, a slow answer, a refused removal.
+//!
+//! It serves `POST /{version}/{audience_id}/usersreplace` with the same checks and answer, and
+//! keeps each replace session open (the rows received, the `batch_seq`s seen) until its batch
+//! with `last_batch_flag` has arrived and every `batch_seq` from 1 to that one has been seen;
+//! then the audience becomes exactly the session's rows. A session that never closes changes
+//! nothing; another `session_id` is another session. Meta does not document what it does with
+//! a gap in `batch_seq` or with a batch of a session that has already closed: the fake waits on
+//! the gap, and takes a closed session's batch without changing anything.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::num::NonZeroU32;
@@ -18,7 +26,7 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use segmentd_connectors::meta::MetaConnector;
 use segmentd_connectors::{
-    Batch, Change, Connector, DeliveryError, Member, Outcome, Rejection, RetryPolicy,
+    Batch, Change, Connector, DeliveryError, Member, Outcome, Rejection, Replace, RetryPolicy,
     SettingsError, deliver_with_retries,
 };
 use serde_json::{Value, json};
@@ -28,6 +36,8 @@ use tokio::time::Instant;
 const ANN: &str = "71d4f55f72fa128dfb468a1a3901507c804b74316488744d769d7f4b16696476";
 const BOB: &str = "5ff860bf1190596c7188ab851db691f0f3169c453936e9e1eba2f9a47f7a0018";
 const CAT: &str = "d2d66462631a2d1b0ca18e8b66dc594a58a1cdd569028e1d97f6be4ff0d5fb68";
+const DAN: &str = "c8cf6521c193fc743c7fadcd8be04e983724764efa65b3c3913b6d22f086a11f";
+const EVE: &str = "d0574c4966d2c326193622feebc64991c5b59807ae68fa8255b26c79f4bf917a";
 /// `447700900123`
 const PHONE_447700900123: &str = "033134b911b137918338415ee3d20a064b24773d36a3b02e8b99fdd3fcd6b4cd";
 /// `gb`
@@ -83,9 +93,36 @@ struct Received {
     status: u16,
 }
 
+/// The edge a request is sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Edge {
+    /// `/users`: `POST` adds rows, `DELETE` removes them.
+    Users,
+    /// `/usersreplace`: rows of a session that replaces the audience when it closes.
+    UsersReplace,
+}
+
+/// A row of the audience: each schema key with its value.
+type Row = Vec<(String, String)>;
+
+/// A replace session that has not closed yet.
+#[derive(Debug, Default)]
+struct Session {
+    /// The valid rows received in the session.
+    rows: BTreeSet<Row>,
+    /// Every `batch_seq` received.
+    batch_seqs: BTreeSet<i64>,
+    /// The `batch_seq` that carried `last_batch_flag`, once received.
+    last: Option<i64>,
+}
+
 /// The fake Graph API and the one audience it holds.
 struct Graph {
-    audience: Mutex<BTreeSet<Vec<(String, String)>>>,
+    audience: Mutex<BTreeSet<Row>>,
+    /// Replace sessions still open, by `session_id`.
+    sessions: Mutex<BTreeMap<i64, Session>>,
+    /// Replace sessions that have closed.
+    closed: Mutex<BTreeSet<i64>>,
     faults: Mutex<VecDeque<Fault>>,
     /// Values the fake cannot match; a row holding one counts as an invalid entry.
     unmatchable: Mutex<BTreeSet<String>>,
@@ -115,6 +152,30 @@ impl Graph {
     fn fail_next(&self, faults: impl IntoIterator<Item = Fault>) {
         self.faults.lock().unwrap().extend(faults);
     }
+
+    /// Puts these hashed e-mail addresses in the audience, as earlier uploads would have.
+    fn seed(&self, hashes: &[&str]) {
+        let mut audience = self.audience.lock().unwrap();
+        for hash in hashes {
+            audience.insert(vec![("EMAIL".to_owned(), hash.to_string())]);
+        }
+    }
+
+    /// `(session_id, batch_seq, last_batch_flag)` of each request sent to `usersreplace`.
+    fn replace_sessions(&self) -> Vec<(i64, i64, bool)> {
+        self.received()
+            .iter()
+            .filter(|request| request.uri.ends_with("/usersreplace"))
+            .map(|request| {
+                let session = &serde_json::from_str::<Value>(&request.body).unwrap()["session"];
+                (
+                    session["session_id"].as_i64().unwrap(),
+                    session["batch_seq"].as_i64().unwrap(),
+                    session["last_batch_flag"].as_bool().unwrap(),
+                )
+            })
+            .collect()
+    }
 }
 
 fn graph_error(status: u16, code: i64, message: &str) -> Response {
@@ -134,12 +195,43 @@ async fn users(
     uri: Uri,
     body: Bytes,
 ) -> Response {
+    serve(graph, Edge::Users, method, version, audience_id, uri, body).await
+}
+
+async fn users_replace(
+    State(graph): State<Arc<Graph>>,
+    method: Method,
+    Path((version, audience_id)): Path<(String, String)>,
+    uri: Uri,
+    body: Bytes,
+) -> Response {
+    serve(
+        graph,
+        Edge::UsersReplace,
+        method,
+        version,
+        audience_id,
+        uri,
+        body,
+    )
+    .await
+}
+
+async fn serve(
+    graph: Arc<Graph>,
+    edge: Edge,
+    method: Method,
+    version: String,
+    audience_id: String,
+    uri: Uri,
+    body: Bytes,
+) -> Response {
     let fault = graph.faults.lock().unwrap().pop_front();
     let delay = match fault {
         Some(Fault::Slow(delay)) => delay,
         _ => Duration::ZERO,
     };
-    let response = answer(&graph, &method, &version, &audience_id, &body, fault);
+    let response = answer(&graph, edge, &method, &version, &audience_id, &body, fault);
     graph.received.lock().unwrap().push(Received {
         method,
         uri: uri.to_string(),
@@ -153,6 +245,7 @@ async fn users(
 
 fn answer(
     graph: &Graph,
+    edge: Edge,
     method: &Method,
     version: &str,
     audience_id: &str,
@@ -288,6 +381,7 @@ fn answer(
     let mut audience = graph.audience.lock().unwrap();
     let mut invalid = 0;
     let mut samples = serde_json::Map::new();
+    let mut valid = BTreeSet::new();
     for row in &rows {
         let bad = row.iter().zip(&schema).find(|(value, key)| {
             let hashed = HASHED_KEYS.contains(&key.as_str());
@@ -304,12 +398,38 @@ fn answer(
             }
             continue;
         }
-        let tuple: Vec<(String, String)> =
-            schema.iter().cloned().zip(row.iter().cloned()).collect();
-        if method == Method::POST {
-            audience.insert(tuple);
-        } else {
-            audience.remove(&tuple);
+        let tuple: Row = schema.iter().cloned().zip(row.iter().cloned()).collect();
+        match edge {
+            Edge::Users if method == Method::POST => {
+                audience.insert(tuple);
+            }
+            Edge::Users => {
+                audience.remove(&tuple);
+            }
+            Edge::UsersReplace => {
+                valid.insert(tuple);
+            }
+        }
+    }
+    if edge == Edge::UsersReplace {
+        let id = session["session_id"].as_i64().unwrap();
+        if !graph.closed.lock().unwrap().contains(&id) {
+            let mut sessions = graph.sessions.lock().unwrap();
+            let open = sessions.entry(id).or_default();
+            let batch_seq = session["batch_seq"].as_i64().unwrap();
+            open.rows.extend(valid);
+            open.batch_seqs.insert(batch_seq);
+            if session["last_batch_flag"] == true {
+                open.last = Some(batch_seq);
+            }
+            let complete = open
+                .last
+                .is_some_and(|last| open.batch_seqs.iter().copied().eq(1..=last));
+            if complete {
+                let closed = sessions.remove(&id).unwrap();
+                *audience = closed.rows;
+                graph.closed.lock().unwrap().insert(id);
+            }
         }
     }
     axum::Json(json!({
@@ -326,6 +446,8 @@ fn answer(
 async fn start_graph() -> (Arc<Graph>, String) {
     let graph = Arc::new(Graph {
         audience: Mutex::new(BTreeSet::new()),
+        sessions: Mutex::new(BTreeMap::new()),
+        closed: Mutex::new(BTreeSet::new()),
         faults: Mutex::new(VecDeque::new()),
         unmatchable: Mutex::new(BTreeSet::new()),
         received: Mutex::new(Vec::new()),
@@ -334,6 +456,10 @@ async fn start_graph() -> (Arc<Graph>, String) {
         .route(
             "/{version}/{audience_id}/users",
             axum::routing::post(users).delete(users),
+        )
+        .route(
+            "/{version}/{audience_id}/usersreplace",
+            axum::routing::post(users_replace),
         )
         .with_state(Arc::clone(&graph));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1136,4 +1262,447 @@ async fn code_100_without_subcode_33_stays_a_permanent_failure() {
         })
     );
     assert_eq!(graph.received().len(), 1);
+}
+
+/// A member known by an e-mail address at `example.com`.
+fn person(key: &str, name: &str) -> Member {
+    member(key, &[("email", &format!("{name}@example.com"))])
+}
+
+/// A member whose only identifier is not an e-mail address.
+fn unusable(key: &str) -> Member {
+    member(key, &[("email", "not-an-email")])
+}
+
+/// The reason a member without a usable e-mail address is rejected with.
+const NO_EMAIL: &str = "no usable identifier: EMAIL (`email`) is not an e-mail address";
+
+fn rejected(keys: &[&str], reason: &str) -> Outcome {
+    Outcome {
+        accepted: vec![],
+        rejected: keys
+            .iter()
+            .map(|key| Rejection {
+                key: key.to_string(),
+                reason: reason.into(),
+            })
+            .collect(),
+    }
+}
+
+/// Batch `sequence` of a replace in `session` of `batches` batches holding `total` members.
+fn replace_batch(
+    session: u64,
+    sequence: u32,
+    batches: u32,
+    total: u64,
+    members: Vec<Member>,
+) -> Batch {
+    Batch {
+        run_id: 42,
+        activation: "vip/meta".into(),
+        change: Change::Replace,
+        sequence,
+        members,
+        replace: Some(Replace {
+            session,
+            batches,
+            members: total,
+        }),
+    }
+}
+
+#[tokio::test]
+async fn a_replace_in_three_batches_leaves_exactly_its_members() {
+    let (graph, url) = start_graph().await;
+    graph.seed(&[ANN, BOB]);
+    let meta = email_only(&url);
+    let batches = [
+        vec![person("2", "bob"), person("3", "cat")],
+        vec![person("4", "dan")],
+        vec![person("5", "eve")],
+    ];
+
+    let mut outcomes = Vec::new();
+    for (sequence, members) in (0..).zip(batches) {
+        outcomes.push(
+            meta.deliver(&replace_batch(7001, sequence, 3, 4, members))
+                .await,
+        );
+    }
+
+    assert_eq!(
+        outcomes,
+        [
+            Ok(accepted(&["2", "3"])),
+            Ok(accepted(&["4"])),
+            Ok(accepted(&["5"])),
+        ]
+    );
+    // Ann was not in the replace: gone. Bob was: kept.
+    assert_eq!(graph.audience(), emails(&[BOB, CAT, DAN, EVE]));
+    assert_eq!(
+        graph.replace_sessions(),
+        [(7001, 1, false), (7001, 2, false), (7001, 3, true)]
+    );
+    for request in graph.received() {
+        assert_eq!(request.method, Method::POST);
+        assert_eq!(request.uri, format!("/v25.0/{AUDIENCE_ID}/usersreplace"));
+        let body: Value = serde_json::from_str(&request.body).unwrap();
+        assert_eq!(body["session"]["estimated_num_total"], 4);
+    }
+}
+
+#[tokio::test]
+async fn the_audience_keeps_its_old_members_until_the_last_batch_of_a_replace() {
+    let (graph, url) = start_graph().await;
+    graph.seed(&[ANN, BOB]);
+    let meta = email_only(&url);
+
+    let mut audiences = Vec::new();
+    for (sequence, name) in (0..).zip(["cat", "dan", "eve"]) {
+        let members = vec![person(&sequence.to_string(), name)];
+        meta.deliver(&replace_batch(7002, sequence, 3, 3, members))
+            .await
+            .unwrap();
+        audiences.push(graph.audience());
+    }
+
+    assert_eq!(
+        audiences,
+        [
+            emails(&[ANN, BOB]),
+            emails(&[ANN, BOB]),
+            emails(&[CAT, DAN, EVE]),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_replace_batch_sent_again_after_a_late_answer_repeats_its_request_and_lands_once() {
+    let (graph, url) = start_graph().await;
+    graph.seed(&[ANN]);
+    let meta = email_only(&url);
+    let policy = quick_policy(3);
+
+    let first = deliver_with_retries(
+        &meta,
+        &replace_batch(7003, 0, 3, 3, vec![person("2", "bob")]),
+        &policy,
+    )
+    .await;
+    // The middle batch lands, but its answer comes after the timeout.
+    graph.fail_next([Fault::Slow(Duration::from_millis(1500))]);
+    let middle = deliver_with_retries(
+        &meta,
+        &replace_batch(7003, 1, 3, 3, vec![person("3", "cat")]),
+        &policy,
+    )
+    .await;
+    let last = deliver_with_retries(
+        &meta,
+        &replace_batch(7003, 2, 3, 3, vec![person("4", "dan")]),
+        &policy,
+    )
+    .await;
+
+    assert_eq!(first, Ok(accepted(&["2"])));
+    assert_eq!(middle, Ok(accepted(&["3"])));
+    assert_eq!(last, Ok(accepted(&["4"])));
+    assert_eq!(
+        graph.replace_sessions(),
+        [
+            (7003, 1, false),
+            (7003, 2, false),
+            (7003, 2, false),
+            (7003, 3, true)
+        ]
+    );
+    let received = graph.received();
+    assert_eq!(received[1].body, received[2].body);
+    assert_eq!(graph.audience(), emails(&[BOB, CAT, DAN]));
+}
+
+#[tokio::test]
+async fn an_abandoned_replace_changes_nothing_and_a_new_session_from_batch_0_replaces_the_audience()
+{
+    let (graph, url) = start_graph().await;
+    graph.seed(&[ANN]);
+    let meta = email_only(&url);
+
+    // The first attempt stops after two of its three batches.
+    for (sequence, name) in (0..).zip(["bob", "cat"]) {
+        let members = vec![person(name, name)];
+        meta.deliver(&replace_batch(8001, sequence, 3, 3, members))
+            .await
+            .unwrap();
+    }
+    let after_abandoned = graph.audience();
+    // The engine begins the replace again, with another session, from its first batch.
+    for (sequence, name) in (0..).zip(["dan", "eve"]) {
+        let members = vec![person(name, name)];
+        meta.deliver(&replace_batch(8002, sequence, 2, 2, members))
+            .await
+            .unwrap();
+    }
+
+    assert_eq!(after_abandoned, emails(&[ANN]));
+    assert_eq!(graph.audience(), emails(&[DAN, EVE]));
+    assert_eq!(
+        graph.replace_sessions(),
+        [
+            (8001, 1, false),
+            (8001, 2, false),
+            (8002, 1, false),
+            (8002, 2, true)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_replace_batch_without_a_usable_member_sends_nothing_and_leaves_no_gap() {
+    let (graph, url) = start_graph().await;
+    graph.seed(&[DAN]);
+    let meta = email_only(&url);
+    let batches = [
+        vec![person("1", "ann")],
+        vec![unusable("2")],
+        vec![person("3", "cat")],
+    ];
+
+    let mut outcomes = Vec::new();
+    for (sequence, members) in (0..).zip(batches) {
+        outcomes.push(
+            meta.deliver(&replace_batch(7004, sequence, 3, 3, members))
+                .await,
+        );
+    }
+
+    assert_eq!(
+        outcomes,
+        [
+            Ok(accepted(&["1"])),
+            Ok(rejected(&["2"], NO_EMAIL)),
+            Ok(accepted(&["3"])),
+        ]
+    );
+    // The skipped batch took no batch_seq: the fake would otherwise wait for number 2.
+    assert_eq!(
+        graph.replace_sessions(),
+        [(7004, 1, false), (7004, 2, true)]
+    );
+    assert_eq!(graph.audience(), emails(&[ANN, CAT]));
+}
+
+#[tokio::test]
+async fn a_last_batch_without_a_usable_member_still_closes_the_session() {
+    let (graph, url) = start_graph().await;
+    graph.seed(&[DAN]);
+    let meta = email_only(&url);
+
+    let first = meta
+        .deliver(&replace_batch(
+            7005,
+            0,
+            2,
+            3,
+            vec![person("1", "ann"), person("2", "bob")],
+        ))
+        .await;
+    graph.fail_next([Fault::Unavailable]);
+    let last = deliver_with_retries(
+        &meta,
+        &replace_batch(7005, 1, 2, 3, vec![unusable("3")]),
+        &quick_policy(3),
+    )
+    .await;
+
+    assert_eq!(first, Ok(accepted(&["1", "2"])));
+    // Only the batch's own member is reported; the row sent again belongs to batch 0.
+    assert_eq!(last, Ok(rejected(&["3"], NO_EMAIL)));
+    // The retry after the 503 kept the closing request's batch_seq.
+    assert_eq!(
+        graph.replace_sessions(),
+        [(7005, 1, false), (7005, 2, true), (7005, 2, true)]
+    );
+    let statuses: Vec<u16> = graph.received().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [200, 503, 200]);
+    let closing: Value = serde_json::from_str(&graph.received()[2].body).unwrap();
+    assert_eq!(closing["payload"]["data"], json!([[ANN]]));
+    assert_eq!(graph.audience(), emails(&[ANN, BOB]));
+}
+
+#[tokio::test]
+async fn a_replace_with_no_usable_member_fails_permanently_and_leaves_the_audience_as_it_was() {
+    let (graph, url) = start_graph().await;
+    graph.seed(&[ANN, BOB]);
+    let meta = email_only(&url);
+
+    let first = meta
+        .deliver(&replace_batch(7006, 0, 2, 2, vec![unusable("1")]))
+        .await;
+    let last = deliver_with_retries(
+        &meta,
+        &replace_batch(7006, 1, 2, 2, vec![unusable("2")]),
+        &quick_policy(3),
+    )
+    .await;
+
+    assert_eq!(first, Ok(rejected(&["1"], NO_EMAIL)));
+    assert_eq!(
+        last,
+        Err(DeliveryError::Permanent {
+            message: "no member of the replace has a usable identifier (2 members in 2 batches \
+                      for `vip/meta`), so the replace would empty the audience; nothing was \
+                      sent, nothing was replaced and the audience keeps its members. Check the \
+                      activation's `schema` and the identifiers it maps"
+                .into(),
+        })
+    );
+    assert!(graph.received().is_empty());
+    assert_eq!(graph.audience(), emails(&[ANN, BOB]));
+}
+
+#[tokio::test]
+async fn a_replace_whose_every_row_meta_counted_invalid_is_not_closed_with_one_of_them() {
+    let (graph, url) = start_graph().await;
+    graph.seed(&[ANN]);
+    graph.unmatchable.lock().unwrap().insert(BOB.to_owned());
+    let meta = email_only(&url);
+
+    let first = meta
+        .deliver(&replace_batch(7009, 0, 2, 2, vec![person("2", "bob")]))
+        .await;
+    let last = meta
+        .deliver(&replace_batch(7009, 1, 2, 2, vec![unusable("3")]))
+        .await;
+
+    assert_eq!(
+        first,
+        Ok(rejected(
+            &["2"],
+            "Meta counted every row of the request as invalid (1 of 1); check the identifier \
+             mapping in `schema`"
+        ))
+    );
+    assert_eq!(
+        last,
+        Err(DeliveryError::Permanent {
+            message: "Meta counted every row the replace sent as invalid (2 members in 2 batches \
+                      for `vip/meta`), so the replace would empty the audience; its session was \
+                      left unfinished, nothing was replaced and the audience keeps its members. \
+                      Check the activation's `schema` and the identifiers it maps"
+                .into(),
+        })
+    );
+    assert_eq!(graph.replace_sessions(), [(7009, 1, false)]);
+    assert_eq!(graph.audience(), emails(&[ANN]));
+}
+
+#[tokio::test]
+async fn throttling_and_unavailability_on_a_replace_batch_are_retried_like_adds() {
+    let (graph, url) = start_graph().await;
+    graph.seed(&[ANN]);
+    let meta = email_only(&url);
+    let policy = quick_policy(5);
+
+    graph.fail_next([
+        Fault::Throttled {
+            code: 17,
+            minutes: None,
+        },
+        Fault::Unavailable,
+    ]);
+    let first = deliver_with_retries(
+        &meta,
+        &replace_batch(7007, 0, 2, 2, vec![person("2", "bob")]),
+        &policy,
+    )
+    .await;
+    graph.fail_next([Fault::Throttled {
+        code: 80003,
+        minutes: None,
+    }]);
+    let last = deliver_with_retries(
+        &meta,
+        &replace_batch(7007, 1, 2, 2, vec![person("3", "cat")]),
+        &policy,
+    )
+    .await;
+
+    assert_eq!(first, Ok(accepted(&["2"])));
+    assert_eq!(last, Ok(accepted(&["3"])));
+    let statuses: Vec<u16> = graph.received().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [400, 503, 200, 400, 200]);
+    assert_eq!(
+        graph.replace_sessions(),
+        [
+            (7007, 1, false),
+            (7007, 1, false),
+            (7007, 1, false),
+            (7007, 2, true),
+            (7007, 2, true)
+        ]
+    );
+    assert_eq!(graph.audience(), emails(&[BOB, CAT]));
+}
+
+#[tokio::test]
+async fn a_failed_last_batch_is_an_error_and_the_audience_keeps_its_old_members() {
+    let (graph, url) = start_graph().await;
+    graph.seed(&[ANN]);
+    let meta = email_only(&url);
+
+    meta.deliver(&replace_batch(7008, 0, 2, 2, vec![person("2", "bob")]))
+        .await
+        .unwrap();
+    graph.fail_next([Fault::ExpiredToken]);
+    let last = deliver_with_retries(
+        &meta,
+        &replace_batch(7008, 1, 2, 2, vec![person("3", "cat")]),
+        &quick_policy(3),
+    )
+    .await;
+
+    assert_eq!(
+        last,
+        Err(DeliveryError::Auth {
+            message: format!(
+                "{url}/v25.0/{AUDIENCE_ID}/usersreplace answered 400 Bad Request: Error \
+                 validating access token: Session has expired on Thursday, 03-Dec-26. (code \
+                 190, fbtrace_id AbCdEf123); renew the access token"
+            ),
+        })
+    );
+    assert_eq!(graph.audience(), emails(&[ANN]));
+}
+
+#[tokio::test]
+async fn a_replace_session_meta_cannot_take_is_refused_before_anything_is_sent() {
+    let (graph, url) = start_graph().await;
+
+    let outcome = email_only(&url)
+        .deliver(&replace_batch(u64::MAX, 0, 1, 1, vec![person("1", "ann")]))
+        .await;
+
+    assert_eq!(
+        outcome,
+        Err(DeliveryError::Permanent {
+            message: "replace session 18446744073709551615 of `vip/meta` is not a Meta session \
+                      id (1 to 2^63 - 1); nothing was sent"
+                .into(),
+        })
+    );
+    assert!(graph.received().is_empty());
+}
+
+#[test]
+fn a_meta_connection_can_replace_a_whole_audience() {
+    let connection = toml::toml! { access_token_env = "META_TOKEN" };
+    let activation = toml::toml! { audience_id = "23851234567890123" };
+
+    let connector =
+        segmentd_connectors::build("meta", &connection, &activation, &secrets()).unwrap();
+
+    assert!(connector.replaces_lists());
 }
