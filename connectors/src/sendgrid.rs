@@ -192,7 +192,7 @@ struct Prepared<'a> {
 
 /// The upserts of one add batch once SendGrid has queued all of them, kept so that an
 /// attempt of the same batch polls the same jobs rather than upserting again.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct QueuedAdd {
     /// The addresses of the batch, in order, so a different batch under the same identity is
     /// never taken for this one.
@@ -204,12 +204,31 @@ struct QueuedAdd {
 }
 
 /// One import job SendGrid queued.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct ImportJob {
     /// The `job_id` of the 202.
     id: String,
     /// The addresses upserted by it, in order.
     addresses: Vec<String>,
+}
+
+// The addresses stay out of `Debug`, so that printing the connector shows no personal data.
+impl std::fmt::Debug for QueuedAdd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueuedAdd")
+            .field("sent", &self.sent.len())
+            .field("jobs", &self.jobs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for ImportJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImportJob")
+            .field("id", &self.id)
+            .field("addresses", &self.addresses.len())
+            .finish()
+    }
 }
 
 /// What the lookup found for one address.

@@ -1188,6 +1188,7 @@ async fn an_import_job_still_pending_when_the_wait_ends_is_retryable_and_polled_
     let first = connector
         .deliver(&batch(Change::Add, three_members()))
         .await;
+    let remembered = format!("{connector:?}");
     let audience_meanwhile = sendgrid.audience();
     let second = connector
         .deliver(&batch(Change::Add, three_members()))
@@ -1205,6 +1206,9 @@ async fn an_import_job_still_pending_when_the_wait_ends_is_retryable_and_polled_
         })
     );
     assert!(audience_meanwhile.is_empty());
+    // The job waiting for the next attempt is remembered without the addresses it holds.
+    assert!(remembered.contains(job.as_str()), "{remembered}");
+    assert!(!remembered.contains("@example.com"), "{remembered}");
     assert_eq!(second, Ok(accepted(&["1", "2", "3"])));
     // One upsert: the second attempt finds the first one's job completed.
     assert_eq!(
