@@ -1,13 +1,15 @@
 //! The `klaviyo` connector: members of a Klaviyo list, through the revisioned JSON:API.
 //!
 //! This module owns the requests (a bulk profile import job
-//! `POST {base}/api/profile-bulk-import-jobs` that also adds every profile to the list, for
-//! adds; the lookup `GET {base}/api/lists/{list_id}/profiles?filter=any(email,[...])` then
+//! `POST {base}/api/profile-bulk-import-jobs` that also adds every profile to the list, then
+//! the polling of the job `GET {base}/api/profile-bulk-import-jobs/{id}` and the reading of its
+//! `.../{id}/import-errors`, for adds; the lookup
+//! `GET {base}/api/lists/{list_id}/profiles?filter=any(email,[...])` then
 //! `DELETE {base}/api/lists/{list_id}/relationships/profiles` for removes), the headers every
 //! request carries (`Authorization: Klaviyo-API-Key ...`, `revision`, the JSON:API media
 //! type), and the classification of failures, including the wait a 429 asks for in
 //! `Retry-After` or in words. It does not create lists, touch consent or suppressions (the
-//! bulk subscribe endpoint would, so it is not used), poll import jobs, or retry;
+//! bulk subscribe endpoint would, so it is not used), or retry;
 //! [`crate::deliver_with_retries`] retries.
 //!
 //! Adds import profiles by address and relate them to the list, so adding a member twice
@@ -15,27 +17,48 @@
 //! and its consent stay); the list relationship takes profile ids, so addresses are first
 //! looked up among the list's own profiles, at most 100 per lookup, and the ids found are
 //! removed at most 1,000 per request. A member not in the list counts as removed, so removing
-//! twice changes nothing the second time.
+//! twice changes nothing the second time. Removes are answered synchronously (204) and need
+//! no job.
+//!
+//! Import jobs. Klaviyo answers an import with 202 and a job resource and processes it later,
+//! so an add counts only once its job is done: the job is polled every
+//! `poll_interval_seconds`, for at most `job_wait_seconds` per attempt, while it is `queued`
+//! or `processing`, until it is `complete` or `cancelled`.
+//! - A `complete` job with a `failed_count` has its import errors read (following their
+//!   pages): the profiles they name are rejected with the error's title, detail and code
+//!   (blanked of personal data), the others accepted. An import error names a profile by the
+//!   address in its `original_payload` (at its top or under `attributes`), or else by a
+//!   `source.pointer` of `/data/attributes/profiles/data/<index>...` into the job's profiles;
+//!   Klaviyo does not document either shape, so both are read. Profiles counted but not named
+//!   are handled as the `meta` connector handles its counts: when every profile not named must
+//!   be among them, they are all rejected; otherwise they are accepted and the count is
+//!   logged, since which ones failed is not known.
+//! - A `cancelled` job fails the batch as retryable, since Klaviyo gives no reason that would
+//!   make it permanent; the next attempt imports again.
+//! - A job still `queued` or `processing` when the wait runs out fails the attempt as
+//!   retryable. Sending the batch again is safe: an import merges into existing profiles and a
+//!   list holds a profile once. Within one process the next attempt of the same batch polls
+//!   the same jobs instead of importing again; after a restart it imports again.
 //!
 //! Known limits:
-//! - An import job is answered 202 and processed later. The job is not polled: a 202 counts
-//!   every member sent as accepted, and a profile the job refuses (listed only under the
-//!   job's `import-errors`) is not reported as a rejection and does not join the list.
-//! - A profile is only in the list once its import job has run, so a member added and removed
-//!   within moments may be looked up too early, count as removed, and still join the list.
+//! - A job still unfinished when the batch's attempts run out may still be processed later:
+//!   its members then join the list although none counts as added, and a member that leaves
+//!   the segment before a later add is confirmed is not removed.
 //! - On a double opt-in list Klaviyo may hold a profile back until it confirms; membership is
 //!   then not proof of consent, nor consent of membership.
 //!
 //! Addresses travel in clear (Klaviyo does not take hashes), trimmed and lower-cased; error
-//! messages never quote an address.
+//! messages and rejection reasons never quote an address.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
+use tokio::time::Instant;
 
-use crate::http::{self, Secret, quote, redact_addresses};
+use crate::http::{self, Secret, quote, redact, redact_addresses};
 use crate::identifiers;
 use crate::settings::{Place, Problems};
 use crate::{
@@ -49,6 +72,8 @@ const CONNECTION_KEYS: &[&str] = &[
     "revision",
     "batch_size",
     "timeout_seconds",
+    "poll_interval_seconds",
+    "job_wait_seconds",
 ];
 /// Activation keys the Klaviyo connector knows.
 const ACTIVATION_KEYS: &[&str] = &["list_id", "email_identifier"];
@@ -79,6 +104,16 @@ const MAX_TIMEOUT_SECONDS: i64 = 300;
 const DEFAULT_EMAIL_IDENTIFIER: &str = "email";
 /// How much of a successful answer is read at most; a page of 100 profiles is well under this.
 const MAX_ANSWER_BYTES: usize = 4 << 20;
+/// The most pages of a job's import errors read; errors past them count as not named.
+const MAX_IMPORT_ERROR_PAGES: usize = 100;
+/// Seconds between two polls of an import job unless `poll_interval_seconds` says otherwise.
+const DEFAULT_POLL_INTERVAL_SECONDS: i64 = 5;
+/// The largest `poll_interval_seconds` accepted.
+const MAX_POLL_INTERVAL_SECONDS: i64 = 3600;
+/// Seconds one attempt waits for its import jobs unless `job_wait_seconds` says otherwise.
+const DEFAULT_JOB_WAIT_SECONDS: i64 = 300;
+/// The largest `job_wait_seconds` accepted.
+const MAX_JOB_WAIT_SECONDS: i64 = 86_400;
 
 /// Adds and removes members of one Klaviyo list.
 ///
@@ -91,11 +126,14 @@ const MAX_ANSWER_BYTES: usize = 4 << 20;
 ///   `2026-01-15`.
 /// - `batch_size`: members per batch, 1 to 10000, default 1000.
 /// - `timeout_seconds`: per request, 1 to 300, default 60.
+/// - `poll_interval_seconds`: between two polls of an import job, 1 to 3600, default 5.
+/// - `job_wait_seconds`: how long one attempt waits for its import jobs, 1 to 86400, default
+///   300; an attempt that runs out fails as retryable and the next one polls the same jobs.
 ///
 /// Activation settings:
 /// - `list_id` (required): the list's id, letters and digits (such as `Y6nRLr`).
 /// - `email_identifier`: the member identifier holding the e-mail address, default `email`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct KlaviyoConnector {
     /// The HTTP client, with the connection's timeout.
     client: reqwest::Client,
@@ -115,6 +153,13 @@ pub struct KlaviyoConnector {
     email_identifier: String,
     /// Members per batch (`batch_size`).
     batch_size: usize,
+    /// `poll_interval_seconds`.
+    poll_interval: Duration,
+    /// `job_wait_seconds`.
+    job_wait: Duration,
+    /// The import jobs holding every profile of a batch, by batch identity, until they are
+    /// done.
+    jobs: Mutex<BTreeMap<String, QueuedAdd>>,
 }
 
 /// The connection's settings, checked.
@@ -129,6 +174,10 @@ struct ConnectionSettings {
     revision: String,
     /// `batch_size`.
     batch_size: usize,
+    /// `poll_interval_seconds`.
+    poll_interval: Duration,
+    /// `job_wait_seconds`.
+    job_wait: Duration,
 }
 
 /// The activation's settings, checked.
@@ -145,6 +194,45 @@ struct Prepared<'a> {
     key: &'a str,
     /// The trimmed, lower-cased address.
     email: String,
+}
+
+/// The import jobs of one add batch once Klaviyo has accepted all of them, kept so that an
+/// attempt of the same batch polls the same jobs rather than importing again.
+#[derive(Clone)]
+struct QueuedAdd {
+    /// The addresses of the batch, in order, so a different batch under the same identity is
+    /// never taken for this one.
+    sent: Vec<String>,
+    /// The import jobs, each with the addresses it holds.
+    jobs: Vec<ImportJob>,
+}
+
+/// One import job Klaviyo accepted.
+#[derive(Clone)]
+struct ImportJob {
+    /// The job resource's `id`, from the 202.
+    id: String,
+    /// The addresses of its profiles, in the order sent.
+    addresses: Vec<String>,
+}
+
+// The addresses stay out of `Debug`, so that printing the connector shows no personal data.
+impl std::fmt::Debug for QueuedAdd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueuedAdd")
+            .field("sent", &self.sent.len())
+            .field("jobs", &self.jobs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for ImportJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImportJob")
+            .field("id", &self.id)
+            .field("addresses", &self.addresses.len())
+            .finish()
+    }
 }
 
 impl KlaviyoConnector {
@@ -198,6 +286,9 @@ impl KlaviyoConnector {
             revision: connection.revision,
             email_identifier: activation.email_identifier,
             batch_size: connection.batch_size,
+            poll_interval: connection.poll_interval,
+            job_wait: connection.job_wait,
+            jobs: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -208,14 +299,23 @@ impl KlaviyoConnector {
             return Ok(outcome);
         }
         let addresses = distinct_addresses(&members);
-        match batch.change {
-            Change::Add => self.add(&addresses).await?,
-            Change::Remove => self.remove(&addresses).await?,
+        let refused = match batch.change {
+            Change::Add => self.add(batch, &addresses).await?,
+            Change::Remove => {
+                self.remove(&addresses).await?;
+                BTreeMap::new()
+            }
             Change::Replace => return Err(crate::cannot_replace(self.kind())),
+        };
+        for member in &members {
+            match refused.get(member.email.as_str()) {
+                Some(reason) => outcome.rejected.push(Rejection {
+                    key: member.key.to_owned(),
+                    reason: reason.clone(),
+                }),
+                None => outcome.accepted.push(member.key.to_owned()),
+            }
         }
-        outcome
-            .accepted
-            .extend(members.iter().map(|member| member.key.to_owned()));
         Ok(outcome)
     }
 
@@ -254,10 +354,54 @@ impl KlaviyoConnector {
         (members, outcome)
     }
 
-    /// Imports the profiles of `addresses` into the list, in as many jobs as the byte limit
-    /// needs.
-    async fn add(&self, addresses: &[&str]) -> Result<(), DeliveryError> {
-        for chunk in split_by_bytes(addresses, MAX_IMPORT_BYTES) {
+    /// Imports the profiles of `addresses` into the list, waits for the import jobs, and
+    /// returns the addresses Klaviyo refused, each with the reason. An attempt of a batch whose
+    /// jobs an earlier attempt started polls those jobs instead of importing again.
+    async fn add(
+        &self,
+        batch: &Batch,
+        addresses: &[&str],
+    ) -> Result<BTreeMap<String, String>, DeliveryError> {
+        let identity = batch_identity(batch);
+        let sent: Vec<String> = addresses.iter().map(|email| email.to_string()).collect();
+        let queued = match self.known_add(&identity, &sent) {
+            Some(queued) => {
+                tracing::debug!(
+                    activation = %batch.activation,
+                    change = batch.change.as_str(),
+                    sequence = batch.sequence,
+                    jobs = queued.jobs.len(),
+                    "polling the klaviyo import jobs of an earlier attempt"
+                );
+                queued
+            }
+            None => {
+                let queued = self.import_all(sent).await?;
+                self.jobs
+                    .lock()
+                    .expect("the job table is never poisoned")
+                    .insert(identity.clone(), queued.clone());
+                queued
+            }
+        };
+
+        let mut refused = BTreeMap::new();
+        for job in &queued.jobs {
+            let in_job = self
+                .wait_for_job(batch, &identity, job)
+                .await
+                .inspect_err(|error| self.forget_unless_retryable(&identity, error))?;
+            refused.extend(in_job);
+        }
+        self.forget_add(&identity);
+        Ok(refused)
+    }
+
+    /// Starts one import job per run of `sent` the byte limit allows.
+    async fn import_all(&self, sent: Vec<String>) -> Result<QueuedAdd, DeliveryError> {
+        let addresses: Vec<&str> = sent.iter().map(String::as_str).collect();
+        let mut jobs = Vec::new();
+        for chunk in split_by_bytes(&addresses, MAX_IMPORT_BYTES) {
             let body = serde_json::json!({
                 "data": {
                     "type": "profile-bulk-import-job",
@@ -280,16 +424,202 @@ impl KlaviyoConnector {
             let answer = self
                 .request(Method::POST, self.import_url.clone(), Some(&body))
                 .await?;
-            let job: JobAnswer =
-                serde_json::from_slice(&answer).map_err(|error| DeliveryError::Retryable {
-                    message: format!(
-                        "{} answered without a readable import job: {error}",
-                        self.import_url
-                    ),
+            let job = serde_json::from_slice::<JobAnswer>(&answer)
+                .ok()
+                .map(|job| job.data.id)
+                .filter(|id| !id.is_empty())
+                .ok_or_else(|| DeliveryError::Retryable {
+                    message: format!("{} answered without an import job id", self.import_url),
                 })?;
-            tracing::debug!(job_id = %job.data.id, profiles = chunk.len(), "klaviyo queued an import job");
+            tracing::debug!(job_id = %job, profiles = chunk.len(), "klaviyo queued an import job");
+            jobs.push(ImportJob {
+                id: job,
+                addresses: chunk.iter().map(|email| email.to_string()).collect(),
+            });
         }
-        Ok(())
+        Ok(QueuedAdd { sent, jobs })
+    }
+
+    /// Polls `job` until it is done or `job_wait` has passed, and returns the addresses it
+    /// refused, each with the reason.
+    async fn wait_for_job(
+        &self,
+        batch: &Batch,
+        identity: &str,
+        job: &ImportJob,
+    ) -> Result<BTreeMap<String, String>, DeliveryError> {
+        let deadline = Instant::now() + self.job_wait;
+        loop {
+            let state = self.job_state(identity, &job.id).await?;
+            match state.status.as_str() {
+                "complete" => return self.job_refusals(batch, job, &state).await,
+                "cancelled" => {
+                    // The next attempt imports again rather than polling a job that is over.
+                    self.forget_add(identity);
+                    return Err(DeliveryError::Retryable {
+                        message: format!(
+                            "Klaviyo import job {} was cancelled; sending the batch again is \
+                             safe, as an import merges into existing profiles and a list holds a \
+                             profile once",
+                            job.id
+                        ),
+                    });
+                }
+                _ => {}
+            }
+            if Instant::now() + self.poll_interval > deadline {
+                return Err(DeliveryError::Retryable {
+                    message: format!(
+                        "Klaviyo import job {} is still {} after {} s; sending the batch again \
+                         is safe, as an import merges into existing profiles and a list holds a \
+                         profile once, and the next attempt in this process polls the same job",
+                        job.id,
+                        shown_status(&state.status),
+                        self.job_wait.as_secs()
+                    ),
+                });
+            }
+            tokio::time::sleep(self.poll_interval).await;
+        }
+    }
+
+    /// The attributes of the import job `id`.
+    async fn job_state(&self, identity: &str, id: &str) -> Result<JobAttributes, DeliveryError> {
+        let url = self.job_url(id, None);
+        let shown = shown(&url);
+        let (status, headers, body) = self.exchange(Method::GET, url, None).await?;
+        if status.is_success() {
+            return serde_json::from_slice::<JobResource>(&body)
+                .map(|job| job.data.attributes)
+                .map_err(|error| DeliveryError::Retryable {
+                    message: format!("{shown} answered {status} with an unreadable job: {error}"),
+                });
+        }
+        if status == StatusCode::NOT_FOUND {
+            // A job that cannot be found is not polled again; the next attempt imports anew.
+            self.forget_add(identity);
+            return Err(DeliveryError::Retryable {
+                message: format!(
+                    "{shown} answered {status}: Klaviyo does not know import job {id}; sending \
+                     the batch again is safe, as an import merges into existing profiles and a \
+                     list holds a profile once"
+                ),
+            });
+        }
+        Err(classify_failure(
+            status,
+            &headers,
+            &body,
+            &shown,
+            SystemTime::now(),
+        ))
+    }
+
+    /// The addresses a complete `job` refused, with the reason: those its import errors name,
+    /// and those its `failed_count` must include (see the module documentation).
+    async fn job_refusals(
+        &self,
+        batch: &Batch,
+        job: &ImportJob,
+        state: &JobAttributes,
+    ) -> Result<BTreeMap<String, String>, DeliveryError> {
+        let failed = state.failed_count.unwrap_or(0);
+        if failed == 0 {
+            return Ok(BTreeMap::new());
+        }
+        let named = self.import_errors(batch, job).await?;
+        let settled = settle(job, failed, named);
+        if settled.unnamed > 0 {
+            tracing::warn!(
+                activation = %batch.activation,
+                change = batch.change.as_str(),
+                sequence = batch.sequence,
+                job_id = %job.id,
+                profiles = job.addresses.len(),
+                failed,
+                unnamed = settled.unnamed,
+                "a klaviyo import job refused profiles without naming them all; counting those \
+                 not named as accepted"
+            );
+        }
+        Ok(settled.refused)
+    }
+
+    /// The addresses of `job` its import errors name, each with the reason, read page after
+    /// page up to [`MAX_IMPORT_ERROR_PAGES`].
+    async fn import_errors(
+        &self,
+        batch: &Batch,
+        job: &ImportJob,
+    ) -> Result<BTreeMap<String, String>, DeliveryError> {
+        let known = http::identifier_values(batch);
+        let first = self.job_url(&job.id, Some("import-errors"));
+        let shown = shown(&first);
+        let mut named = BTreeMap::new();
+        let mut next = Some(first);
+        for _ in 0..MAX_IMPORT_ERROR_PAGES {
+            let Some(url) = next.take() else { break };
+            let answer = self.request(Method::GET, url, None).await?;
+            let page: ImportErrorPage =
+                serde_json::from_slice(&answer).map_err(|error| DeliveryError::Retryable {
+                    message: format!("{shown} answered with an unreadable page of errors: {error}"),
+                })?;
+            for error in page.data {
+                if let Some(address) = error.attributes.names(&job.addresses) {
+                    let reason = format!(
+                        "Klaviyo's import job refused the profile: {}",
+                        error.attributes.describe(&known)
+                    );
+                    named.entry(address.to_owned()).or_insert(reason);
+                }
+            }
+            // The key is only ever sent to the configured host, whatever a link names.
+            next = page
+                .links
+                .next
+                .and_then(|link| Url::parse(&link).ok())
+                .filter(|link| link.origin() == self.import_url.origin());
+        }
+        Ok(named)
+    }
+
+    /// `{base}/api/profile-bulk-import-jobs/{id}`, or its `part` below it.
+    fn job_url(&self, id: &str, part: Option<&str>) -> Url {
+        let mut url = self.import_url.clone();
+        {
+            let mut segments = url
+                .path_segments_mut()
+                .expect("an http URL has path segments");
+            segments.push(id);
+            if let Some(part) = part {
+                segments.push(part);
+            }
+        }
+        url
+    }
+
+    /// The jobs an earlier attempt of this batch started, if any, and only if it sent the
+    /// same addresses.
+    fn known_add(&self, identity: &str, sent: &[String]) -> Option<QueuedAdd> {
+        let jobs = self.jobs.lock().expect("the job table is never poisoned");
+        jobs.get(identity)
+            .filter(|queued| queued.sent == sent)
+            .cloned()
+    }
+
+    /// Forgets the batch's jobs after a failure that sending again will not cure, so that a
+    /// later delivery of the batch starts afresh.
+    fn forget_unless_retryable(&self, identity: &str, error: &DeliveryError) {
+        if !error.is_retryable() {
+            self.forget_add(identity);
+        }
+    }
+
+    fn forget_add(&self, identity: &str) {
+        self.jobs
+            .lock()
+            .expect("the job table is never poisoned")
+            .remove(identity);
     }
 
     /// Takes the profiles of `addresses` out of the list: up to 1,000 addresses are looked up
@@ -366,6 +696,28 @@ impl KlaviyoConnector {
         body: Option<&serde_json::Value>,
     ) -> Result<Vec<u8>, DeliveryError> {
         let shown = shown(&url);
+        let (status, headers, body) = self.exchange(method, url, body).await?;
+        if status.is_success() {
+            return Ok(body);
+        }
+        Err(classify_failure(
+            status,
+            &headers,
+            &body,
+            &shown,
+            SystemTime::now(),
+        ))
+    }
+
+    /// Sends one request with Klaviyo's headers and returns the answer's status, headers and
+    /// the start of its body; only a transport failure is an error.
+    async fn exchange(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(StatusCode, HeaderMap, Vec<u8>), DeliveryError> {
+        let shown = shown(&url);
         let mut request = self
             .client
             .request(method.clone(), url)
@@ -388,16 +740,7 @@ impl KlaviyoConnector {
         let status = response.status();
         let headers = response.headers().clone();
         let body = http::body_start(response, MAX_ANSWER_BYTES).await;
-        if status.is_success() {
-            return Ok(body);
-        }
-        Err(classify_failure(
-            status,
-            &headers,
-            &body,
-            &shown,
-            SystemTime::now(),
-        ))
+        Ok((status, headers, body))
     }
 }
 
@@ -419,6 +762,119 @@ impl Connector for KlaviyoConnector {
 #[derive(serde::Deserialize)]
 struct JobAnswer {
     data: Resource,
+}
+
+/// An import job, as polled: `{"data": {"type", "id", "attributes": {...}}}`.
+#[derive(serde::Deserialize)]
+struct JobResource {
+    data: JobData,
+}
+
+/// The job resource itself.
+#[derive(serde::Deserialize)]
+struct JobData {
+    #[serde(default)]
+    attributes: JobAttributes,
+}
+
+/// The attributes of an import job this connector reads.
+#[derive(Debug, Default, serde::Deserialize)]
+struct JobAttributes {
+    /// `queued`, `processing`, `complete` or `cancelled`.
+    #[serde(default)]
+    status: String,
+    /// The profiles the job refused; Klaviyo may leave it null.
+    #[serde(default)]
+    failed_count: Option<u64>,
+}
+
+/// A page of a job's import errors: `{"data": [{"type": "import-error", ...}], "links"}`.
+#[derive(serde::Deserialize)]
+struct ImportErrorPage {
+    #[serde(default)]
+    data: Vec<ImportError>,
+    #[serde(default)]
+    links: PageLinks,
+}
+
+/// One import error resource.
+#[derive(serde::Deserialize)]
+struct ImportError {
+    #[serde(default)]
+    attributes: ImportErrorAttributes,
+}
+
+/// What an import error says.
+#[derive(Debug, Default, serde::Deserialize)]
+struct ImportErrorAttributes {
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    title: String,
+    #[serde(default)]
+    detail: String,
+    #[serde(default)]
+    source: Option<ErrorSource>,
+    /// The profile as it was sent, in a shape Klaviyo does not document.
+    #[serde(default)]
+    original_payload: Option<serde_json::Value>,
+}
+
+/// Where in the request an error lies.
+#[derive(Debug, Default, serde::Deserialize)]
+struct ErrorSource {
+    #[serde(default)]
+    pointer: Option<String>,
+}
+
+impl ImportErrorAttributes {
+    /// The address among `addresses` (a job's, in the order sent) this error is about: the
+    /// `email` of its original payload, at its top or under `attributes`, or else the profile
+    /// its pointer `/data/attributes/profiles/data/<index>...` designates.
+    fn names<'a>(&self, addresses: &'a [String]) -> Option<&'a str> {
+        let payload = self.original_payload.as_ref();
+        let email = payload
+            .and_then(|payload| {
+                payload
+                    .get("email")
+                    .or_else(|| payload.get("attributes")?.get("email"))
+            })
+            .and_then(serde_json::Value::as_str)
+            .map(|email| email.trim().to_lowercase());
+        if let Some(email) = email {
+            return addresses
+                .iter()
+                .find(|address| **address == email)
+                .map(String::as_str);
+        }
+        let index = self
+            .source
+            .as_ref()?
+            .pointer
+            .as_deref()?
+            .strip_prefix("/data/attributes/profiles/data/")?
+            .split('/')
+            .next()?
+            .parse::<usize>()
+            .ok()?;
+        addresses.get(index).map(String::as_str)
+    }
+
+    /// `Title: detail (code)`, blanked of personal data and of the batch's identifier values
+    /// (`known`).
+    fn describe(&self, known: &[&str]) -> String {
+        let text = match (self.title.is_empty(), self.detail.is_empty()) {
+            (false, false) => format!("{}: {}", self.title, self.detail),
+            (false, true) => self.title.clone(),
+            (true, false) => self.detail.clone(),
+            (true, true) => "no reason given".to_owned(),
+        };
+        let text = redact(&text, known);
+        match self.code.is_empty() {
+            true => quote(&text),
+            false => quote(&format!("{text} ({})", redact(&self.code, known))),
+        }
+    }
 }
 
 /// A JSON:API resource's identity.
@@ -500,6 +956,76 @@ fn wait_in_words(text: &str) -> Option<Duration> {
         return None;
     }
     Some(Duration::from_secs(digits.parse().unwrap_or(u64::MAX)))
+}
+
+/// A job status fit for a message: Klaviyo's word when it is one, `unfinished` otherwise.
+fn shown_status(status: &str) -> &str {
+    let word = !status.is_empty()
+        && status.len() <= 32
+        && status
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if word { status } else { "unfinished" }
+}
+
+/// What a complete job's refusals come to.
+#[derive(Debug, PartialEq, Eq)]
+struct Settled {
+    /// The addresses refused, with the reason.
+    refused: BTreeMap<String, String>,
+    /// How many refused profiles are neither named nor rejected: their members count as
+    /// accepted, as which they are is not known.
+    unnamed: u64,
+}
+
+/// The refusals of `job`, which counted `failed` profiles and named those in `named`. When
+/// the profiles it did not name must all be among those counted, they are refused too;
+/// otherwise they are left accepted and the shortfall is reported.
+fn settle(job: &ImportJob, failed: u64, mut named: BTreeMap<String, String>) -> Settled {
+    let in_job: BTreeSet<&str> = job.addresses.iter().map(String::as_str).collect();
+    named.retain(|address, _| in_job.contains(address.as_str()));
+    let unnamed = failed.saturating_sub(named.len() as u64);
+    let rest: Vec<&String> = job
+        .addresses
+        .iter()
+        .filter(|address| !named.contains_key(address.as_str()))
+        .collect();
+    if unnamed == 0 || rest.is_empty() {
+        return Settled {
+            refused: named,
+            unnamed: 0,
+        };
+    }
+    if unnamed < rest.len() as u64 {
+        return Settled {
+            refused: named,
+            unnamed,
+        };
+    }
+    let reason = format!(
+        "Klaviyo's import job {} counted {failed} of its {} profiles as failed without naming \
+         them all; this one is among them",
+        job.id,
+        job.addresses.len()
+    );
+    for address in rest {
+        named.insert(address.clone(), reason.clone());
+    }
+    Settled {
+        refused: named,
+        unnamed: 0,
+    }
+}
+
+/// `run_id`, activation, change and sequence, the identity of a batch.
+fn batch_identity(batch: &Batch) -> String {
+    format!(
+        "{}\n{}\n{}\n{}",
+        batch.run_id,
+        batch.activation,
+        batch.change.as_str(),
+        batch.sequence
+    )
 }
 
 /// `url` without its query, which may hold addresses, for messages.
@@ -653,8 +1179,25 @@ fn read_connection(
             1..=MAX_TIMEOUT_SECONDS,
         )
         .unwrap_or(DEFAULT_TIMEOUT_SECONDS);
+    let poll_interval_seconds = problems
+        .integer(
+            table,
+            Place::Connection,
+            "poll_interval_seconds",
+            1..=MAX_POLL_INTERVAL_SECONDS,
+        )
+        .unwrap_or(DEFAULT_POLL_INTERVAL_SECONDS);
+    let job_wait_seconds = problems
+        .integer(
+            table,
+            Place::Connection,
+            "job_wait_seconds",
+            1..=MAX_JOB_WAIT_SECONDS,
+        )
+        .unwrap_or(DEFAULT_JOB_WAIT_SECONDS);
 
-    let timeout = Duration::from_secs(u64::try_from(timeout_seconds).expect("within 1..=300"));
+    let seconds = |value: i64| Duration::from_secs(u64::try_from(value).expect("at least 1"));
+    let timeout = seconds(timeout_seconds);
     let client = match http::client(timeout) {
         Ok(client) => Some(client),
         Err(error) => {
@@ -671,6 +1214,8 @@ fn read_connection(
         api_key: Secret(api_key?),
         revision: revision?,
         batch_size: usize::try_from(batch_size).expect("within 1..=10000"),
+        poll_interval: seconds(poll_interval_seconds),
+        job_wait: seconds(job_wait_seconds),
     })
 }
 
@@ -796,6 +1341,64 @@ mod tests {
 
         assert_eq!(two_a_request, [&addresses[..2], &addresses[2..]].to_vec());
         assert_eq!(all_at_once, [&addresses[..]].to_vec());
+    }
+
+    #[test]
+    fn an_import_error_names_a_profile_by_its_original_payload_or_else_its_pointer() {
+        let sent = ["ann@example.com".to_owned(), "bob@example.com".to_owned()];
+        let error = |json: serde_json::Value| -> ImportErrorAttributes {
+            serde_json::from_value(json).unwrap()
+        };
+        let flat = error(serde_json::json!({"original_payload": {"email": " Bob@Example.com"}}));
+        let resource = error(serde_json::json!({
+            "original_payload": {"type": "profile", "attributes": {"email": "ann@example.com"}}
+        }));
+        let pointer = error(serde_json::json!({
+            "source": {"pointer": "/data/attributes/profiles/data/1/attributes/email"},
+            "original_payload": null,
+        }));
+        let elsewhere = error(serde_json::json!({
+            "source": {"pointer": "/data/attributes/profiles/data/7"},
+            "original_payload": {"email": "zed@example.com"},
+        }));
+
+        assert_eq!(flat.names(&sent), Some("bob@example.com"));
+        assert_eq!(resource.names(&sent), Some("ann@example.com"));
+        assert_eq!(pointer.names(&sent), Some("bob@example.com"));
+        assert_eq!(elsewhere.names(&sent), None);
+        assert_eq!(
+            error(serde_json::json!({"code": "invalid", "detail": "Bob@Example.com is bad"}))
+                .describe(&[" Bob@Example.com "]),
+            "<member> is bad (invalid)"
+        );
+    }
+
+    #[test]
+    fn profiles_counted_but_not_named_are_refused_only_when_they_must_all_be() {
+        let job = ImportJob {
+            id: "j1".into(),
+            addresses: vec!["a@x.io".into(), "b@x.io".into(), "c@x.io".into()],
+        };
+        let named = BTreeMap::from([("a@x.io".to_owned(), "named".to_owned())]);
+
+        let one_unnamed = settle(&job, 2, named.clone());
+        let all_failed = settle(&job, 3, named.clone());
+
+        assert_eq!(
+            one_unnamed,
+            Settled {
+                refused: named,
+                unnamed: 1
+            }
+        );
+        assert_eq!(all_failed.unnamed, 0);
+        assert_eq!(all_failed.refused["a@x.io"], "named");
+        assert_eq!(
+            all_failed.refused["b@x.io"],
+            "Klaviyo's import job j1 counted 3 of its 3 profiles as failed without naming them \
+             all; this one is among them"
+        );
+        assert_eq!(all_failed.refused.len(), 3);
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! The `sendgrid` connector: members of a Twilio SendGrid Marketing Campaigns list.
 //!
 //! This module owns the requests (upsert `PUT {base}/v3/marketing/contacts` with the list in
-//! `list_ids` for adds; lookup `POST {base}/v3/marketing/contacts/search/emails` then
+//! `list_ids`, then the polling of its import job `GET {base}/v3/marketing/contacts/imports/{id}`
+//! and the reading of the job's errors file, for adds; lookup
+//! `POST {base}/v3/marketing/contacts/search/emails` then
 //! `DELETE {base}/v3/marketing/lists/{list_id}/contacts?contact_ids=...` for removes), the
-//! reading of per-member refusals out of SendGrid's validation errors, and the classification
-//! of failures, including the wait `Retry-After` or `X-RateLimit-Reset` asks for. It does not
-//! create lists, delete contacts, poll import jobs or retry; [`crate::deliver_with_retries`]
+//! reading of per-member refusals out of SendGrid's validation errors and import jobs, and the
+//! classification of failures, including the wait `Retry-After` or `X-RateLimit-Reset` asks
+//! for. It does not create lists, delete contacts or retry; [`crate::deliver_with_retries`]
 //! retries.
 //!
 //! Adds upsert contacts by address and add them to the list, so adding a member twice leaves
@@ -14,16 +16,41 @@
 //! per search. A member SendGrid does not know, or whose contact is not in the list, counts as
 //! removed, so removing twice changes nothing the second time.
 //!
+//! Import jobs. SendGrid answers an upsert with 202 and a `job_id` and applies it later, so an
+//! add counts only once its job has finished: the job is polled every
+//! `poll_interval_seconds`, for at most `job_wait_seconds` per attempt, until it is
+//! `completed`, `errored` (finished, some contacts refused) or `failed` (all refused, or
+//! nothing processable).
+//! - A finished job's refused contacts are rejected and the others accepted. SendGrid counts
+//!   them (`errored_count`) and lists them in a file at `errors_url`, whose layout it does not
+//!   document; the connector reads the file as CSV and takes a row that holds exactly one of
+//!   the job's addresses in a field as naming that contact, its other fields (blanked of
+//!   personal data) as the reason. Contacts counted but not named are handled as the `meta`
+//!   connector handles its counts: when every contact not named must be among them, they are
+//!   all rejected; otherwise they are accepted and the count is logged, since which ones
+//!   failed is not known. The file is fetched with the API key only from the configured host;
+//!   from another host only over HTTPS and without the key.
+//! - A `failed` job fails the batch as retryable, since SendGrid gives no reason that would
+//!   make it permanent; the next attempt sends the batch again.
+//! - A job still `pending` when the wait runs out fails the attempt as retryable. Sending the
+//!   batch again is safe: upserts and list adds are idempotent. Within one process the next
+//!   attempt of the same batch polls the same jobs instead of upserting again; after a
+//!   restart it upserts again.
+//!
 //! Known limits:
-//! - SendGrid answers both writes with 202 and a `job_id` and applies them later. The job is
-//!   not polled: a 202 counts every member sent as accepted, and a row the job later refuses
-//!   (listed only in the job's `errors_url`) is not reported as a rejection.
-//! - A contact is only found by the lookup once its upsert job has finished, so a member added
-//!   and removed within moments may be looked up too early, count as removed, and still join
-//!   the list when the upsert job completes.
+//! - Removals are answered 202 with a `job_id` too, but whether the import status endpoint
+//!   reports list-removal jobs is not confirmed (its documentation names upsert, import and
+//!   contact deletion jobs). Removal jobs are therefore not polled: a 202 counts every member
+//!   whose contact was taken out as removed.
+//! - A job still pending when the batch's attempts run out may still be applied by SendGrid
+//!   later: its members then join the list although none counts as added, and a member that
+//!   leaves the segment before a later add is confirmed is not removed.
+//! - A contact is only found by the lookup once its upsert job has finished. Adds wait for
+//!   that, but a contact upserted moments ago by another client may be looked up too early,
+//!   count as removed, and still join the list when its job completes.
 //! - SendGrid updates an existing contact only when every identifier it holds is sent; adds
 //!   send the address alone, so a contact that also carries another identifier (phone,
-//!   external id) may be refused by the job.
+//!   external id) may be refused by the job, and is then rejected.
 //!
 //! A validation refusal (400) of an upsert that names contacts by `contacts[<index>]` rejects
 //! those members and sends the others again in the same call; one that names none fails the
@@ -32,12 +59,14 @@
 //! lower-cased; rejection reasons and error messages never quote an address.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reqwest::header::HeaderMap;
 use reqwest::{StatusCode, Url};
+use tokio::time::Instant;
 
-use crate::http::{self, Secret, quote, redact_addresses};
+use crate::http::{self, Secret, quote, redact, redact_addresses};
 use crate::identifiers;
 use crate::settings::{Place, Problems};
 use crate::{
@@ -45,7 +74,14 @@ use crate::{
 };
 
 /// Connection keys the SendGrid connector knows.
-const CONNECTION_KEYS: &[&str] = &["api_key_env", "base_url", "batch_size", "timeout_seconds"];
+const CONNECTION_KEYS: &[&str] = &[
+    "api_key_env",
+    "base_url",
+    "batch_size",
+    "timeout_seconds",
+    "poll_interval_seconds",
+    "job_wait_seconds",
+];
 /// Activation keys the SendGrid connector knows.
 const ACTIVATION_KEYS: &[&str] = &["list_id", "email_identifier"];
 /// The SendGrid API host (EU-pinned accounts use `https://api.eu.sendgrid.com`).
@@ -67,6 +103,16 @@ const MAX_TIMEOUT_SECONDS: i64 = 300;
 const DEFAULT_EMAIL_IDENTIFIER: &str = "email";
 /// How much of a successful answer is read at most; a 100-address lookup is well under this.
 const MAX_ANSWER_BYTES: usize = 4 << 20;
+/// How much of an import job's errors file is read at most; rows past it count as not named.
+const MAX_ERRORS_FILE_BYTES: usize = 32 << 20;
+/// Seconds between two polls of an import job unless `poll_interval_seconds` says otherwise.
+const DEFAULT_POLL_INTERVAL_SECONDS: i64 = 5;
+/// The largest `poll_interval_seconds` accepted.
+const MAX_POLL_INTERVAL_SECONDS: i64 = 3600;
+/// Seconds one attempt waits for its import jobs unless `job_wait_seconds` says otherwise.
+const DEFAULT_JOB_WAIT_SECONDS: i64 = 300;
+/// The largest `job_wait_seconds` accepted.
+const MAX_JOB_WAIT_SECONDS: i64 = 86_400;
 
 /// Adds and removes members of one SendGrid Marketing Campaigns list.
 ///
@@ -76,11 +122,14 @@ const MAX_ANSWER_BYTES: usize = 4 << 20;
 /// - `base_url`: the API host, default `https://api.sendgrid.com`.
 /// - `batch_size`: members per batch, 1 to 30000, default 10000.
 /// - `timeout_seconds`: per request, 1 to 300, default 60.
+/// - `poll_interval_seconds`: between two polls of an import job, 1 to 3600, default 5.
+/// - `job_wait_seconds`: how long one attempt waits for its import jobs, 1 to 86400, default
+///   300; an attempt that runs out fails as retryable and the next one polls the same jobs.
 ///
 /// Activation settings:
 /// - `list_id` (required): the list's id, a UUID.
 /// - `email_identifier`: the member identifier holding the e-mail address, default `email`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SendgridConnector {
     /// The HTTP client, with the connection's timeout.
     client: reqwest::Client,
@@ -90,6 +139,8 @@ pub struct SendgridConnector {
     search_url: Url,
     /// `{base}/v3/marketing/lists/{list_id}/contacts`, the removal endpoint.
     list_contacts_url: Url,
+    /// `{base}/v3/marketing/contacts/imports`, under which each import job's status is read.
+    imports_url: Url,
     /// The list's id, as sent in `list_ids`.
     list_id: String,
     /// The API key, sent as a bearer token.
@@ -98,6 +149,13 @@ pub struct SendgridConnector {
     email_identifier: String,
     /// Members per batch (`batch_size`).
     batch_size: usize,
+    /// `poll_interval_seconds`.
+    poll_interval: Duration,
+    /// `job_wait_seconds`.
+    job_wait: Duration,
+    /// The import jobs holding every upsert of a batch, by batch identity, until they are
+    /// done.
+    jobs: Mutex<BTreeMap<String, QueuedAdd>>,
 }
 
 /// The connection's settings, checked.
@@ -110,6 +168,10 @@ struct ConnectionSettings {
     api_key: Secret,
     /// `batch_size`.
     batch_size: usize,
+    /// `poll_interval_seconds`.
+    poll_interval: Duration,
+    /// `job_wait_seconds`.
+    job_wait: Duration,
 }
 
 /// The activation's settings, checked.
@@ -126,6 +188,47 @@ struct Prepared<'a> {
     key: &'a str,
     /// The trimmed, lower-cased address.
     email: String,
+}
+
+/// The upserts of one add batch once SendGrid has queued all of them, kept so that an
+/// attempt of the same batch polls the same jobs rather than upserting again.
+#[derive(Clone)]
+struct QueuedAdd {
+    /// The addresses of the batch, in order, so a different batch under the same identity is
+    /// never taken for this one.
+    sent: Vec<String>,
+    /// The addresses a validation refusal named, with the reason; they are in no job.
+    refused: BTreeMap<String, String>,
+    /// The import jobs, each with the addresses it holds.
+    jobs: Vec<ImportJob>,
+}
+
+/// One import job SendGrid queued.
+#[derive(Clone)]
+struct ImportJob {
+    /// The `job_id` of the 202.
+    id: String,
+    /// The addresses upserted by it, in order.
+    addresses: Vec<String>,
+}
+
+// The addresses stay out of `Debug`, so that printing the connector shows no personal data.
+impl std::fmt::Debug for QueuedAdd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueuedAdd")
+            .field("sent", &self.sent.len())
+            .field("jobs", &self.jobs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for ImportJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImportJob")
+            .field("id", &self.id)
+            .field("addresses", &self.addresses.len())
+            .finish()
+    }
 }
 
 /// What the lookup found for one address.
@@ -184,11 +287,15 @@ impl SendgridConnector {
             contacts_url: endpoint(&["v3", "marketing", "contacts"]),
             search_url: endpoint(&["v3", "marketing", "contacts", "search", "emails"]),
             list_contacts_url: endpoint(&["v3", "marketing", "lists", list_id, "contacts"]),
+            imports_url: endpoint(&["v3", "marketing", "contacts", "imports"]),
             client: connection.client,
             list_id: activation.list_id,
             api_key: connection.api_key,
             email_identifier: activation.email_identifier,
             batch_size: connection.batch_size,
+            poll_interval: connection.poll_interval,
+            job_wait: connection.job_wait,
+            jobs: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -199,7 +306,7 @@ impl SendgridConnector {
             return Ok(outcome);
         }
         let sent = match batch.change {
-            Change::Add => self.add(&members).await?,
+            Change::Add => self.add(batch, &members).await?,
             Change::Remove => self.remove(&members).await?,
             Change::Replace => return Err(crate::cannot_replace(self.kind())),
         };
@@ -243,25 +350,46 @@ impl SendgridConnector {
         (members, outcome)
     }
 
-    /// Upserts the members' contacts into the list, in as many requests as the byte limit
-    /// needs, and drops the members a validation refusal names before sending the rest again.
-    async fn add(&self, members: &[Prepared<'_>]) -> Result<Outcome, DeliveryError> {
-        let addresses: Vec<&str> = distinct_addresses(members);
-        let mut refused: BTreeMap<&str, String> = BTreeMap::new();
-        for chunk in split_by_bytes(&addresses, MAX_UPSERT_BYTES) {
-            let mut pending: Vec<&str> = chunk.to_vec();
-            while !pending.is_empty() {
-                match self.upsert(&pending).await? {
-                    Upserted::Queued => break,
-                    Upserted::Refused(rows) => {
-                        for (index, reason) in rows {
-                            refused.insert(pending[index], reason);
-                        }
-                        pending.retain(|email| !refused.contains_key(email));
-                    }
-                }
+    /// Upserts the members' contacts into the list, waits for the import jobs, and rejects
+    /// the members SendGrid refused, at the upsert or in a job. An attempt of a batch whose
+    /// upserts an earlier attempt queued polls those jobs instead of upserting again.
+    async fn add(&self, batch: &Batch, members: &[Prepared<'_>]) -> Result<Outcome, DeliveryError> {
+        let identity = batch_identity(batch);
+        let sent: Vec<String> = distinct_addresses(members)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let queued = match self.known_add(&identity, &sent) {
+            Some(queued) => {
+                tracing::debug!(
+                    activation = %batch.activation,
+                    change = batch.change.as_str(),
+                    sequence = batch.sequence,
+                    jobs = queued.jobs.len(),
+                    "polling the sendgrid import jobs of an earlier attempt"
+                );
+                queued
             }
+            None => {
+                let queued = self.upsert_all(sent).await?;
+                self.jobs
+                    .lock()
+                    .expect("the job table is never poisoned")
+                    .insert(identity.clone(), queued.clone());
+                queued
+            }
+        };
+
+        let mut refused = queued.refused;
+        for job in &queued.jobs {
+            let in_job = self
+                .wait_for_job(batch, &identity, job)
+                .await
+                .inspect_err(|error| self.forget_unless_retryable(&identity, error))?;
+            refused.extend(in_job);
         }
+        self.forget_add(&identity);
+
         let mut outcome = Outcome::default();
         for member in members {
             match refused.get(member.email.as_str()) {
@@ -273,6 +401,263 @@ impl SendgridConnector {
             }
         }
         Ok(outcome)
+    }
+
+    /// Upserts `sent` into the list, in as many requests as the byte limit needs, and drops
+    /// the addresses a validation refusal names before sending the rest again.
+    async fn upsert_all(&self, sent: Vec<String>) -> Result<QueuedAdd, DeliveryError> {
+        let addresses: Vec<&str> = sent.iter().map(String::as_str).collect();
+        let mut refused: BTreeMap<String, String> = BTreeMap::new();
+        let mut jobs = Vec::new();
+        for chunk in split_by_bytes(&addresses, MAX_UPSERT_BYTES) {
+            let mut pending: Vec<&str> = chunk.to_vec();
+            while !pending.is_empty() {
+                match self.upsert(&pending).await? {
+                    Upserted::Queued(id) => {
+                        jobs.push(ImportJob {
+                            id,
+                            addresses: pending.iter().map(|email| email.to_string()).collect(),
+                        });
+                        break;
+                    }
+                    Upserted::Refused(rows) => {
+                        for (index, reason) in rows {
+                            refused.insert(pending[index].to_owned(), reason);
+                        }
+                        pending.retain(|email| !refused.contains_key(*email));
+                    }
+                }
+            }
+        }
+        Ok(QueuedAdd {
+            sent,
+            refused,
+            jobs,
+        })
+    }
+
+    /// Polls `job` until it has finished or `job_wait` has passed, and returns the addresses
+    /// it refused, each with the reason.
+    async fn wait_for_job(
+        &self,
+        batch: &Batch,
+        identity: &str,
+        job: &ImportJob,
+    ) -> Result<BTreeMap<String, String>, DeliveryError> {
+        let deadline = Instant::now() + self.job_wait;
+        loop {
+            let status = self.job_status(identity, &job.id).await?;
+            match status.status.as_str() {
+                "completed" | "errored" => return self.job_refusals(batch, job, &status).await,
+                "failed" => {
+                    // The next attempt upserts again rather than polling a job that is over.
+                    self.forget_add(identity);
+                    let results = status.results.unwrap_or_default();
+                    let counts = match results.requested_count {
+                        0 => String::new(),
+                        requested => {
+                            format!(
+                                " ({} of {requested} contacts errored)",
+                                results.errored_count
+                            )
+                        }
+                    };
+                    return Err(DeliveryError::Retryable {
+                        message: format!(
+                            "SendGrid import job {} failed{counts}; sending the batch again is \
+                             safe, as upserts and list adds are idempotent",
+                            job.id
+                        ),
+                    });
+                }
+                _ => {}
+            }
+            if Instant::now() + self.poll_interval > deadline {
+                return Err(DeliveryError::Retryable {
+                    message: format!(
+                        "SendGrid import job {} is still {} after {} s; sending the batch again \
+                         is safe, as upserts and list adds are idempotent, and the next attempt \
+                         in this process polls the same job",
+                        job.id,
+                        shown_status(&status.status),
+                        self.job_wait.as_secs()
+                    ),
+                });
+            }
+            tokio::time::sleep(self.poll_interval).await;
+        }
+    }
+
+    /// The status of the import job `id`.
+    async fn job_status(&self, identity: &str, id: &str) -> Result<JobStatus, DeliveryError> {
+        let mut url = self.imports_url.clone();
+        url.path_segments_mut()
+            .expect("an http URL has path segments")
+            .push(id);
+        let shown = url.to_string();
+        let response = self
+            .client
+            .get(url)
+            .bearer_auth(self.api_key.expose())
+            .send()
+            .await
+            .map_err(|error| http::transport_failure("GET", &shown, error))?;
+
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = http::body_start(response, MAX_ANSWER_BYTES).await;
+        if status.is_success() {
+            return serde_json::from_slice(&body).map_err(|error| DeliveryError::Retryable {
+                message: format!("{shown} answered {status} with an unreadable job: {error}"),
+            });
+        }
+        if status == StatusCode::NOT_FOUND {
+            // A job that cannot be found is not polled again; the next attempt upserts anew.
+            self.forget_add(identity);
+            return Err(DeliveryError::Retryable {
+                message: format!(
+                    "{shown} answered {status}: SendGrid does not know import job {id}; sending \
+                     the batch again is safe, as upserts and list adds are idempotent"
+                ),
+            });
+        }
+        Err(classify_failure(
+            status,
+            &headers,
+            &body,
+            &shown,
+            SystemTime::now(),
+        ))
+    }
+
+    /// The addresses a finished `job` refused, with the reason: those its errors file names,
+    /// and those its `errored_count` must include (see the module documentation).
+    async fn job_refusals(
+        &self,
+        batch: &Batch,
+        job: &ImportJob,
+        status: &JobStatus,
+    ) -> Result<BTreeMap<String, String>, DeliveryError> {
+        let results = status.results.clone().unwrap_or_default();
+        let errored = match status.status.as_str() {
+            // `errored` means some contact was refused, even when no count says so.
+            "errored" => results.errored_count.max(1),
+            _ => results.errored_count,
+        };
+        if errored == 0 {
+            return Ok(BTreeMap::new());
+        }
+        let named = match results
+            .errors_url
+            .as_deref()
+            .filter(|link| !link.is_empty())
+        {
+            Some(link) => self.errors_file(batch, job, link).await?,
+            None => BTreeMap::new(),
+        };
+        let settled = settle(job, errored, named);
+        if settled.unnamed > 0 {
+            tracing::warn!(
+                activation = %batch.activation,
+                change = batch.change.as_str(),
+                sequence = batch.sequence,
+                job_id = %job.id,
+                contacts = job.addresses.len(),
+                errored,
+                unnamed = settled.unnamed,
+                "a sendgrid import job refused contacts without naming them all; counting \
+                 those not named as accepted"
+            );
+        }
+        Ok(settled.refused)
+    }
+
+    /// The addresses of `job` its errors file at `link` names, each with the reason. The key
+    /// goes only to the configured host; a file elsewhere is fetched over HTTPS without it. A
+    /// file that cannot be had for a reason sending again would not cure names nobody.
+    async fn errors_file(
+        &self,
+        batch: &Batch,
+        job: &ImportJob,
+        link: &str,
+    ) -> Result<BTreeMap<String, String>, DeliveryError> {
+        let url = match Url::parse(link) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") => url,
+            _ => {
+                tracing::warn!(
+                    activation = %batch.activation,
+                    job_id = %job.id,
+                    "a sendgrid import job gave an errors_url that is not an http URL; going by \
+                     its counts"
+                );
+                return Ok(BTreeMap::new());
+            }
+        };
+        let configured_host = url.origin() == self.imports_url.origin();
+        if !configured_host && url.scheme() != "https" {
+            tracing::warn!(
+                activation = %batch.activation,
+                job_id = %job.id,
+                "a sendgrid import job gave an errors_url on another host without https; going \
+                 by its counts"
+            );
+            return Ok(BTreeMap::new());
+        }
+        // The query of a download link may hold a signature; messages leave it out.
+        let mut shown = url.clone();
+        shown.set_query(None);
+        shown.set_fragment(None);
+        let mut request = self.client.get(url);
+        if configured_host {
+            request = request.bearer_auth(self.api_key.expose());
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|error| http::transport_failure("GET", shown.as_str(), error))?;
+
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = http::body_start(response, MAX_ERRORS_FILE_BYTES).await;
+        if status.is_success() {
+            let known = http::identifier_values(batch);
+            return Ok(read_errors_file(&body, &job.addresses, &known));
+        }
+        let failure = classify_failure(status, &headers, &body, shown.as_str(), SystemTime::now());
+        if failure.is_retryable() {
+            return Err(failure);
+        }
+        tracing::warn!(
+            activation = %batch.activation,
+            job_id = %job.id,
+            error = %failure,
+            "the errors file of a sendgrid import job could not be read; going by its counts"
+        );
+        Ok(BTreeMap::new())
+    }
+
+    /// The upserts an earlier attempt of this batch queued, if any, and only if it sent the
+    /// same addresses.
+    fn known_add(&self, identity: &str, sent: &[String]) -> Option<QueuedAdd> {
+        let jobs = self.jobs.lock().expect("the job table is never poisoned");
+        jobs.get(identity)
+            .filter(|queued| queued.sent == sent)
+            .cloned()
+    }
+
+    /// Forgets the batch's jobs after a failure that sending again will not cure, so that a
+    /// later delivery of the batch starts afresh.
+    fn forget_unless_retryable(&self, identity: &str, error: &DeliveryError) {
+        if !error.is_retryable() {
+            self.forget_add(identity);
+        }
+    }
+
+    fn forget_add(&self, identity: &str) {
+        self.jobs
+            .lock()
+            .expect("the job table is never poisoned")
+            .remove(identity);
     }
 
     /// One upsert of `addresses` into the list.
@@ -298,8 +683,7 @@ impl SendgridConnector {
         let body = http::body_start(response, MAX_ANSWER_BYTES).await;
         let shown = self.contacts_url.as_str();
         if status.is_success() {
-            read_job(status, &body, shown)?;
-            return Ok(Upserted::Queued);
+            return read_job(status, &body, shown).map(Upserted::Queued);
         }
         if status == StatusCode::BAD_REQUEST {
             let rows = refused_rows(&body, "contacts", addresses);
@@ -466,7 +850,7 @@ impl SendgridConnector {
         let body = http::body_start(response, MAX_ANSWER_BYTES).await;
         let shown = self.list_contacts_url.as_str();
         if status.is_success() {
-            return read_job(status, &body, shown);
+            return read_job(status, &body, shown).map(|_| ());
         }
         Err(classify_failure(
             status,
@@ -494,8 +878,8 @@ impl Connector for SendgridConnector {
 
 /// What an upsert request came to.
 enum Upserted {
-    /// SendGrid queued the job.
-    Queued,
+    /// SendGrid queued the job with this id.
+    Queued(String),
     /// SendGrid refused these rows (index among the addresses sent, reason) and queued nothing.
     Refused(Vec<(usize, String)>),
 }
@@ -513,6 +897,46 @@ enum Searched {
 struct JobAnswer {
     #[serde(default)]
     job_id: String,
+}
+
+/// An import job's status: `{"id", "status", "job_type", "results": {...}}`.
+#[derive(Debug, serde::Deserialize)]
+struct JobStatus {
+    /// `pending`, `completed`, `errored` or `failed`.
+    #[serde(default)]
+    status: String,
+    /// The counts, once there are any.
+    #[serde(default)]
+    results: Option<JobResults>,
+}
+
+/// The fields of an import job's `results` this connector reads.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+struct JobResults {
+    /// Contacts the job was given.
+    #[serde(default, deserialize_with = "count")]
+    requested_count: u64,
+    /// Contacts the job refused.
+    #[serde(default, deserialize_with = "count")]
+    errored_count: u64,
+    /// Where the file listing the refused contacts can be downloaded.
+    #[serde(default)]
+    errors_url: Option<String>,
+}
+
+/// A count SendGrid writes as a JSON number, integer or not, or leaves null (zero).
+fn count<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    let value = <Option<serde_json::Value> as serde::Deserialize>::deserialize(deserializer)?;
+    Ok(value
+        .and_then(|value| {
+            value.as_u64().or_else(|| {
+                value
+                    .as_f64()
+                    .filter(|number| number.is_finite() && *number >= 0.0)
+                    .map(|number| number as u64)
+            })
+        })
+        .unwrap_or(0))
 }
 
 /// The answer to a lookup: `{"result": {"<address>": {"contact": {...}} | {"error": "..."}}}`.
@@ -570,12 +994,12 @@ impl ErrorBody {
     }
 }
 
-/// Checks that a successful write answer carries a `job_id`.
-fn read_job(status: StatusCode, body: &[u8], shown: &str) -> Result<(), DeliveryError> {
+/// The `job_id` a successful write answer carries.
+fn read_job(status: StatusCode, body: &[u8], shown: &str) -> Result<String, DeliveryError> {
     match serde_json::from_slice::<JobAnswer>(body) {
         Ok(answer) if !answer.job_id.is_empty() => {
             tracing::debug!(job_id = %answer.job_id, "sendgrid queued the change");
-            Ok(())
+            Ok(answer.job_id)
         }
         _ => Err(DeliveryError::Retryable {
             message: format!("{shown} answered {status} without a job id"),
@@ -615,6 +1039,132 @@ fn refused_rows(body: &[u8], array: &str, sent: &[&str]) -> Vec<(usize, String)>
             (index, reason)
         })
         .collect()
+}
+
+/// A job status fit for a message: SendGrid's word when it is one, `unfinished` otherwise.
+fn shown_status(status: &str) -> &str {
+    let word = !status.is_empty()
+        && status.len() <= 32
+        && status
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if word { status } else { "unfinished" }
+}
+
+/// The addresses of a job its errors file names, each with the reason.
+///
+/// The file's layout is not documented. It is read as CSV: a row holding exactly one of the
+/// job's addresses in a field names that contact, and its other non-empty fields, each after
+/// its column's name when the first row is a header (one naming no address), are the reason,
+/// blanked of personal data and of the batch's identifier values (`known`). Rows naming none
+/// or several of the addresses name nobody.
+fn read_errors_file(body: &[u8], addresses: &[String], known: &[&str]) -> BTreeMap<String, String> {
+    let wanted: BTreeSet<&str> = addresses.iter().map(String::as_str).collect();
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(body);
+    let mut header: Option<Vec<String>> = None;
+    let mut named = BTreeMap::new();
+    for (row, record) in reader.byte_records().enumerate() {
+        let Ok(record) = record else { break };
+        let fields: Vec<String> = record
+            .iter()
+            .map(|field| String::from_utf8_lossy(field).trim().to_owned())
+            .collect();
+        let found: BTreeSet<&str> = fields
+            .iter()
+            .filter_map(|field| wanted.get(field.to_lowercase().as_str()).copied())
+            .collect();
+        let mut found = found.into_iter();
+        let (Some(address), None) = (found.next(), found.next()) else {
+            if row == 0 {
+                header = Some(fields);
+            }
+            continue;
+        };
+        let said: Vec<String> = fields
+            .iter()
+            .enumerate()
+            .filter(|(_, field)| !field.is_empty() && !field.eq_ignore_ascii_case(address))
+            .map(|(column, field)| {
+                let name = header.as_ref().and_then(|names| names.get(column));
+                match name.filter(|name| !name.is_empty()) {
+                    Some(name) => format!("{name}: {field}"),
+                    None => field.clone(),
+                }
+            })
+            .collect();
+        let reason = match said.is_empty() {
+            true => "SendGrid's import job refused the contact without saying why".to_owned(),
+            false => format!(
+                "SendGrid's import job refused the contact: {}",
+                quote(&redact(&said.join("; "), known))
+            ),
+        };
+        named.entry(address.to_owned()).or_insert(reason);
+    }
+    named
+}
+
+/// What a finished job's refusals come to.
+#[derive(Debug, PartialEq, Eq)]
+struct Settled {
+    /// The addresses refused, with the reason.
+    refused: BTreeMap<String, String>,
+    /// How many refused contacts are neither named nor rejected: their members count as
+    /// accepted, as which they are is not known.
+    unnamed: u64,
+}
+
+/// The refusals of `job`, which counted `errored` contacts and named those in `named`. When
+/// the contacts it did not name must all be among those counted, they are refused too;
+/// otherwise they are left accepted and the shortfall is reported.
+fn settle(job: &ImportJob, errored: u64, mut named: BTreeMap<String, String>) -> Settled {
+    let in_job: BTreeSet<&str> = job.addresses.iter().map(String::as_str).collect();
+    named.retain(|address, _| in_job.contains(address.as_str()));
+    let unnamed = errored.saturating_sub(named.len() as u64);
+    let rest: Vec<&String> = job
+        .addresses
+        .iter()
+        .filter(|address| !named.contains_key(address.as_str()))
+        .collect();
+    if unnamed == 0 || rest.is_empty() {
+        return Settled {
+            refused: named,
+            unnamed: 0,
+        };
+    }
+    if unnamed < rest.len() as u64 {
+        return Settled {
+            refused: named,
+            unnamed,
+        };
+    }
+    let reason = format!(
+        "SendGrid's import job {} counted {errored} of its {} contacts as errored without \
+         naming them all; this one is among them",
+        job.id,
+        job.addresses.len()
+    );
+    for address in rest {
+        named.insert(address.clone(), reason.clone());
+    }
+    Settled {
+        refused: named,
+        unnamed: 0,
+    }
+}
+
+/// `run_id`, activation, change and sequence, the identity of a batch.
+fn batch_identity(batch: &Batch) -> String {
+    format!(
+        "{}\n{}\n{}\n{}",
+        batch.run_id,
+        batch.activation,
+        batch.change.as_str(),
+        batch.sequence
+    )
 }
 
 /// The members' addresses, each once, in order.
@@ -745,8 +1295,25 @@ fn read_connection(
             1..=MAX_TIMEOUT_SECONDS,
         )
         .unwrap_or(DEFAULT_TIMEOUT_SECONDS);
+    let poll_interval_seconds = problems
+        .integer(
+            table,
+            Place::Connection,
+            "poll_interval_seconds",
+            1..=MAX_POLL_INTERVAL_SECONDS,
+        )
+        .unwrap_or(DEFAULT_POLL_INTERVAL_SECONDS);
+    let job_wait_seconds = problems
+        .integer(
+            table,
+            Place::Connection,
+            "job_wait_seconds",
+            1..=MAX_JOB_WAIT_SECONDS,
+        )
+        .unwrap_or(DEFAULT_JOB_WAIT_SECONDS);
 
-    let timeout = Duration::from_secs(u64::try_from(timeout_seconds).expect("within 1..=300"));
+    let seconds = |value: i64| Duration::from_secs(u64::try_from(value).expect("at least 1"));
+    let timeout = seconds(timeout_seconds);
     let client = match http::client(timeout) {
         Ok(client) => Some(client),
         Err(error) => {
@@ -762,6 +1329,8 @@ fn read_connection(
         base_url: base_url?,
         api_key: Secret(api_key?),
         batch_size: usize::try_from(batch_size).expect("within 1..=30000"),
+        poll_interval: seconds(poll_interval_seconds),
+        job_wait: seconds(job_wait_seconds),
     })
 }
 
@@ -895,6 +1464,91 @@ mod tests {
             )]
         );
         assert_eq!(refused_rows(unnamed, "contacts", &sent), []);
+    }
+
+    fn job(addresses: &[&str]) -> ImportJob {
+        ImportJob {
+            id: "j1".into(),
+            addresses: addresses.iter().map(|email| email.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn an_errors_file_names_a_contact_by_a_field_holding_exactly_its_address() {
+        let sent = ["ann@example.com".to_owned(), "bob@example.com".to_owned()];
+        let with_header = b"email,error\r\nBOB@example.com,\"invalid, bob@example.com\"\r\n";
+        let without_header = b"bob@example.com,,too many lists\n";
+        let two_in_a_row = b"email,other\nann@example.com,bob@example.com\n";
+        let json = br#"[{"email":"bob@example.com","error":"invalid"}]"#;
+
+        assert_eq!(
+            read_errors_file(with_header, &sent, &["Bob@Example.com"]),
+            BTreeMap::from([(
+                "bob@example.com".to_owned(),
+                "SendGrid's import job refused the contact: error: invalid, <member>".to_owned()
+            )])
+        );
+        assert_eq!(
+            read_errors_file(without_header, &sent, &[]),
+            BTreeMap::from([(
+                "bob@example.com".to_owned(),
+                "SendGrid's import job refused the contact: too many lists".to_owned()
+            )])
+        );
+        assert_eq!(read_errors_file(two_in_a_row, &sent, &[]), BTreeMap::new());
+        assert_eq!(read_errors_file(json, &sent, &[]), BTreeMap::new());
+    }
+
+    #[test]
+    fn contacts_counted_but_not_named_are_refused_only_when_they_must_all_be() {
+        let named = BTreeMap::from([("a@x.io".to_owned(), "named".to_owned())]);
+        let three = job(&["a@x.io", "b@x.io", "c@x.io"]);
+        let all_counted = "SendGrid's import job j1 counted 3 of its 3 contacts as errored \
+                           without naming them all; this one is among them";
+
+        let exactly_named = settle(&three, 1, named.clone());
+        let one_unnamed = settle(&three, 2, named.clone());
+        let all_errored = settle(&three, 3, named.clone());
+        let nobody_named = settle(&job(&["b@x.io"]), 1, BTreeMap::new());
+
+        assert_eq!(
+            exactly_named,
+            Settled {
+                refused: named.clone(),
+                unnamed: 0
+            }
+        );
+        assert_eq!(
+            one_unnamed,
+            Settled {
+                refused: named,
+                unnamed: 1
+            }
+        );
+        assert_eq!(all_errored.unnamed, 0);
+        assert_eq!(
+            all_errored.refused.keys().collect::<Vec<_>>(),
+            ["a@x.io", "b@x.io", "c@x.io"]
+        );
+        assert_eq!(all_errored.refused["a@x.io"], "named");
+        assert_eq!(all_errored.refused["c@x.io"], all_counted);
+        assert_eq!(nobody_named.refused.len(), 1);
+    }
+
+    #[test]
+    fn job_counts_may_be_integers_floats_or_null() {
+        let status: JobStatus = serde_json::from_str(
+            r#"{"status": "errored", "results": {"requested_count": 3.0,
+                "errored_count": 1, "created_count": null}}"#,
+        )
+        .unwrap();
+        let pending: JobStatus = serde_json::from_str(r#"{"status": "pending"}"#).unwrap();
+
+        let results = status.results.unwrap();
+        assert_eq!((results.requested_count, results.errored_count), (3, 1));
+        assert!(pending.results.is_none());
+        assert_eq!(shown_status("pending"), "pending");
+        assert_eq!(shown_status("<b>odd</b>"), "unfinished");
     }
 
     #[test]

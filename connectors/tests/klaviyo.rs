@@ -1,15 +1,22 @@
 //! The Klaviyo connector against a fake Klaviyo JSON:API on loopback.
 //!
-//! The fake serves the bulk profile import (`POST /api/profile-bulk-import-jobs`), the lookup
-//! of a list's profiles (`GET /api/lists/{list_id}/profiles?filter=any(email,[...])`) and the
-//! removal of profiles from a list (`DELETE /api/lists/{list_id}/relationships/profiles`) the
-//! way Klaviyo does: a `Klaviyo-API-Key` private key, a mandatory `revision` header, the
-//! JSON:API media type on bodies; at most 10,000 profiles (5 MB) per import, 100 profiles per
-//! page and 1,000 per relationship request; profile ids, never addresses, on the relationship;
-//! imports answered 202 with a job resource and removals 204. It keeps profiles (address, id)
-//! and each list's members, applies import jobs at once, and records the profiles a job
-//! refuses as the job's import errors. Faults queued on it answer the next requests the way
-//! Klaviyo fails.
+//! The fake serves the bulk profile import (`POST /api/profile-bulk-import-jobs`), the import
+//! job (`GET /api/profile-bulk-import-jobs/{id}`) and its import errors (`.../{id}/import-errors`,
+//! paged by cursor), the lookup of a list's profiles
+//! (`GET /api/lists/{list_id}/profiles?filter=any(email,[...])`) and the removal of profiles
+//! from a list (`DELETE /api/lists/{list_id}/relationships/profiles`) the way Klaviyo does: a
+//! `Klaviyo-API-Key` private key, a mandatory `revision` header, the JSON:API media type on
+//! bodies; at most 10,000 profiles (5 MB) per import, 100 profiles per page and 1,000 per
+//! relationship request; profile ids, never addresses, on the relationship; imports answered
+//! 202 with a job resource and removals 204. It keeps profiles (address, id) and each list's
+//! members.
+//!
+//! An import job is `queued`, then `processing` for a configurable number of polls, and is
+//! applied when a poll finds it done: `complete`, with the profiles it refuses (invalid
+//! addresses) left out, counted in `failed_count` and listed as import errors (each with the
+//! profile sent as `original_payload` and a pointer to it; Klaviyo does not document those
+//! two shapes, so these are assumptions), or, when set to, `cancelled` with nothing applied.
+//! Faults queued on it answer the next requests the way Klaviyo fails.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::num::NonZeroU32;
@@ -67,16 +74,41 @@ struct Received {
     headers: HeaderMap,
     body: String,
     status: u16,
+    /// The body of the answer.
+    answer: String,
+}
+
+/// One import job.
+#[derive(Debug, Clone)]
+struct Job {
+    id: String,
+    /// Polls still to be answered before the job is done.
+    polls_left: u32,
+    /// `queued`, `processing`, then `complete` or `cancelled`.
+    status: &'static str,
+    /// The addresses of its profiles, as sent.
+    emails: Vec<String>,
+    /// The lists it relates them to.
+    lists: Vec<String>,
+    /// The profiles it refused once done: index among those sent, address, detail.
+    errors: Vec<(usize, String, String)>,
 }
 
 /// The fake API and its one account.
+#[derive(Default)]
 struct Klaviyo {
     /// Profile ids by lower-cased address.
     profiles: Mutex<BTreeMap<String, String>>,
     /// Profile ids in each list.
     lists: Mutex<BTreeMap<String, BTreeSet<String>>>,
-    /// Each import job's refused addresses, by job id.
-    import_errors: Mutex<BTreeMap<String, Vec<String>>>,
+    /// Import jobs, in order.
+    jobs: Mutex<Vec<Job>>,
+    /// How many polls a new import job is answered unfinished before it is done.
+    pending_polls: Mutex<u32>,
+    /// Whether import jobs end `cancelled`.
+    jobs_cancelled: Mutex<bool>,
+    /// Import errors per page, unless zero (Klaviyo's default of 20).
+    errors_page_size: Mutex<usize>,
     faults: Mutex<VecDeque<Fault>>,
     received: Mutex<Vec<Received>>,
 }
@@ -126,6 +158,43 @@ impl Klaviyo {
         let mut profiles = self.profiles.lock().unwrap();
         let next = profile_id(profiles.len());
         profiles.entry(email.to_lowercase()).or_insert(next).clone()
+    }
+
+    /// The ids of the import jobs, in order.
+    fn job_ids(&self) -> Vec<String> {
+        self.jobs
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|job| job.id.clone())
+            .collect()
+    }
+
+    /// `GET <job path> -> 200` for the `n`th import job, as [`Klaviyo::calls`] shows a poll.
+    fn poll(&self, n: usize) -> String {
+        let id = &self.job_ids()[n];
+        format!("GET /api/profile-bulk-import-jobs/{id} -> 200")
+    }
+
+    /// Finishes an unfinished job: applies it, less the profiles it refuses, or cancels it.
+    fn finish_job(&self, job: &mut Job) {
+        if *self.jobs_cancelled.lock().unwrap() {
+            job.status = "cancelled";
+            return;
+        }
+        for (index, email) in job.emails.iter().enumerate() {
+            if !valid_email(email) {
+                let detail = format!("Invalid email address {email}.");
+                job.errors.push((index, email.clone(), detail));
+                continue;
+            }
+            let id = self.profile(email);
+            let mut all = self.lists.lock().unwrap();
+            for list in &job.lists {
+                all.entry(list.clone()).or_default().insert(id.clone());
+            }
+        }
+        job.status = "complete";
     }
 
     /// Adds a profile to lists directly, as if an earlier import had run.
@@ -271,15 +340,19 @@ async fn finish(
     headers: &HeaderMap,
     body: &Bytes,
     fault: Option<Fault>,
-    mut response: Response,
+    response: Response,
 ) -> Response {
+    let (parts, answer) = response.into_parts();
+    let answer = axum::body::to_bytes(answer, usize::MAX).await.unwrap();
     klaviyo.received.lock().unwrap().push(Received {
         method,
         uri: uri.to_string(),
         headers: headers.clone(),
         body: String::from_utf8_lossy(body).into_owned(),
-        status: response.status().as_u16(),
+        status: parts.status.as_u16(),
+        answer: String::from_utf8_lossy(&answer).into_owned(),
     });
+    let mut response = Response::from_parts(parts, axum::body::Body::from(answer));
     // Klaviyo sends its rate-limit headers on answers other than 429.
     if response.status() != StatusCode::TOO_MANY_REQUESTS {
         let limits = response.headers_mut();
@@ -373,44 +446,177 @@ fn import(klaviyo: &Klaviyo, body: &[u8]) -> Response {
         }
     };
 
-    let job_id = format!("job-{:04}", klaviyo.import_errors.lock().unwrap().len() + 1);
-    let mut refused = Vec::new();
-    for profile in profiles {
-        let email = profile["attributes"]["email"].as_str().unwrap_or_default();
-        if !valid_email(email) {
-            refused.push(email.to_owned());
-            continue;
-        }
-        let id = klaviyo.profile(email);
-        let mut all = klaviyo.lists.lock().unwrap();
-        for list in &lists {
-            all.entry(list.clone()).or_default().insert(id.clone());
-        }
-    }
-    klaviyo
-        .import_errors
-        .lock()
-        .unwrap()
-        .insert(job_id.clone(), refused);
-    let answer = json!({
-        "data": {
-            "type": "profile-bulk-import-job",
-            "id": job_id,
-            "attributes": {
-                "status": "queued",
-                "created_at": "2026-12-03T22:00:00+00:00",
-                "total_count": profiles.len(),
-                "completed_count": 0,
-                "failed_count": 0,
-            },
-            "links": {"self": format!("https://a.klaviyo.com/api/profile-bulk-import-jobs/{job_id}/")},
+    let emails: Vec<String> = profiles
+        .iter()
+        .map(|profile| {
+            let email = profile["attributes"]["email"].as_str().unwrap_or_default();
+            email.to_owned()
+        })
+        .collect();
+    let mut jobs = klaviyo.jobs.lock().unwrap();
+    let job = Job {
+        id: format!("01JIMPORT{:017}", jobs.len() + 1),
+        polls_left: *klaviyo.pending_polls.lock().unwrap(),
+        status: "queued",
+        emails,
+        lists,
+        errors: Vec::new(),
+    };
+    let answer = json!({ "data": job_resource(&job) });
+    jobs.push(job);
+    json_api(StatusCode::ACCEPTED, answer)
+}
+
+/// A job as Klaviyo shows it.
+fn job_resource(job: &Job) -> Value {
+    let done = matches!(job.status, "complete" | "cancelled");
+    let total = job.emails.len();
+    json!({
+        "type": "profile-bulk-import-job",
+        "id": job.id,
+        "attributes": {
+            "status": job.status,
+            "created_at": "2026-12-03T22:00:00+00:00",
+            "total_count": total,
+            "completed_count": if job.status == "complete" { total } else { 0 },
+            "failed_count": job.errors.len(),
+            "completed_at": if done { json!("2026-12-03T22:01:00+00:00") } else { Value::Null },
+            "expires_at": "2026-12-10T22:00:00+00:00",
         },
-    });
-    let mut response = (StatusCode::ACCEPTED, answer.to_string()).into_response();
+        "links": {"self": format!("https://a.klaviyo.com/api/profile-bulk-import-jobs/{}/", job.id)},
+    })
+}
+
+/// A JSON:API answer.
+fn json_api(status: StatusCode, body: Value) -> Response {
+    let mut response = (status, body.to_string()).into_response();
     response
         .headers_mut()
         .insert("content-type", JSON_API.parse().unwrap());
     response
+}
+
+async fn import_job(
+    State(klaviyo): State<Arc<Klaviyo>>,
+    Path(id): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let fault = klaviyo.faults.lock().unwrap().pop_front();
+    let response =
+        refusal(fault.as_ref(), &headers, false).unwrap_or_else(|| poll_job(&klaviyo, &id));
+    finish(
+        &klaviyo,
+        Method::GET,
+        &uri,
+        &headers,
+        &Bytes::new(),
+        fault,
+        response,
+    )
+    .await
+}
+
+fn poll_job(klaviyo: &Klaviyo, id: &str) -> Response {
+    let mut jobs = klaviyo.jobs.lock().unwrap();
+    let Some(job) = jobs.iter_mut().find(|job| job.id == id) else {
+        return error(
+            404,
+            "not_found",
+            "Not found.",
+            "The job does not exist.",
+            None,
+        );
+    };
+    if matches!(job.status, "queued" | "processing") {
+        if job.polls_left > 0 {
+            job.polls_left -= 1;
+            job.status = "processing";
+        } else {
+            klaviyo.finish_job(job);
+        }
+    }
+    json_api(StatusCode::OK, json!({ "data": job_resource(job) }))
+}
+
+async fn import_errors(
+    State(klaviyo): State<Arc<Klaviyo>>,
+    Path(id): Path<String>,
+    Query(query): Query<BTreeMap<String, String>>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let fault = klaviyo.faults.lock().unwrap().pop_front();
+    let response = refusal(fault.as_ref(), &headers, false).unwrap_or_else(|| {
+        let host = headers.get("host").unwrap().to_str().unwrap();
+        errors_page(&klaviyo, &id, &query, host)
+    });
+    finish(
+        &klaviyo,
+        Method::GET,
+        &uri,
+        &headers,
+        &Bytes::new(),
+        fault,
+        response,
+    )
+    .await
+}
+
+fn errors_page(
+    klaviyo: &Klaviyo,
+    id: &str,
+    query: &BTreeMap<String, String>,
+    host: &str,
+) -> Response {
+    let jobs = klaviyo.jobs.lock().unwrap();
+    let Some(job) = jobs.iter().find(|job| job.id == id) else {
+        return error(
+            404,
+            "not_found",
+            "Not found.",
+            "The job does not exist.",
+            None,
+        );
+    };
+    let size = match *klaviyo.errors_page_size.lock().unwrap() {
+        0 => 20,
+        size => size,
+    };
+    let start: usize = query
+        .get("page[cursor]")
+        .map_or(0, |cursor| cursor.parse().unwrap());
+    let data: Vec<Value> = job
+        .errors
+        .iter()
+        .skip(start)
+        .take(size)
+        .map(|(index, email, detail)| {
+            json!({
+                "type": "import-error",
+                "id": format!("{}-{index}", job.id),
+                "attributes": {
+                    "code": "invalid",
+                    "title": "Invalid input.",
+                    "detail": detail,
+                    "source": {
+                        "pointer": format!("/data/attributes/profiles/data/{index}/attributes/email"),
+                    },
+                    "original_payload": {"type": "profile", "attributes": {"email": email}},
+                },
+            })
+        })
+        .collect();
+    let next = (start + size < job.errors.len()).then(|| {
+        format!(
+            "http://{host}/api/profile-bulk-import-jobs/{id}/import-errors?page%5Bcursor%5D={}",
+            start + size
+        )
+    });
+    json_api(
+        StatusCode::OK,
+        json!({"data": data, "links": {"self": "", "next": next}}),
+    )
 }
 
 async fn list_profiles(
@@ -574,17 +780,19 @@ fn unrelate(klaviyo: &Klaviyo, list_id: &str, body: &[u8]) -> Response {
 
 /// Starts the fake on a loopback port; returns it with its API host.
 async fn start_klaviyo() -> (Arc<Klaviyo>, String) {
-    let klaviyo = Arc::new(Klaviyo {
-        profiles: Mutex::new(BTreeMap::new()),
-        lists: Mutex::new(BTreeMap::new()),
-        import_errors: Mutex::new(BTreeMap::new()),
-        faults: Mutex::new(VecDeque::new()),
-        received: Mutex::new(Vec::new()),
-    });
+    let klaviyo = Arc::new(Klaviyo::default());
     let router = axum::Router::new()
         .route(
             "/api/profile-bulk-import-jobs",
             axum::routing::post(import_profiles),
+        )
+        .route(
+            "/api/profile-bulk-import-jobs/{id}",
+            axum::routing::get(import_job),
+        )
+        .route(
+            "/api/profile-bulk-import-jobs/{id}/import-errors",
+            axum::routing::get(import_errors),
         )
         .route(
             "/api/lists/{list_id}/profiles",
@@ -609,6 +817,7 @@ fn connection(base_url: &str) -> toml::Table {
     let mut table = toml::toml! {
         api_key_env = "KLAVIYO_KEY"
         timeout_seconds = 1
+        poll_interval_seconds = 1
     };
     table.insert("base_url".into(), base_url.into());
     table
@@ -695,6 +904,7 @@ async fn adding_three_and_removing_one_leaves_two_in_the_list_and_keeps_the_prof
         klaviyo.calls(),
         [
             "POST /api/profile-bulk-import-jobs -> 202".to_owned(),
+            klaviyo.poll(0),
             format!("GET /api/lists/{LIST_ID}/profiles -> 200"),
             format!("DELETE /api/lists/{LIST_ID}/relationships/profiles -> 204"),
         ]
@@ -734,7 +944,11 @@ async fn requests_carry_the_key_the_revision_the_media_type_and_profile_ids() {
             "relationships": {"lists": {"data": [{"type": "list", "id": LIST_ID}]}},
         }})
     );
-    let lookup: BTreeMap<String, String> = received[1]
+    assert_eq!(
+        received[1].uri,
+        format!("/api/profile-bulk-import-jobs/{}", klaviyo.job_ids()[0])
+    );
+    let lookup: BTreeMap<String, String> = received[2]
         .uri
         .split_once('?')
         .unwrap()
@@ -756,14 +970,14 @@ async fn requests_carry_the_key_the_revision_the_media_type_and_profile_ids() {
     );
     // The fake numbers profile ids in order of creation.
     assert_eq!(
-        serde_json::from_str::<Value>(&received[2].body).unwrap(),
+        serde_json::from_str::<Value>(&received[3].body).unwrap(),
         json!({"data": [
             {"type": "profile", "id": "01JPROFILE0000000000000000"},
             {"type": "profile", "id": "01JPROFILE0000000000000001"},
             {"type": "profile", "id": "01JPROFILE0000000000000002"},
         ]})
     );
-    assert_eq!(received[2].headers.get("content-type").unwrap(), JSON_API);
+    assert_eq!(received[3].headers.get("content-type").unwrap(), JSON_API);
     assert!(klaviyo.audience().is_empty());
     assert!(!format!("{connector:?}").contains("0123456789abcdef"));
 }
@@ -827,7 +1041,7 @@ async fn removing_the_same_batch_twice_sends_no_second_removal() {
     assert_eq!(second, Ok(accepted(&["1", "2", "3"])));
     assert!(klaviyo.audience().is_empty());
     assert_eq!(
-        klaviyo.calls()[3..],
+        klaviyo.calls()[4..],
         [format!("GET /api/lists/{LIST_ID}/profiles -> 200")]
     );
 }
@@ -883,7 +1097,7 @@ async fn a_removal_of_more_than_a_hundred_looks_up_by_hundreds_and_removes_once(
     assert!(klaviyo.audience().is_empty());
     let lookup = format!("GET /api/lists/{LIST_ID}/profiles -> 200");
     assert_eq!(
-        klaviyo.calls()[1..],
+        klaviyo.calls()[2..],
         [
             lookup.clone(),
             lookup.clone(),
@@ -946,19 +1160,176 @@ async fn a_batch_of_members_all_without_an_address_sends_nothing() {
 }
 
 #[tokio::test]
-async fn a_profile_the_import_job_refuses_is_counted_accepted_but_stays_out_of_the_list() {
-    // A known limit: import jobs are not polled, so their import errors are not seen.
+async fn a_profile_the_import_job_refuses_is_rejected_with_its_import_error_and_the_others_added() {
     let (klaviyo, url) = start_klaviyo().await;
-    let members = vec![member("1", "ann@example.com"), member("2", "bob@localhost")];
+    let members = vec![
+        member("1", "ann@example.com"),
+        member("2", "bob@localhost"),
+        member("3", "cat@example.com"),
+    ];
 
     let outcome = connector(&url).deliver(&batch(Change::Add, members)).await;
 
-    assert_eq!(outcome, Ok(accepted(&["1", "2"])));
-    assert_eq!(klaviyo.audience(), addresses(&["ann@example.com"]));
     assert_eq!(
-        klaviyo.import_errors.lock().unwrap().get("job-0001"),
-        Some(&vec!["bob@localhost".to_owned()])
+        outcome,
+        Ok(Outcome {
+            accepted: vec!["1".into(), "3".into()],
+            rejected: vec![Rejection {
+                key: "2".into(),
+                reason: "Klaviyo's import job refused the profile: Invalid input.: Invalid email \
+                         address <member>. (invalid)"
+                    .into(),
+            }],
+        })
     );
+    assert_eq!(
+        klaviyo.audience(),
+        addresses(&["ann@example.com", "cat@example.com"])
+    );
+    let job = &klaviyo.job_ids()[0];
+    assert_eq!(
+        klaviyo.calls(),
+        [
+            "POST /api/profile-bulk-import-jobs -> 202".to_owned(),
+            klaviyo.poll(0),
+            format!("GET /api/profile-bulk-import-jobs/{job}/import-errors -> 200"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn an_add_counts_only_once_its_import_job_is_complete_and_polls_the_job_of_the_202() {
+    let (klaviyo, url) = start_klaviyo().await;
+    *klaviyo.pending_polls.lock().unwrap() = 1;
+    let started = Instant::now();
+
+    let outcome = connector(&url)
+        .deliver(&batch(Change::Add, three_members()))
+        .await;
+
+    assert_eq!(outcome, Ok(accepted(&["1", "2", "3"])));
+    let received = klaviyo.received();
+    let answer: Value = serde_json::from_str(&received[0].answer).unwrap();
+    let job = answer["data"]["id"].as_str().unwrap();
+    assert_eq!(
+        received[1].uri,
+        format!("/api/profile-bulk-import-jobs/{job}")
+    );
+    assert_eq!(received[2].uri, received[1].uri);
+    assert_eq!(received.len(), 3);
+    // One poll interval (1 s) passes between the processing answer and the complete one.
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_secs(1), "waited only {elapsed:?}");
+    assert_eq!(klaviyo.audience().len(), 3);
+}
+
+#[tokio::test]
+async fn import_errors_are_read_over_every_page() {
+    let (klaviyo, url) = start_klaviyo().await;
+    *klaviyo.errors_page_size.lock().unwrap() = 1;
+    let members = vec![
+        member("1", "ann@localhost"),
+        member("2", "bob@example.com"),
+        member("3", "cat@localhost"),
+    ];
+
+    let outcome = connector(&url)
+        .deliver(&batch(Change::Add, members))
+        .await
+        .unwrap();
+
+    assert_eq!(outcome.accepted, ["2"]);
+    let rejected: Vec<&str> = outcome.rejected.iter().map(|r| r.key.as_str()).collect();
+    assert_eq!(rejected, ["1", "3"]);
+    let job = &klaviyo.job_ids()[0];
+    let errors = format!("GET /api/profile-bulk-import-jobs/{job}/import-errors -> 200");
+    assert_eq!(
+        klaviyo.calls()[1..],
+        [klaviyo.poll(0), errors.clone(), errors]
+    );
+    assert_eq!(klaviyo.audience(), addresses(&["bob@example.com"]));
+}
+
+#[tokio::test]
+async fn an_import_job_still_processing_when_the_wait_ends_is_retryable_and_polled_again_next_time()
+{
+    let (klaviyo, url) = start_klaviyo().await;
+    *klaviyo.pending_polls.lock().unwrap() = 1;
+    let mut settings = connection(&url);
+    settings.insert("job_wait_seconds".into(), 1.into());
+    let activation = toml::toml! { list_id = "Y6nRLr" };
+    let connector = KlaviyoConnector::from_settings(&settings, &activation, &secrets(KEY)).unwrap();
+
+    let first = connector
+        .deliver(&batch(Change::Add, three_members()))
+        .await;
+    let remembered = format!("{connector:?}");
+    let audience_meanwhile = klaviyo.audience();
+    let second = connector
+        .deliver(&batch(Change::Add, three_members()))
+        .await;
+
+    let job = &klaviyo.job_ids()[0];
+    assert_eq!(
+        first,
+        Err(DeliveryError::Retryable {
+            message: format!(
+                "Klaviyo import job {job} is still processing after 1 s; sending the batch again \
+                 is safe, as an import merges into existing profiles and a list holds a profile \
+                 once, and the next attempt in this process polls the same job"
+            ),
+        })
+    );
+    assert!(audience_meanwhile.is_empty());
+    // The job waiting for the next attempt is remembered without the addresses it holds.
+    assert!(remembered.contains(job.as_str()), "{remembered}");
+    assert!(!remembered.contains("@example.com"), "{remembered}");
+    assert_eq!(second, Ok(accepted(&["1", "2", "3"])));
+    // One import: the second attempt finds the first one's job complete.
+    assert_eq!(
+        klaviyo.calls(),
+        [
+            "POST /api/profile-bulk-import-jobs -> 202".to_owned(),
+            klaviyo.poll(0),
+            klaviyo.poll(0)
+        ]
+    );
+    assert_eq!(klaviyo.profiles.lock().unwrap().len(), 3);
+    assert_eq!(klaviyo.audience().len(), 3);
+}
+
+#[tokio::test]
+async fn a_cancelled_import_job_fails_the_batch_as_retryable_and_the_retry_imports_again() {
+    let (klaviyo, url) = start_klaviyo().await;
+    *klaviyo.jobs_cancelled.lock().unwrap() = true;
+
+    let outcome = deliver_with_retries(
+        &connector(&url),
+        &batch(Change::Add, three_members()),
+        &quick_policy(2),
+    )
+    .await;
+
+    let job = &klaviyo.job_ids()[1];
+    assert_eq!(
+        outcome,
+        Err(DeliveryError::Retryable {
+            message: format!(
+                "Klaviyo import job {job} was cancelled; sending the batch again is safe, as an \
+                 import merges into existing profiles and a list holds a profile once"
+            ),
+        })
+    );
+    assert_eq!(
+        klaviyo.calls(),
+        [
+            "POST /api/profile-bulk-import-jobs -> 202".to_owned(),
+            klaviyo.poll(0),
+            "POST /api/profile-bulk-import-jobs -> 202".to_owned(),
+            klaviyo.poll(1),
+        ]
+    );
+    assert!(klaviyo.audience().is_empty());
 }
 
 #[tokio::test]
@@ -1152,7 +1523,7 @@ async fn server_errors_and_html_pages_are_retried_up_to_max_attempts() {
         })
     );
     let statuses: Vec<u16> = klaviyo.received().iter().map(|r| r.status).collect();
-    assert_eq!(statuses, [502, 202, 503, 503, 503]);
+    assert_eq!(statuses, [502, 202, 200, 503, 503, 503]);
     assert_eq!(klaviyo.audience().len(), 3);
 }
 
@@ -1246,7 +1617,7 @@ fn klaviyo_settings_report_every_problem_by_key() {
             error(
                 "site_id",
                 "unknown key in the connection settings; known keys: api_key_env, base_url, \
-                 revision, batch_size, timeout_seconds"
+                 revision, batch_size, timeout_seconds, poll_interval_seconds, job_wait_seconds"
             ),
             error(
                 "api_key_env",

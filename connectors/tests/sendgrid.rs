@@ -1,13 +1,20 @@
 //! The SendGrid connector against a fake Marketing Campaigns API on loopback.
 //!
-//! The fake serves the contact upsert (`PUT /v3/marketing/contacts`), the lookup by address
+//! The fake serves the contact upsert (`PUT /v3/marketing/contacts`), the import job status
+//! (`GET /v3/marketing/contacts/imports/{id}`) and its errors file, the lookup by address
 //! (`POST /v3/marketing/contacts/search/emails`) and the removal from a list
 //! (`DELETE /v3/marketing/lists/{list_id}/contacts?contact_ids=...`) the way SendGrid does: a
 //! bearer API key; at most 30,000 contacts per upsert and 100 addresses per lookup; a 400
 //! naming each invalid address by its position; writes answered 202 with a `job_id`; lookups
 //! answered with a map keyed by address, or 404 when none is known; removal by contact id
-//! only; `X-RateLimit-*` headers on every answer. It keeps the contacts (address, id, lists)
-//! and applies each job at once. Faults queued on it answer the next requests the way SendGrid
+//! only; `X-RateLimit-*` headers on every answer. It keeps the contacts (address, id, lists).
+//!
+//! An upsert job stays `pending` for a configurable number of polls and is applied when a poll
+//! finds it done, so a lookup only sees contacts whose job has completed. It ends `completed`,
+//! `errored` (the contacts set to be refused are left out, counted in `errored_count` and
+//! listed in a CSV file at `errors_url`, `email,error` per row; SendGrid does not document the
+//! file's layout, so this one is an assumption) or, when set to, `failed` with nothing applied.
+//! Removals are applied at once. Faults queued on it answer the next requests the way SendGrid
 //! fails.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -73,12 +80,45 @@ struct Contact {
     lists: BTreeSet<String>,
 }
 
+/// What a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobType {
+    Upsert,
+    Delete,
+}
+
+/// One job handed out.
+#[derive(Debug, Clone)]
+struct Job {
+    id: String,
+    job_type: JobType,
+    /// Polls still to be answered `pending`.
+    polls_left: u32,
+    /// `pending` until a poll finds it done, then `completed`, `errored` or `failed`.
+    status: &'static str,
+    /// The lower-cased addresses the job upserts.
+    emails: Vec<String>,
+    /// The lists it adds them to.
+    lists: Vec<String>,
+    /// The addresses it refuses, with SendGrid's message, once done.
+    errored: Vec<(String, String)>,
+}
+
 /// The fake API and the contacts of its one account.
+#[derive(Default)]
 struct Sendgrid {
     /// Contacts by lower-cased address.
     contacts: Mutex<BTreeMap<String, Contact>>,
-    /// Job ids handed out, in order.
-    jobs: Mutex<Vec<String>>,
+    /// Jobs handed out, in order.
+    jobs: Mutex<Vec<Job>>,
+    /// How many polls a new upsert job is answered `pending` before it is done.
+    pending_polls: Mutex<u32>,
+    /// Addresses an upsert job refuses, with the message its errors file gives.
+    refused_in_jobs: Mutex<BTreeMap<String, String>>,
+    /// Whether upsert jobs end `failed`.
+    jobs_fail: Mutex<bool>,
+    /// Whether a job with refused contacts gives an `errors_url`.
+    no_errors_files: Mutex<bool>,
     faults: Mutex<VecDeque<Fault>>,
     received: Mutex<Vec<Received>>,
 }
@@ -132,11 +172,81 @@ impl Sendgrid {
         );
     }
 
-    fn job(&self) -> Response {
+    /// The ids of the jobs handed out, in order.
+    fn job_ids(&self) -> Vec<String> {
+        self.jobs
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|job| job.id.clone())
+            .collect()
+    }
+
+    /// `GET <job status path> -> 200` for the `n`th job handed out, as [`Sendgrid::calls`]
+    /// shows a poll.
+    fn poll(&self, n: usize) -> String {
+        let id = &self.job_ids()[n];
+        format!("GET /v3/marketing/contacts/imports/{id} -> 200")
+    }
+
+    /// Makes upsert jobs refuse `email` with `message`.
+    fn refuse_in_jobs(&self, email: &str, message: &str) {
+        self.refused_in_jobs
+            .lock()
+            .unwrap()
+            .insert(email.to_owned(), message.to_owned());
+    }
+
+    /// Hands out a job and answers 202 with its id.
+    fn job(&self, job_type: JobType, emails: Vec<String>, lists: Vec<String>) -> Response {
         let mut jobs = self.jobs.lock().unwrap();
-        let id = format!("job-{:04}", jobs.len() + 1);
-        jobs.push(id.clone());
+        let id = format!("5e1f7a3c-0b2d-4c8e-9f60-{:012}", jobs.len() + 1);
+        let (polls_left, status) = match job_type {
+            JobType::Upsert => (*self.pending_polls.lock().unwrap(), "pending"),
+            JobType::Delete => (0, "completed"),
+        };
+        jobs.push(Job {
+            id: id.clone(),
+            job_type,
+            polls_left,
+            status,
+            emails,
+            lists,
+            errored: Vec::new(),
+        });
         (StatusCode::ACCEPTED, axum::Json(json!({ "job_id": id }))).into_response()
+    }
+
+    /// Finishes a pending upsert job: applies it, less the contacts it refuses, or fails it.
+    fn finish_job(&self, job: &mut Job) {
+        if *self.jobs_fail.lock().unwrap() {
+            job.status = "failed";
+            job.errored = job
+                .emails
+                .iter()
+                .map(|email| (email.clone(), "unprocessable".to_owned()))
+                .collect();
+            return;
+        }
+        let refused = self.refused_in_jobs.lock().unwrap().clone();
+        let mut contacts = self.contacts.lock().unwrap();
+        for email in &job.emails {
+            if let Some(message) = refused.get(email) {
+                job.errored.push((email.clone(), message.clone()));
+                continue;
+            }
+            let next = contact_id(contacts.len());
+            let entry = contacts.entry(email.clone()).or_insert(Contact {
+                id: next,
+                lists: BTreeSet::new(),
+            });
+            entry.lists.extend(job.lists.iter().cloned());
+        }
+        job.status = if job.errored.is_empty() {
+            "completed"
+        } else {
+            "errored"
+        };
     }
 }
 
@@ -347,18 +457,111 @@ fn upsert(sendgrid: &Sendgrid, body: &[u8]) -> Response {
         return errors(400, &entries);
     }
 
-    let mut stored = sendgrid.contacts.lock().unwrap();
-    for contact in contacts {
-        let email = contact["email"].as_str().unwrap().to_lowercase();
-        let next = contact_id(stored.len());
-        let entry = stored.entry(email).or_insert(Contact {
-            id: next,
-            lists: BTreeSet::new(),
-        });
-        entry.lists.extend(lists.iter().cloned());
+    let emails = contacts
+        .iter()
+        .map(|contact| contact["email"].as_str().unwrap().to_lowercase())
+        .collect();
+    sendgrid.job(JobType::Upsert, emails, lists)
+}
+
+async fn import_status(
+    State(sendgrid): State<Arc<Sendgrid>>,
+    Path(id): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let fault = sendgrid.faults.lock().unwrap().pop_front();
+    let response = refusal(fault.as_ref(), &headers).unwrap_or_else(|| {
+        let host = headers.get("host").unwrap().to_str().unwrap();
+        status_of(&sendgrid, &id, host)
+    });
+    finish(
+        &sendgrid,
+        Method::GET,
+        &uri,
+        &headers,
+        &Bytes::new(),
+        fault,
+        response,
+    )
+    .await
+}
+
+fn status_of(sendgrid: &Sendgrid, id: &str, host: &str) -> Response {
+    let mut jobs = sendgrid.jobs.lock().unwrap();
+    let Some(job) = jobs.iter_mut().find(|job| job.id == id) else {
+        return errors(404, &[(None, "job not found")]);
+    };
+    if job.status == "pending" {
+        if job.polls_left > 0 {
+            job.polls_left -= 1;
+        } else {
+            sendgrid.finish_job(job);
+        }
     }
-    drop(stored);
-    sendgrid.job()
+    let job_type = match job.job_type {
+        JobType::Upsert => "upsert",
+        JobType::Delete => "delete",
+    };
+    let mut answer = json!({
+        "id": job.id,
+        "status": job.status,
+        "job_type": job_type,
+        "started_at": "2026-12-01T09:00:00Z",
+    });
+    if job.status != "pending" {
+        let errored = job.errored.len();
+        let mut results = json!({
+            "requested_count": job.emails.len(),
+            "created_count": job.emails.len() - errored,
+            "updated_count": 0,
+            "deleted_count": 0,
+            "errored_count": errored,
+        });
+        if errored > 0 && !*sendgrid.no_errors_files.lock().unwrap() {
+            results["errors_url"] = json!(format!(
+                "http://{host}/v3/marketing/contacts/imports/errors/{id}"
+            ));
+        }
+        answer["results"] = results;
+        answer["finished_at"] = json!("2026-12-01T09:01:00Z");
+    }
+    axum::Json(answer).into_response()
+}
+
+async fn errors_file(
+    State(sendgrid): State<Arc<Sendgrid>>,
+    Path(id): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let fault = sendgrid.faults.lock().unwrap().pop_front();
+    let response = refusal(fault.as_ref(), &headers).unwrap_or_else(|| {
+        let jobs = sendgrid.jobs.lock().unwrap();
+        match jobs
+            .iter()
+            .find(|job| job.id == id && !job.errored.is_empty())
+        {
+            Some(job) => {
+                let mut csv = "email,error\r\n".to_owned();
+                for (email, message) in &job.errored {
+                    csv.push_str(&format!("{email},\"{message}\"\r\n"));
+                }
+                ([("content-type", "text/csv")], csv).into_response()
+            }
+            None => errors(404, &[(None, "not found")]),
+        }
+    });
+    finish(
+        &sendgrid,
+        Method::GET,
+        &uri,
+        &headers,
+        &Bytes::new(),
+        fault,
+        response,
+    )
+    .await
 }
 
 async fn search_emails(
@@ -489,7 +692,7 @@ fn remove(sendgrid: &Sendgrid, list_id: &str, query: &str) -> Response {
         }
     }
     drop(contacts);
-    sendgrid.job()
+    sendgrid.job(JobType::Delete, Vec::new(), Vec::new())
 }
 
 /// `%XX` escapes decoded.
@@ -512,16 +715,19 @@ fn percent_decode(text: &str) -> String {
 
 /// Starts the fake on a loopback port; returns it with its API root.
 async fn start_sendgrid() -> (Arc<Sendgrid>, String) {
-    let sendgrid = Arc::new(Sendgrid {
-        contacts: Mutex::new(BTreeMap::new()),
-        jobs: Mutex::new(Vec::new()),
-        faults: Mutex::new(VecDeque::new()),
-        received: Mutex::new(Vec::new()),
-    });
+    let sendgrid = Arc::new(Sendgrid::default());
     let router = axum::Router::new()
         .route(
             "/v3/marketing/contacts",
             axum::routing::put(upsert_contacts),
+        )
+        .route(
+            "/v3/marketing/contacts/imports/{id}",
+            axum::routing::get(import_status),
+        )
+        .route(
+            "/v3/marketing/contacts/imports/errors/{id}",
+            axum::routing::get(errors_file),
         )
         .route(
             "/v3/marketing/contacts/search/emails",
@@ -546,6 +752,7 @@ fn connection(base_url: &str) -> toml::Table {
     let mut table = toml::toml! {
         api_key_env = "SENDGRID_KEY"
         timeout_seconds = 1
+        poll_interval_seconds = 1
     };
     table.insert("base_url".into(), base_url.into());
     table
@@ -632,6 +839,7 @@ async fn adding_three_and_removing_one_leaves_two_in_the_list_and_keeps_the_cont
         sendgrid.calls(),
         [
             "PUT /v3/marketing/contacts -> 202",
+            &sendgrid.poll(0),
             "POST /v3/marketing/contacts/search/emails -> 200",
             &format!("DELETE /v3/marketing/lists/{LIST_ID}/contacts -> 202"),
         ]
@@ -669,13 +877,18 @@ async fn requests_carry_the_bearer_key_lower_cased_addresses_and_contact_ids() {
             ],
         })
     );
+    // The job is polled under the id of the upsert's 202.
     assert_eq!(
-        serde_json::from_str::<Value>(&received[1].body).unwrap(),
+        received[1].uri,
+        format!("/v3/marketing/contacts/imports/{}", sendgrid.job_ids()[0])
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&received[2].body).unwrap(),
         json!({"emails": ["ann@example.com", "bob@example.com", "cat@example.com"]})
     );
     // The fake numbers contact ids in order of creation; commas are sent escaped.
     assert_eq!(
-        received[2].uri,
+        received[3].uri,
         format!(
             "/v3/marketing/lists/{LIST_ID}/contacts?contact_ids=\
              7c1e0a00-0000-4000-8000-000000000000%2C7c1e0a00-0000-4000-8000-000000000001%2C\
@@ -727,7 +940,7 @@ async fn removing_the_same_batch_twice_sends_no_second_removal() {
     assert_eq!(second, Ok(accepted(&["1", "2", "3"])));
     assert!(sendgrid.audience().is_empty());
     assert_eq!(
-        sendgrid.calls()[3..],
+        sendgrid.calls()[4..],
         ["POST /v3/marketing/contacts/search/emails -> 200"]
     );
 }
@@ -851,9 +1064,222 @@ async fn an_address_sendgrid_refuses_is_rejected_and_the_others_are_added() {
         sendgrid.calls(),
         [
             "PUT /v3/marketing/contacts -> 400",
-            "PUT /v3/marketing/contacts -> 202"
+            "PUT /v3/marketing/contacts -> 202",
+            &sendgrid.poll(0),
         ]
     );
+}
+
+#[tokio::test]
+async fn an_add_counts_only_once_its_import_job_has_completed() {
+    let (sendgrid, url) = start_sendgrid().await;
+    *sendgrid.pending_polls.lock().unwrap() = 1;
+    let started = Instant::now();
+
+    let outcome = connector(&url)
+        .deliver(&batch(Change::Add, three_members()))
+        .await;
+
+    assert_eq!(outcome, Ok(accepted(&["1", "2", "3"])));
+    assert_eq!(
+        sendgrid.calls(),
+        [
+            "PUT /v3/marketing/contacts -> 202",
+            &sendgrid.poll(0),
+            &sendgrid.poll(0)
+        ]
+    );
+    // One poll interval (1 s) passes between the pending answer and the completed one.
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_secs(1), "waited only {elapsed:?}");
+    assert_eq!(sendgrid.audience().len(), 3);
+}
+
+#[tokio::test]
+async fn a_contact_the_import_job_refuses_is_rejected_with_the_reason_its_errors_file_gives() {
+    let (sendgrid, url) = start_sendgrid().await;
+    sendgrid.refuse_in_jobs(
+        "bob@example.com",
+        "bob@example.com cannot be updated: send every identifier the contact holds",
+    );
+
+    let outcome = connector(&url)
+        .deliver(&batch(Change::Add, three_members()))
+        .await;
+
+    assert_eq!(
+        outcome,
+        Ok(Outcome {
+            accepted: vec!["1".into(), "3".into()],
+            rejected: vec![Rejection {
+                key: "2".into(),
+                reason: "SendGrid's import job refused the contact: error: <member> cannot be \
+                         updated: send every identifier the contact holds"
+                    .into(),
+            }],
+        })
+    );
+    assert_eq!(
+        sendgrid.audience(),
+        addresses(&["ann@example.com", "cat@example.com"])
+    );
+    let job = &sendgrid.job_ids()[0];
+    assert_eq!(
+        sendgrid.calls(),
+        [
+            "PUT /v3/marketing/contacts -> 202".to_owned(),
+            sendgrid.poll(0),
+            format!("GET /v3/marketing/contacts/imports/errors/{job} -> 200"),
+        ]
+    );
+    assert!(
+        sendgrid.received()[2].authorization.as_deref() == Some(&format!("Bearer {KEY}")),
+        "the errors file is on the configured host, so it is fetched with the key"
+    );
+}
+
+#[tokio::test]
+async fn without_an_errors_file_a_partly_refused_job_accepts_all_and_a_wholly_refused_one_rejects_all()
+ {
+    let (sendgrid, url) = start_sendgrid().await;
+    *sendgrid.no_errors_files.lock().unwrap() = true;
+    sendgrid.refuse_in_jobs("bob@example.com", "cannot be updated");
+    let connector = connector(&url);
+    let mut only_bob = batch(Change::Add, vec![member("2", "bob@example.com")]);
+    only_bob.sequence = 1;
+
+    let partly = connector
+        .deliver(&batch(Change::Add, three_members()))
+        .await;
+    let wholly = connector.deliver(&only_bob).await;
+
+    // Which of the three was refused is not known, so all three count as accepted.
+    assert_eq!(partly, Ok(accepted(&["1", "2", "3"])));
+    let job = &sendgrid.job_ids()[1];
+    assert_eq!(
+        wholly,
+        Ok(Outcome {
+            accepted: vec![],
+            rejected: vec![Rejection {
+                key: "2".into(),
+                reason: format!(
+                    "SendGrid's import job {job} counted 1 of its 1 contacts as errored without \
+                     naming them all; this one is among them"
+                ),
+            }],
+        })
+    );
+    assert_eq!(
+        sendgrid.audience(),
+        addresses(&["ann@example.com", "cat@example.com"])
+    );
+}
+
+#[tokio::test]
+async fn an_import_job_still_pending_when_the_wait_ends_is_retryable_and_polled_again_next_time() {
+    let (sendgrid, url) = start_sendgrid().await;
+    *sendgrid.pending_polls.lock().unwrap() = 1;
+    let mut settings = connection(&url);
+    settings.insert("job_wait_seconds".into(), 1.into());
+    let activation = toml::toml! { list_id = "ca7a3796-e8a8-4029-9ccb-df8937940562" };
+    let connector =
+        SendgridConnector::from_settings(&settings, &activation, &secrets(KEY)).unwrap();
+
+    let first = connector
+        .deliver(&batch(Change::Add, three_members()))
+        .await;
+    let remembered = format!("{connector:?}");
+    let audience_meanwhile = sendgrid.audience();
+    let second = connector
+        .deliver(&batch(Change::Add, three_members()))
+        .await;
+
+    let job = &sendgrid.job_ids()[0];
+    assert_eq!(
+        first,
+        Err(DeliveryError::Retryable {
+            message: format!(
+                "SendGrid import job {job} is still pending after 1 s; sending the batch again is \
+                 safe, as upserts and list adds are idempotent, and the next attempt in this \
+                 process polls the same job"
+            ),
+        })
+    );
+    assert!(audience_meanwhile.is_empty());
+    // The job waiting for the next attempt is remembered without the addresses it holds.
+    assert!(remembered.contains(job.as_str()), "{remembered}");
+    assert!(!remembered.contains("@example.com"), "{remembered}");
+    assert_eq!(second, Ok(accepted(&["1", "2", "3"])));
+    // One upsert: the second attempt finds the first one's job completed.
+    assert_eq!(
+        sendgrid.calls(),
+        [
+            "PUT /v3/marketing/contacts -> 202",
+            &sendgrid.poll(0),
+            &sendgrid.poll(0)
+        ]
+    );
+    assert_eq!(sendgrid.contacts.lock().unwrap().len(), 3);
+    assert_eq!(sendgrid.audience().len(), 3);
+}
+
+#[tokio::test]
+async fn a_poll_that_fails_is_retried_on_the_same_job_without_upserting_again() {
+    let (sendgrid, url) = start_sendgrid().await;
+    sendgrid.fail_next([Fault::Slow(Duration::ZERO), Fault::Unavailable]);
+
+    let outcome = deliver_with_retries(
+        &connector(&url),
+        &batch(Change::Add, three_members()),
+        &quick_policy(3),
+    )
+    .await;
+
+    assert_eq!(outcome, Ok(accepted(&["1", "2", "3"])));
+    let job = &sendgrid.job_ids()[0];
+    assert_eq!(
+        sendgrid.calls(),
+        [
+            "PUT /v3/marketing/contacts -> 202".to_owned(),
+            format!("GET /v3/marketing/contacts/imports/{job} -> 503"),
+            sendgrid.poll(0),
+        ]
+    );
+    assert_eq!(sendgrid.audience().len(), 3);
+}
+
+#[tokio::test]
+async fn a_failed_import_job_fails_the_batch_as_retryable_and_the_retry_upserts_again() {
+    let (sendgrid, url) = start_sendgrid().await;
+    *sendgrid.jobs_fail.lock().unwrap() = true;
+
+    let outcome = deliver_with_retries(
+        &connector(&url),
+        &batch(Change::Add, three_members()),
+        &quick_policy(2),
+    )
+    .await;
+
+    let job = &sendgrid.job_ids()[1];
+    assert_eq!(
+        outcome,
+        Err(DeliveryError::Retryable {
+            message: format!(
+                "SendGrid import job {job} failed (3 of 3 contacts errored); sending the batch \
+                 again is safe, as upserts and list adds are idempotent"
+            ),
+        })
+    );
+    assert_eq!(
+        sendgrid.calls(),
+        [
+            "PUT /v3/marketing/contacts -> 202".to_owned(),
+            sendgrid.poll(0),
+            "PUT /v3/marketing/contacts -> 202".to_owned(),
+            sendgrid.poll(1),
+        ]
+    );
+    assert!(sendgrid.audience().is_empty());
 }
 
 #[tokio::test]
@@ -927,7 +1353,7 @@ async fn a_removal_failing_after_its_first_hundred_finishes_on_retry() {
     let search = "POST /v3/marketing/contacts/search/emails";
     let delete = format!("DELETE /v3/marketing/lists/{LIST_ID}/contacts");
     assert_eq!(
-        sendgrid.calls()[1..],
+        sendgrid.calls()[2..],
         [
             format!("{search} -> 200"),
             format!("{delete} -> 202"),
@@ -1001,7 +1427,8 @@ async fn a_429_with_only_a_rate_limit_reset_waits_until_the_reset_then_adds() {
         sendgrid.calls(),
         [
             "PUT /v3/marketing/contacts -> 429",
-            "PUT /v3/marketing/contacts -> 202"
+            "PUT /v3/marketing/contacts -> 202",
+            &sendgrid.poll(0),
         ]
     );
     assert_eq!(sendgrid.audience().len(), 3);
@@ -1131,7 +1558,7 @@ async fn server_errors_and_html_pages_are_retried_up_to_max_attempts() {
         })
     );
     let statuses: Vec<u16> = sendgrid.received().iter().map(|r| r.status).collect();
-    assert_eq!(statuses, [502, 202, 503, 503, 503]);
+    assert_eq!(statuses, [502, 202, 200, 503, 503, 503]);
     assert_eq!(sendgrid.audience().len(), 3);
 }
 
@@ -1213,7 +1640,7 @@ fn sendgrid_settings_report_every_problem_by_key() {
             error(
                 "region",
                 "unknown key in the connection settings; known keys: api_key_env, base_url, \
-                 batch_size, timeout_seconds"
+                 batch_size, timeout_seconds, poll_interval_seconds, job_wait_seconds"
             ),
             error(
                 "api_key_env",
