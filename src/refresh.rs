@@ -6,7 +6,15 @@
 //! staging tables next to the live ones, checked (keys present and unique where they must be),
 //! and only then swapped in, all in one transaction. A refresh that fails at any step drops its
 //! staging tables and leaves the live tables, memberships and acknowledged state as they were.
+//!
+//! A bad row fails the refresh; none is skipped. Before DuckDB reads a source, a gzip file is
+//! read to its end here, because DuckDB loads the rows of a truncated gzip file (one still
+//! being written, say) up to the break without an error. A CSV header is read here too, so a
+//! file whose rows do not match its header is reported at the row, not at DuckDB's guess of
+//! its dialect. DuckDB's errors about malformed CSV rows are said again in an operator's words,
+//! with DuckDB's own detail after them but never the row itself, which may hold personal data.
 
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
 use duckdb::Connection;
@@ -288,11 +296,7 @@ fn file_columns(connection: &Connection, source: &SourceDef) -> Result<Vec<Strin
         SourceFormat::Csv {
             delimiter,
             header: true,
-        } => format!(
-            "DESCRIBE SELECT * FROM read_csv({path}, delim = {}, quote = '\"', escape = '\"', \
-             header = true, all_varchar = true)",
-            quote_literal(delimiter)
-        ),
+        } => return csv_header(source, delimiter),
         // Without a header the declared columns are the file's columns, in order.
         SourceFormat::Csv { header: false, .. } => {
             return Ok(source.columns.iter().map(|(n, _)| n.clone()).collect());
@@ -338,6 +342,30 @@ fn load_source(
     if !Path::new(&source.path).is_file() {
         return Err(source_error(source, "the file does not exist"));
     }
+    if !is_gzip(source) {
+        return load_checked_source(connection, source, schema);
+    }
+    // The gzip file is read to its end while DuckDB loads it; a break in it fails the load
+    // whatever DuckDB made of the data before the break.
+    std::thread::scope(|scope| {
+        let whole = scope.spawn(|| check_gzip(source));
+        let loaded = load_checked_source(connection, source, schema);
+        let whole = whole.join().unwrap_or_else(|_| {
+            Err(source_error(
+                source,
+                "reading the gzip file to its end failed unexpectedly; refresh again",
+            ))
+        });
+        whole.and(loaded)
+    })
+}
+
+/// Checks a source file's columns against its declaration, then loads it.
+fn load_checked_source(
+    connection: &Connection,
+    source: &SourceDef,
+    schema: &str,
+) -> Result<i64, RefreshError> {
     let found = file_columns(connection, source)?;
     let missing: Vec<&str> = source
         .columns
@@ -422,13 +450,19 @@ fn load_source(
         .map_err(RefreshError::from)
 }
 
-/// Finds the first value that does not fit its declared type, to say where it is. Values are
-/// not quoted back: a source may hold personal data, and the line and column are enough.
+/// Says why DuckDB could not load a source: a malformed CSV row, or else the first value that
+/// does not fit its declared type. Values are not quoted back: a source may hold personal
+/// data, and the line and column are enough.
 fn explain_load_failure(
     connection: &Connection,
     source: &SourceDef,
     err: &duckdb::Error,
 ) -> String {
+    if let SourceFormat::Csv { delimiter, header } = &source.format
+        && let Some(explained) = explain_csv_error(&err.to_string(), delimiter, *header)
+    {
+        return explained;
+    }
     for (name, column_type) in &source.columns {
         if matches!(column_type, ColumnType::Text | ColumnType::List(_)) {
             continue;
@@ -456,6 +490,235 @@ fn explain_load_failure(
 
 fn first_line(text: &str) -> &str {
     text.lines().next().unwrap_or(text)
+}
+
+/// The number written after `label` in `text`.
+fn number_after(text: &str, label: &str) -> Option<u64> {
+    let start = text.find(label)? + label.len();
+    let digits: String = text[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// Explains DuckDB's error about a malformed CSV row, when it is one. DuckDB's error quotes
+/// the row after `Original Line:`; only its line number and its reason are kept. DuckDB counts
+/// rows with the header as line 1, which is the file's line unless a quoted value above holds
+/// a line break.
+fn explain_csv_error(text: &str, delimiter: &str, header: bool) -> Option<String> {
+    let line = number_after(text, "CSV Error on Line: ")?;
+    let duckdb = first_line(text);
+    let expected = number_after(text, "Expected Number of Columns: ");
+    let found = number_after(text, "Found: ");
+    if let (Some(expected), Some(found)) = (expected, found) {
+        let against = if header {
+            format!("the header has {expected}")
+        } else {
+            format!("the pipeline declares {expected} columns")
+        };
+        let cut_short = if found < expected {
+            "; a row cut short at the end of the file means the file is incomplete or still being \
+             written"
+        } else {
+            ""
+        };
+        return Some(format!(
+            "line {line}: the row has {found} field{}, {against}; fix the row (a value holding \
+             `{delimiter}` must be in double quotes) and refresh again{cut_short} (DuckDB: \
+             {duckdb}; Expected Number of Columns: {expected} Found: {found})",
+            if found == 1 { "" } else { "s" }
+        ));
+    }
+    if text.contains("Value with unterminated quote found") {
+        return Some(format!(
+            "line {line}: a quoted value is not closed: a `\"` opens it and no `\"` ends it; \
+             close it (a `\"` inside a quoted value is written `\"\"`) and refresh again \
+             (DuckDB: {duckdb}; Value with unterminated quote found.)"
+        ));
+    }
+    if text.contains("Invalid unicode") {
+        return Some(format!(
+            "line {line}: the file is not UTF-8 text; convert it to UTF-8 and refresh again \
+             (DuckDB: {duckdb}; Invalid unicode (byte sequence mismatch) detected.)"
+        ));
+    }
+    Some(format!(
+        "line {line}: DuckDB cannot read this row; fix it and refresh again (DuckDB: {duckdb})"
+    ))
+}
+
+/// Whether DuckDB reads the source as gzip: it goes by the `.gz` ending.
+fn is_gzip(source: &SourceDef) -> bool {
+    source.path.to_string_lossy().ends_with(".gz")
+}
+
+/// The source file's text: decompressed when it is gzip.
+fn open_text(source: &SourceDef) -> Result<Box<dyn BufRead>, RefreshError> {
+    let file = std::fs::File::open(&source.path)
+        .map_err(|e| source_error(source, format!("cannot read the file: {e}")))?;
+    let empty = file.metadata().is_ok_and(|m| m.len() == 0);
+    Ok(if is_gzip(source) && !empty {
+        Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(
+            BufReader::new(file),
+        )))
+    } else {
+        Box::new(BufReader::new(file))
+    })
+}
+
+/// Reads a gzip source to its end, so a file cut short is refused rather than loaded up to
+/// the break, and says after which line the data stops.
+fn check_gzip(source: &SourceDef) -> Result<(), RefreshError> {
+    let mut file = std::fs::File::open(&source.path)
+        .map_err(|e| source_error(source, format!("cannot read the file: {e}")))?;
+    let mut magic = [0u8; 2];
+    match file.read(&mut magic) {
+        // Nothing to decompress: the header check says the file is empty.
+        Ok(0) => return Ok(()),
+        Ok(2) if magic == [0x1f, 0x8b] => {}
+        Ok(_) => {
+            return Err(source_error(
+                source,
+                "the file's name ends in .gz but it does not hold gzip data; compress it with \
+                 gzip, or drop .gz from its name and from `path`",
+            ));
+        }
+        Err(err) => return Err(source_error(source, format!("cannot read the file: {err}"))),
+    }
+    let file = std::io::Cursor::new(magic).chain(file);
+    let mut decoder = flate2::read::MultiGzDecoder::new(BufReader::new(file));
+    let mut buffer = vec![0u8; 256 * 1024];
+    let mut lines: u64 = 0;
+    let mut in_line = false;
+    loop {
+        match decoder.read(&mut buffer) {
+            Ok(0) => return Ok(()),
+            Ok(read) => {
+                let chunk = &buffer[..read];
+                lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+                in_line = chunk.last() != Some(&b'\n');
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => {
+                let at = match (lines, in_line) {
+                    (_, true) => format!("line {}: ", lines + 1),
+                    (0, false) => String::new(),
+                    (_, false) => format!("after line {lines}: "),
+                };
+                let message = if err.kind() == std::io::ErrorKind::UnexpectedEof {
+                    let place = if in_line {
+                        ", in the middle of this line"
+                    } else {
+                        ""
+                    };
+                    format!(
+                        "{at}the gzip file ends early{place}: it is truncated or still being \
+                         written; wait until it is complete, or replace it with the complete \
+                         file, and refresh again (gzip: {err})"
+                    )
+                } else {
+                    format!(
+                        "{at}the gzip data is damaged; replace the file with a good copy and \
+                         refresh again (gzip: {err})"
+                    )
+                };
+                return Err(source_error(source, message));
+            }
+        }
+    }
+}
+
+/// The most a CSV header line may take; a longer first line is not a header.
+const MAX_HEADER_BYTES: usize = 1 << 20;
+
+/// The column names in a CSV file's header, read as DuckDB reads them: a byte order mark
+/// dropped, names trimmed, `"` quoting with `""` for a quote inside.
+fn csv_header(source: &SourceDef, delimiter: &str) -> Result<Vec<String>, RefreshError> {
+    let mut reader = open_text(source)?.take(MAX_HEADER_BYTES as u64 + 1);
+    let mut line = Vec::new();
+    let mut quoted = false;
+    let mut byte = [0u8; 1];
+    loop {
+        match reader.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(err) => {
+                return Err(source_error(
+                    source,
+                    format!("cannot read the header line: {err}"),
+                ));
+            }
+        }
+        match byte[0] {
+            b'"' => quoted = !quoted,
+            b'\n' if !quoted => break,
+            _ => {}
+        }
+        line.push(byte[0]);
+        if line.len() > MAX_HEADER_BYTES {
+            return Err(source_error(
+                source,
+                "line 1: the header line is longer than 1 MiB; is this a CSV file? Check the \
+                 source's `format` and `delimiter`",
+            ));
+        }
+    }
+    if line.is_empty() {
+        return Err(source_error(
+            source,
+            "the file is empty; a CSV source with a header starts with a line naming its \
+             columns (or set `header = false`)",
+        ));
+    }
+    let Ok(text) = String::from_utf8(line) else {
+        return Err(source_error(
+            source,
+            "line 1: the header line is not UTF-8 text; convert the file to UTF-8 and refresh \
+             again",
+        ));
+    };
+    let text = text
+        .trim_start_matches('\u{feff}')
+        .trim_end_matches(['\r', '\n']);
+    Ok(split_csv_line(text, delimiter)
+        .into_iter()
+        .map(|name| name.trim().to_string())
+        .collect())
+}
+
+/// Splits one CSV line into its fields, unquoting them.
+fn split_csv_line(line: &str, delimiter: &str) -> Vec<String> {
+    let mut fields = Vec::new();
+    let mut field = String::new();
+    let mut quoted = false;
+    let mut rest = line;
+    while let Some(c) = rest.chars().next() {
+        if quoted {
+            if let Some(after) = rest.strip_prefix("\"\"") {
+                field.push('"');
+                rest = after;
+                continue;
+            }
+            if c == '"' {
+                quoted = false;
+            } else {
+                field.push(c);
+            }
+        } else if let Some(after) = rest.strip_prefix(delimiter) {
+            fields.push(std::mem::take(&mut field));
+            rest = after;
+            continue;
+        } else if c == '"' {
+            quoted = true;
+        } else {
+            field.push(c);
+        }
+        rest = &rest[c.len_utf8()..];
+    }
+    fields.push(field);
+    fields
 }
 
 fn table_label(table: &TableDef) -> String {

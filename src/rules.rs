@@ -5,7 +5,9 @@
 //! behaviour rows that match a filter, within a time window, compared with a value), or a
 //! reference to another segment. This module turns the TOML an operator writes into that tree,
 //! checking every column, operator and value against the master segment's declared columns
-//! ([`Catalog`]); it reports problems with the line they are on. Turning a rule into SQL is
+//! ([`Catalog`]); it reports problems with the line they are on. Without the columns (when the
+//! pipeline's tables cannot be used), [`check_form`] checks what it can of a rule's shape and
+//! still finds its references to other segments. Turning a rule into SQL is
 //! [`crate::compile`]'s job.
 //!
 //! Null policy: a leaf condition on a missing value is false, whatever its operator, except
@@ -30,7 +32,7 @@ pub struct RawCondition {
     all: Option<Vec<Spanned<RawCondition>>>,
     any: Option<Vec<Spanned<RawCondition>>>,
     not: Option<Box<Spanned<RawCondition>>>,
-    segment: Option<String>,
+    segment: Option<Spanned<String>>,
     attribute: Option<String>,
     behaviour: Option<String>,
     column: Option<String>,
@@ -466,28 +468,62 @@ pub struct RuleProblem {
     pub message: String,
 }
 
-/// Checks a raw rule, returning the rule and the segments it refers to, or every problem.
-pub fn check(
-    raw: &Spanned<RawCondition>,
-    catalog: &Catalog,
-) -> Result<(Rule, Vec<String>), Vec<RuleProblem>> {
+/// A rule's reference to another segment, where it is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference {
+    /// The segment referred to.
+    pub segment: String,
+    /// Byte offset of the `segment = "..."` value in the segment file.
+    pub offset: usize,
+}
+
+/// What checking a rule found.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// The rule, or every problem in it.
+    pub rule: Result<Rule, Vec<RuleProblem>>,
+    /// The segments it refers to, in rule order; found even when the rule has problems, so
+    /// references can be checked for every segment file.
+    pub references: Vec<Reference>,
+}
+
+/// Checks a raw rule against the master segment's columns.
+pub fn check(raw: &Spanned<RawCondition>, catalog: &Catalog) -> Checked {
     let mut checker = Checker {
-        catalog,
+        catalog: Some(catalog),
         problems: Vec::new(),
         references: Vec::new(),
     };
     let rule = checker.rule(raw, true);
-    if checker.problems.is_empty() {
-        Ok((rule, checker.references))
-    } else {
-        Err(checker.problems)
+    Checked {
+        rule: if checker.problems.is_empty() {
+            Ok(rule)
+        } else {
+            Err(checker.problems)
+        },
+        references: checker.references,
     }
 }
 
+/// Checks what can be checked of a rule without the master segment's columns (when its
+/// pipeline.toml cannot be used): the shape of every condition, the keys each kind takes,
+/// aggregates and windows, and the segments it refers to. Columns, operators and values are
+/// not checked. Returns the problems found and the references.
+pub fn check_form(raw: &Spanned<RawCondition>) -> (Vec<RuleProblem>, Vec<Reference>) {
+    let mut checker = Checker {
+        catalog: None,
+        problems: Vec::new(),
+        references: Vec::new(),
+    };
+    checker.rule(raw, true);
+    (checker.problems, checker.references)
+}
+
 struct Checker<'a> {
-    catalog: &'a Catalog,
+    /// `None` when only the form of the rule is checked.
+    catalog: Option<&'a Catalog>,
     problems: Vec<RuleProblem>,
-    references: Vec<String>,
+    references: Vec<Reference>,
 }
 
 /// Names the keys of a raw condition that are set, to tell what kind of node it is.
@@ -573,20 +609,26 @@ impl Checker<'_> {
             }
             "segment" => {
                 self.only(spanned, &[]);
-                let name = raw.segment.clone().expect("set");
-                self.references.push(name.clone());
-                Rule::Segment(name)
+                let name = raw.segment.as_ref().expect("set");
+                self.references.push(Reference {
+                    segment: name.get_ref().clone(),
+                    offset: name.span().start,
+                });
+                Rule::Segment(name.get_ref().clone())
             }
             "attribute" => {
                 self.only(spanned, &["op", "value", "count"]);
                 let name = raw.attribute.as_deref().expect("set");
-                match self.catalog.attribute(name) {
+                let Some(catalog) = self.catalog else {
+                    return Rule::Everyone;
+                };
+                match catalog.attribute(name) {
                     Some(column) => {
                         let predicate = self.predicate(spanned, &column.column_type);
                         Rule::Attribute { column, predicate }
                     }
                     None => {
-                        let known = self.catalog.attribute_names();
+                        let known = catalog.attribute_names();
                         self.problem(
                             spanned,
                             format!(
@@ -630,8 +672,12 @@ impl Checker<'_> {
             &["column", "aggregate", "within", "where", "op", "value"],
         );
         let name = raw.behaviour.clone().expect("set");
-        let Some(table) = self.catalog.behaviours.get(&name).cloned() else {
-            let known: Vec<&str> = self.catalog.behaviours.keys().map(String::as_str).collect();
+        let Some(catalog) = self.catalog else {
+            self.behaviour_form(spanned);
+            return Rule::Everyone;
+        };
+        let Some(table) = catalog.behaviours.get(&name).cloned() else {
+            let known: Vec<&str> = catalog.behaviours.keys().map(String::as_str).collect();
             self.problem(
                 spanned,
                 format!(
@@ -643,16 +689,7 @@ impl Checker<'_> {
         };
 
         let aggregate_name = raw.aggregate.as_deref().unwrap_or("count");
-        let aggregate = Aggregate::parse(aggregate_name).unwrap_or_else(|| {
-            self.problem(
-                spanned,
-                format!(
-                    "unknown aggregate `{aggregate_name}`; use count, count_distinct, sum, avg, \
-                     min, max, first or last"
-                ),
-            );
-            Aggregate::Count
-        });
+        let aggregate = self.aggregate(spanned, aggregate_name);
 
         let column_type = match (&raw.column, aggregate) {
             (None, Aggregate::Count) => ColumnType::Integer("BIGINT"),
@@ -688,16 +725,7 @@ impl Checker<'_> {
             },
         };
 
-        let window = raw
-            .within
-            .as_deref()
-            .and_then(|within| match Window::parse(within) {
-                Ok(window) => Some(window),
-                Err(message) => {
-                    self.problem(spanned, message);
-                    None
-                }
-            });
+        let window = self.window(spanned);
         let filter = raw
             .filter
             .as_ref()
@@ -711,6 +739,45 @@ impl Checker<'_> {
             filter,
             predicate,
         })
+    }
+
+    /// The checks of a behaviour condition that need no columns: its aggregate, whether the
+    /// aggregate has the `column` it needs, and its window.
+    fn behaviour_form(&mut self, spanned: &Spanned<RawCondition>) {
+        let raw = spanned.get_ref();
+        let aggregate_name = raw.aggregate.as_deref().unwrap_or("count");
+        let aggregate = self.aggregate(spanned, aggregate_name);
+        if raw.column.is_none() && aggregate != Aggregate::Count {
+            self.problem(
+                spanned,
+                format!("aggregate `{aggregate_name}` needs `column`"),
+            );
+        }
+        self.window(spanned);
+    }
+
+    fn aggregate(&mut self, spanned: &Spanned<RawCondition>, name: &str) -> Aggregate {
+        Aggregate::parse(name).unwrap_or_else(|| {
+            self.problem(
+                spanned,
+                format!(
+                    "unknown aggregate `{name}`; use count, count_distinct, sum, avg, min, max, \
+                     first or last"
+                ),
+            );
+            Aggregate::Count
+        })
+    }
+
+    fn window(&mut self, spanned: &Spanned<RawCondition>) -> Option<Window> {
+        let within = spanned.get_ref().within.as_deref()?;
+        match Window::parse(within) {
+            Ok(window) => Some(window),
+            Err(message) => {
+                self.problem(spanned, message);
+                None
+            }
+        }
     }
 
     fn filter(&mut self, spanned: &Spanned<RawCondition>, table: &TableDef) -> Filter {

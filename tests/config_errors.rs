@@ -151,3 +151,191 @@ fn a_connection_secret_must_be_in_the_environment() {
         "{stderr}"
     );
 }
+
+/// Runs `segmentd validate`, which must fail, and returns its report.
+fn problems(project: &Project) -> String {
+    let (ok, stderr) = validate(project);
+    assert!(!ok, "validate must fail:\n{stderr}");
+    stderr
+}
+
+/// Asserts that a reported line starts with `file:line: ` and holds `words`.
+fn assert_reported(stderr: &str, file: &str, line: usize, words: &str) {
+    let wanted = format!("{file}:{line}: ");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains(&wanted) && l.contains(words)),
+        "expected `{wanted}... {words}` in:\n{stderr}"
+    );
+}
+
+#[test]
+fn a_config_toml_that_does_not_parse_still_lets_the_segments_be_checked() {
+    let project = Project::new();
+    project.write(
+        "config.toml",
+        "data_dir = \"var\"\n\n[connections.exports\ntype = \"file\"\n",
+    );
+    project.write("pipelines/shop/pipeline.toml", PIPELINE);
+    project.write(
+        "pipelines/shop/segments/typo.toml",
+        "[rule]\nall = [\n  { attribute = \"country\", op = \"=\", value = \"FR\" },\n  { attribute = \"contry\", op = \"=\", value = \"FR\" },\n]\n\n[[activations]]\nname = \"export\"\nconnection = \"exports\"\n",
+    );
+    project.write(
+        "pipelines/shop/segments/ghost.toml",
+        "[rule]\nsegment = \"nowhere\"\n",
+    );
+
+    let stderr = problems(&project);
+    assert!(
+        stderr.starts_with("3 problems in the configuration:"),
+        "{stderr}"
+    );
+    assert_reported(&stderr, "config.toml", 3, "expected `]`");
+    assert_reported(
+        &stderr,
+        "segments/typo.toml",
+        4,
+        "unknown attribute `contry`",
+    );
+    assert_reported(
+        &stderr,
+        "segments/ghost.toml",
+        2,
+        "segment `nowhere`, which does not exist",
+    );
+    assert!(
+        stderr.ends_with(
+            "not checked until those are fixed:\n  config.toml does not parse, so the \
+             activations of the pipelines in ./pipelines were not checked against its \
+             connections\n"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_pipeline_toml_that_does_not_parse_still_lets_its_segments_be_checked() {
+    let project = Project::new();
+    // Line 9 opens the [master] table without closing it.
+    project.write(
+        "pipelines/shop/pipeline.toml",
+        &PIPELINE.replace("[master]", "[master"),
+    );
+    project.write("pipelines/shop/segments/syntax.toml", "[rule\n");
+    project.write(
+        "pipelines/shop/segments/unknown_key.toml",
+        "colour = \"blue\"\n",
+    );
+    project.write(
+        "pipelines/shop/segments/shapes.toml",
+        "[rule]\nall = [\n  { attribute = \"contry\", op = \"=\", value = \"FR\" },\n  { segment = \"ghost\", attribute = \"country\" },\n  { behaviour = \"orders\", aggregate = \"median\", column = \"amount\", op = \">\", value = 1 },\n]\n\n[[activations]]\nname = \"x\"\nconnection = \"missing\"\n",
+    );
+    project.write(
+        "pipelines/shop/segments/ghost.toml",
+        "[rule]\nsegment = \"nowhere\"\n",
+    );
+
+    let stderr = problems(&project);
+    assert_reported(&stderr, "shop/pipeline.toml", 9, "expected `]`");
+    assert_reported(&stderr, "segments/syntax.toml", 1, "expected `]`");
+    assert_reported(
+        &stderr,
+        "segments/unknown_key.toml",
+        1,
+        "unknown field `colour`",
+    );
+    assert_reported(
+        &stderr,
+        "segments/shapes.toml",
+        4,
+        "a condition has exactly one of all, any, not, segment, attribute or behaviour",
+    );
+    assert_reported(
+        &stderr,
+        "segments/shapes.toml",
+        5,
+        "unknown aggregate `median`",
+    );
+    assert_reported(
+        &stderr,
+        "segments/shapes.toml",
+        10,
+        "no connection `missing`",
+    );
+    assert_reported(
+        &stderr,
+        "segments/ghost.toml",
+        2,
+        "segment `nowhere`, which does not exist",
+    );
+    // Columns are declared in the file that does not parse: they are not guessed at.
+    assert!(!stderr.contains("contry"), "{stderr}");
+    assert!(
+        stderr.starts_with("7 problems in the configuration:"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "not checked until those are fixed:\n  ./pipelines/shop/pipeline.toml does not \
+             parse, so its segments' rules were checked for their form only, not against its \
+             columns and behaviours, nor their activations' identifiers\n"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_cycle_is_reported_at_the_reference_that_closes_it() {
+    let project = Project::new();
+    project.write("pipelines/shop/pipeline.toml", PIPELINE);
+    project.write(
+        "pipelines/shop/segments/a.toml",
+        "description = \"refers to b\"\n\n[rule]\nsegment = \"b\"\n",
+    );
+    // b has a problem of its own; its reference still counts.
+    project.write(
+        "pipelines/shop/segments/b.toml",
+        "[rule]\nall = [\n  { attribute = \"contry\", op = \"=\", value = \"FR\" },\n  { segment = \"c\" },\n]\n",
+    );
+    project.write(
+        "pipelines/shop/segments/c.toml",
+        "[rule]\nnot = { segment = \"a\" }\n",
+    );
+
+    let stderr = problems(&project);
+    assert_reported(&stderr, "segments/b.toml", 3, "unknown attribute `contry`");
+    assert_reported(
+        &stderr,
+        "segments/c.toml",
+        2,
+        "segments refer to each other in a cycle: a -> b -> c -> a (`a` refers to `b` at \
+         segments/a.toml:4, `b` refers to `c` at segments/b.toml:4, `c` to `a` here); a \
+         segment cannot depend on itself, so remove one of these references",
+    );
+    assert_eq!(stderr.matches("cycle").count(), 1, "{stderr}");
+}
+
+#[test]
+fn a_missing_secret_is_reported_once_at_its_connection() {
+    let project = Project::new();
+    project.write(
+        "config.toml",
+        "data_dir = \"var\"\n\n[connections.hook]\ntype = \"webhook\"\nurl = \"http://127.0.0.1:9/\"\ntoken_env = \"SEGMENTD_TEST_UNSET_HOOK_TOKEN\"\n",
+    );
+    project.write("pipelines/shop/pipeline.toml", PIPELINE);
+    let activation = "[[activations]]\nname = \"hook\"\nconnection = \"hook\"\n";
+    project.write("pipelines/shop/segments/first.toml", activation);
+    project.write("pipelines/shop/segments/second.toml", activation);
+
+    let stderr = problems(&project);
+    assert_eq!(
+        stderr,
+        "1 problem in the configuration:\n  config.toml:3: connection `hook`: `token_env` names \
+         the environment variable `SEGMENTD_TEST_UNSET_HOOK_TOKEN`, which is not set in \
+         segmentd's environment; set it to the connection's token before starting segmentd \
+         (for example `export SEGMENTD_TEST_UNSET_HOOK_TOKEN=...` in the shell that starts it, \
+         or `Environment=SEGMENTD_TEST_UNSET_HOOK_TOKEN=...` in its systemd unit)\n"
+    );
+}

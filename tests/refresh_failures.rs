@@ -173,3 +173,116 @@ fn a_file_whose_columns_are_in_another_order_fails_and_changes_nothing() {
     );
     assert_fails_and_keeps_state(&project, &["another order than declared", "amount, id, at"]);
 }
+
+#[test]
+fn a_csv_row_with_more_fields_than_the_header_fails_with_its_line_and_changes_nothing() {
+    let project = shop();
+    assert!(project.refresh("shop").0);
+    project.write(
+        "pipelines/shop/orders.csv",
+        "id,amount,at\n2,150.5,2024-06-01 10:00:00\n3,20,2024-06-02 11:00:00,gift\n",
+    );
+    assert_fails_and_keeps_state(
+        &project,
+        &[
+            "source `orders` (./pipelines/shop/orders.csv): line 3: the row has 4 fields, the \
+             header has 3; fix the row (a value holding `,` must be in double quotes) and \
+             refresh again",
+            "(DuckDB: Invalid Input Error: CSV Error on Line: 3; Expected Number of Columns: 3 \
+             Found: 4)",
+        ],
+    );
+    // The row itself is not repeated: sources may hold personal data.
+    let (_, summary, _) = project.refresh("shop");
+    assert!(!summary["error"].as_str().unwrap().contains("gift"));
+}
+
+#[test]
+fn a_csv_row_with_fewer_fields_than_the_header_fails_with_its_line_and_changes_nothing() {
+    let project = shop();
+    assert!(project.refresh("shop").0);
+    project.write(
+        "pipelines/shop/orders.csv",
+        "id,amount,at\n2,150.5,2024-06-01 10:00:00\n3,20,2024-06-02 11:00:00\n4,35\n",
+    );
+    assert_fails_and_keeps_state(
+        &project,
+        &[
+            "source `orders` (./pipelines/shop/orders.csv): line 4: the row has 2 fields, the \
+             header has 3",
+            "a row cut short at the end of the file means the file is incomplete or still \
+             being written",
+            "(DuckDB: Invalid Input Error: CSV Error on Line: 4; Expected Number of Columns: 3 \
+             Found: 2)",
+        ],
+    );
+}
+
+/// The shop with its orders in `orders.csv.gz`, stored without compression so a test can
+/// cut the file at a chosen place in the text.
+fn shop_with_gzip_orders() -> (Project, Vec<u8>) {
+    use std::io::Write;
+
+    let project = shop();
+    project.write(
+        "pipelines/shop/pipeline.toml",
+        &PIPELINE.replace("orders.csv", "orders.csv.gz"),
+    );
+    project.remove("pipelines/shop/orders.csv");
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::none());
+    encoder.write_all(ORDERS.as_bytes()).unwrap();
+    let gzip = encoder.finish().unwrap();
+    std::fs::write(project.path("pipelines/shop/orders.csv.gz"), &gzip).unwrap();
+    (project, gzip)
+}
+
+/// Where the third line of ORDERS (`3,20,...`) starts in the stored gzip file.
+fn third_line_at(gzip: &[u8]) -> usize {
+    gzip.windows(4).position(|w| w == b"3,20").unwrap()
+}
+
+#[test]
+fn a_gzip_source_cut_in_a_line_fails_with_its_line_and_changes_nothing() {
+    let (project, gzip) = shop_with_gzip_orders();
+    assert!(project.refresh("shop").0);
+    let cut = third_line_at(&gzip) + 2;
+    std::fs::write(project.path("pipelines/shop/orders.csv.gz"), &gzip[..cut]).unwrap();
+    assert_fails_and_keeps_state(
+        &project,
+        &[
+            "source `orders` (./pipelines/shop/orders.csv.gz): line 3: the gzip file ends \
+             early, in the middle of this line: it is truncated or still being written; wait \
+             until it is complete, or replace it with the complete file, and refresh again",
+            "(gzip: ",
+        ],
+    );
+}
+
+#[test]
+fn a_gzip_source_cut_between_lines_fails_rather_than_loading_the_lines_before() {
+    let (project, gzip) = shop_with_gzip_orders();
+    assert!(project.refresh("shop").0);
+    // The cut leaves whole rows: read as far as it goes, the file would look like a complete
+    // file with one order fewer.
+    let cut = third_line_at(&gzip);
+    std::fs::write(project.path("pipelines/shop/orders.csv.gz"), &gzip[..cut]).unwrap();
+    assert_fails_and_keeps_state(
+        &project,
+        &[
+            "source `orders` (./pipelines/shop/orders.csv.gz): after line 2: the gzip file \
+             ends early: it is truncated or still being written",
+        ],
+    );
+}
+
+#[test]
+fn a_csv_header_with_a_byte_order_mark_quotes_spaces_and_crlf_still_matches_its_columns() {
+    let project = shop();
+    project.write(
+        "pipelines/shop/customers.csv",
+        "\u{feff}\"id\" , country\r\n1,FR\r\n2,DE\r\n3,DE\r\n",
+    );
+    let (ok, summary, stderr) = project.refresh("shop");
+    assert!(ok, "{summary} {stderr}");
+    assert_eq!(state(&project).0, "1:FR,2:DE,3:DE");
+}

@@ -6,13 +6,15 @@
 //! TOML into structs that reject unknown keys, then checks everything it can without data:
 //! types, names, references, cycles, connector settings. Every problem found is collected as a
 //! [`Problem`] naming the file and line, so `segmentd validate` can report them all at once.
+//! A file that cannot be used (one that does not parse, say) does not stop the others being
+//! checked: what needs it is skipped, and [`Problems`] says what was.
 //!
 //! It does not open DuckDB, read source data or talk to any platform.
 
 pub mod pipeline;
 pub mod segment;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -43,22 +45,49 @@ impl fmt::Display for Problem {
     }
 }
 
-/// Every problem found while loading, in the order found.
+/// Every problem found while loading, in the order found, and the checks that could not be
+/// made because of them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, thiserror::Error)]
-pub struct Problems(pub Vec<Problem>);
+pub struct Problems {
+    /// The problems.
+    pub problems: Vec<Problem>,
+    /// Checks skipped because a file they need has problems.
+    pub skipped: Vec<Skipped>,
+}
 
 impl fmt::Display for Problems {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let count = self.0.len();
+        let count = self.problems.len();
         writeln!(
             f,
             "{count} problem{} in the configuration:",
             if count == 1 { "" } else { "s" }
         )?;
-        for problem in &self.0 {
+        for problem in &self.problems {
             writeln!(f, "  {problem}")?;
         }
+        if !self.skipped.is_empty() {
+            writeln!(f, "not checked until those are fixed:")?;
+            for skipped in &self.skipped {
+                writeln!(f, "  {skipped}")?;
+            }
+        }
         Ok(())
+    }
+}
+
+/// Checks that were not made because a file they need has problems.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// The file with problems.
+    pub file: PathBuf,
+    /// Why it cannot be used and what was not checked.
+    pub message: String,
+}
+
+impl fmt::Display for Skipped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.file.display(), self.message)
     }
 }
 
@@ -224,6 +253,19 @@ pub struct Connection {
     pub rate_limit: Option<segmentd_connectors::RateLimit>,
     /// Line of the connection's table in `config.toml`.
     pub line: usize,
+    /// The problems of the connection's own settings, reported at its line; an activation
+    /// through it does not report them again.
+    pub problems: Vec<segmentd_connectors::SettingsError>,
+    /// The `<secret>_env` settings whose secret could not be read, reported at the
+    /// connection's line; what a connector says about them is not reported again.
+    pub unread_secrets: BTreeSet<String>,
+}
+
+impl Connection {
+    /// Whether a connector's settings problem is one already reported at the connection.
+    pub fn reported(&self, error: &segmentd_connectors::SettingsError) -> bool {
+        self.unread_secrets.contains(&error.field) || self.problems.contains(error)
+    }
 }
 
 /// Everything an operator configured: the daemon and every pipeline.
@@ -240,16 +282,36 @@ impl Config {
     /// problem found.
     pub fn load(config_path: &Path) -> Result<Config, Problems> {
         let mut problems = Vec::new();
-        let daemon = match load_daemon(config_path, &mut problems) {
-            Some(daemon) => daemon,
-            None => return Err(Problems(problems)),
+        let mut skipped = Vec::new();
+        let (daemon, pipelines_dir) = match load_daemon(config_path, &mut problems) {
+            DaemonLoad::Loaded(daemon) => {
+                let dir = daemon.pipelines_dir.clone();
+                (Some(daemon), dir)
+            }
+            // The pipelines do not need config.toml, only their activations do: check them
+            // all the same, where config.toml seems to say they are.
+            DaemonLoad::Unparsed { pipelines_dir } => {
+                skipped.push(Skipped {
+                    file: config_path.to_path_buf(),
+                    message: format!(
+                        "does not parse, so the activations of the pipelines in {} were not \
+                         checked against its connections",
+                        pipelines_dir.display()
+                    ),
+                });
+                (None, pipelines_dir)
+            }
+            DaemonLoad::Unreadable => {
+                return Err(Problems { problems, skipped });
+            }
         };
 
         let mut pipelines = BTreeMap::new();
-        match pipeline_dirs(&daemon.pipelines_dir) {
+        match pipeline_dirs(&pipelines_dir) {
             Ok(dirs) => {
                 for dir in dirs {
-                    if let Some(pipeline) = pipeline::load(&dir, &daemon, &mut problems) {
+                    let loaded = pipeline::load(&dir, daemon.as_ref(), &mut problems, &mut skipped);
+                    if let Some(pipeline) = loaded {
                         pipelines.insert(pipeline.name.clone(), pipeline);
                     }
                 }
@@ -257,10 +319,9 @@ impl Config {
             Err(problem) => problems.push(problem),
         }
 
-        if problems.is_empty() {
-            Ok(Config { daemon, pipelines })
-        } else {
-            Err(Problems(problems))
+        match daemon {
+            Some(daemon) if problems.is_empty() => Ok(Config { daemon, pipelines }),
+            _ => Err(Problems { problems, skipped }),
         }
     }
 
@@ -292,29 +353,60 @@ fn pipeline_dirs(pipelines_dir: &Path) -> Result<Vec<PathBuf>, Problem> {
     Ok(dirs)
 }
 
-fn load_daemon(path: &Path, problems: &mut Vec<Problem>) -> Option<DaemonConfig> {
+/// What loading `config.toml` gave.
+enum DaemonLoad {
+    /// The daemon's settings (they may still have had problems).
+    Loaded(DaemonConfig),
+    /// The file does not parse; the pipelines are probably in this folder.
+    Unparsed { pipelines_dir: PathBuf },
+    /// The file cannot be read.
+    Unreadable,
+}
+
+/// The folder `config.toml`'s relative paths are relative to.
+fn base_dir(path: &Path) -> PathBuf {
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    if base.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        base
+    }
+}
+
+/// Where the pipelines are, read from a `config.toml` that does not parse as a whole: its
+/// own top-level `pipelines_dir = "..."` line when that line parses, else the default.
+fn pipelines_dir_of_unparsed(base: &Path, text: &str) -> PathBuf {
+    let written = text
+        .lines()
+        .take_while(|line| !line.trim_start().starts_with('['))
+        .filter(|line| line.trim_start().starts_with("pipelines_dir"))
+        .find_map(|line| {
+            let table: toml::Table = line.parse().ok()?;
+            table.get("pipelines_dir")?.as_str().map(str::to_string)
+        });
+    base.join(written.unwrap_or_else(default_pipelines_dir))
+}
+
+fn load_daemon(path: &Path, problems: &mut Vec<Problem>) -> DaemonLoad {
     let text = match read_text(path) {
         Ok(text) => text,
         Err(problem) => {
             problems.push(problem);
-            return None;
+            return DaemonLoad::Unreadable;
         }
     };
+    let base = base_dir(path);
     let source = SourceText { path, text: &text };
     let raw: RawDaemonConfig = match source.parse() {
         Ok(raw) => raw,
         Err(problem) => {
             problems.push(problem);
-            return None;
+            return DaemonLoad::Unparsed {
+                pipelines_dir: pipelines_dir_of_unparsed(&base, &text),
+            };
         }
     };
 
-    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let base = if base.as_os_str().is_empty() {
-        PathBuf::from(".")
-    } else {
-        base
-    };
     let data_dir = base.join(&raw.data_dir);
     let database = match &raw.database {
         Some(database) => base.join(database),
@@ -372,7 +464,7 @@ fn load_daemon(path: &Path, problems: &mut Vec<Problem>) -> Option<DaemonConfig>
         }
     }
 
-    Some(DaemonConfig {
+    DaemonLoad::Loaded(DaemonConfig {
         path: path.to_path_buf(),
         data_dir,
         database,
@@ -442,24 +534,39 @@ fn load_connection(
         None => None,
     };
 
+    // Each secret is read here and a missing one reported here, once, whatever else checks it.
     let mut secrets = BTreeMap::new();
+    let mut unread_secrets = BTreeSet::new();
     for (key, value) in &settings {
         let Some(secret) = key.strip_suffix("_env") else {
             continue;
         };
         let Some(variable) = value.as_str() else {
-            problems.push(at(format!("`{key}` must name an environment variable")));
+            problems.push(at(format!(
+                "`{key}` must be the name of an environment variable, such as \
+                 \"SEGMENTD_{}\"",
+                secret.to_ascii_uppercase()
+            )));
+            unread_secrets.insert(key.clone());
             continue;
         };
-        match std::env::var(variable) {
+        let state = match std::env::var(variable) {
             Ok(value) if !value.is_empty() => {
                 secrets.insert(secret.to_string(), value);
+                continue;
             }
-            _ => problems.push(at(format!(
-                "`{key}` names the environment variable `{variable}`, which is not set; \
-                 export it before starting segmentd"
-            ))),
-        }
+            Ok(_) => "is empty",
+            Err(std::env::VarError::NotPresent) => "is not set",
+            Err(std::env::VarError::NotUnicode(_)) => "is not valid UTF-8",
+        };
+        problems.push(at(format!(
+            "`{key}` names the environment variable `{variable}`, which {state} in segmentd's \
+             environment; set it to the connection's {} before starting segmentd (for example \
+             `export {variable}=...` in the shell that starts it, or \
+             `Environment={variable}=...` in its systemd unit)",
+            secret.replace('_', " ")
+        )));
+        unread_secrets.insert(key.clone());
     }
 
     if let Some(toml::Value::String(directory)) = settings.get("directory") {
@@ -468,8 +575,13 @@ fn load_connection(
     }
 
     // The connector checks its own settings; activation settings are checked per segment.
-    if let Err(errors) = segmentd_connectors::check_connection(&kind, &settings, &secrets) {
-        for error in errors {
+    let connection_problems =
+        match segmentd_connectors::check_connection(&kind, &settings, &secrets) {
+            Ok(()) => Vec::new(),
+            Err(errors) => errors,
+        };
+    for error in &connection_problems {
+        if !unread_secrets.contains(&error.field) {
             problems.push(at(error.to_string()));
         }
     }
@@ -482,6 +594,8 @@ fn load_connection(
         retry,
         rate_limit,
         line,
+        problems: connection_problems,
+        unread_secrets,
     })
 }
 

@@ -3,7 +3,9 @@
 //! A pipeline names its sources (files read by DuckDB with declared column types), the master
 //! table (one row per profile, keyed), 1:1 attribute tables and 1:N behaviour tables (each with
 //! a time column), its time zone, its schedule and an optional pinned `as_of`. This module
-//! checks all of that and then loads the pipeline's segments; it reads no data.
+//! checks all of that and then loads the pipeline's segments; it reads no data. When the file
+//! does not parse, or its tables have problems, the segments are still loaded and checked as
+//! far as they can be without the tables.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +16,7 @@ use indexmap::IndexMap;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{DaemonConfig, Problem, SourceText, is_identifier, read_text, segment};
+use super::{DaemonConfig, Problem, Skipped, SourceText, is_identifier, read_text, segment};
 use crate::rules::Catalog;
 use crate::schema::ColumnType;
 
@@ -219,11 +221,17 @@ impl TableDef {
     }
 }
 
-/// Loads and checks `<dir>/pipeline.toml` and the pipeline's segments.
+/// What the segments of a pipeline whose tables cannot be used were not checked for.
+const SEGMENTS_FORM_ONLY: &str = "so its segments' rules were checked for their form only, not \
+     against its columns and behaviours, nor their activations' identifiers";
+
+/// Loads and checks `<dir>/pipeline.toml` and the pipeline's segments. Without `daemon`
+/// (`config.toml` has problems) activations are not checked against connections.
 pub(super) fn load(
     dir: &Path,
-    daemon: &DaemonConfig,
+    daemon: Option<&DaemonConfig>,
     problems: &mut Vec<Problem>,
+    skipped: &mut Vec<Skipped>,
 ) -> Option<Pipeline> {
     let file = dir.join("pipeline.toml");
     let name = dir
@@ -252,6 +260,11 @@ pub(super) fn load(
         Ok(raw) => raw,
         Err(problem) => {
             problems.push(problem);
+            skipped.push(Skipped {
+                file: file.clone(),
+                message: format!("does not parse, {SEGMENTS_FORM_ONLY}"),
+            });
+            segment::load_all(dir, &name, None, daemon, problems);
             return None;
         }
     };
@@ -295,6 +308,7 @@ pub(super) fn load(
             }
         });
 
+    let before_tables = problems.len();
     let sources: Vec<SourceDef> = raw
         .sources
         .iter()
@@ -330,6 +344,8 @@ pub(super) fn load(
         })
         .collect();
 
+    let tables_checked = problems.len() == before_tables;
+
     let guards = Guards {
         min_profiles: raw.guards.min_profiles.as_ref().map_or(1, |m| *m.get_ref()),
         max_shrink_share: match &raw.guards.max_shrink_share {
@@ -345,19 +361,30 @@ pub(super) fn load(
         },
     };
 
+    // The segments are checked against the tables when they are sound, even when other
+    // settings of the pipeline have problems.
+    let catalog = match &master {
+        Some(master) if tables_checked => match Catalog::new(master, &attributes, &behaviours) {
+            Ok(catalog) => Some(catalog),
+            Err(message) => {
+                problems.push(source.problem(message));
+                None
+            }
+        },
+        _ => None,
+    };
+    if catalog.is_none() {
+        skipped.push(Skipped {
+            file: file.clone(),
+            message: format!("has problems in its sources or tables, {SEGMENTS_FORM_ONLY}"),
+        });
+    }
+    let segments = segment::load_all(dir, &name, catalog.as_ref(), daemon, problems);
+
     let master = master?;
     if problems.len() > before {
         return None;
     }
-
-    let catalog = match Catalog::new(&master, &attributes, &behaviours) {
-        Ok(catalog) => catalog,
-        Err(message) => {
-            problems.push(source.problem(message));
-            return None;
-        }
-    };
-    let segments = segment::load_all(dir, &name, &catalog, daemon, problems);
 
     Some(Pipeline {
         name,

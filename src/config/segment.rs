@@ -5,6 +5,10 @@
 //! the segment's rule and its activations. This module loads every file, checks each rule
 //! against the master segment's columns, checks references between segments (unknown names and
 //! cycles, naming the cycle) and orders segments so each comes after those it refers to.
+//!
+//! When the pipeline's tables or `config.toml` cannot be used, the segments are still checked
+//! as far as they can be without them: without the tables, rules are checked for their form
+//! only; without `config.toml`, activations are checked up to their connection.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -13,7 +17,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{DaemonConfig, Problem, SourceText, is_identifier, read_text};
-use crate::rules::{Catalog, RawCondition, Rule};
+use crate::rules::{Catalog, RawCondition, Reference, Rule};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,12 +130,20 @@ fn segment_files(dir: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Loads every segment of a pipeline, in dependency order.
+/// A segment file's references to other segments, with their lines.
+struct FileReferences {
+    file: PathBuf,
+    references: Vec<(String, usize)>,
+}
+
+/// Loads every segment of a pipeline, in dependency order. Without a `catalog` (the
+/// pipeline's tables have problems) rules are checked for their form only; without `daemon`
+/// (`config.toml` has problems) activations are not checked against connections.
 pub(super) fn load_all(
     pipeline_dir: &Path,
     pipeline: &str,
-    catalog: &Catalog,
-    daemon: &DaemonConfig,
+    catalog: Option<&Catalog>,
+    daemon: Option<&DaemonConfig>,
     problems: &mut Vec<Problem>,
 ) -> Vec<SegmentDef> {
     let root = pipeline_dir.join("segments");
@@ -147,7 +159,7 @@ pub(super) fn load_all(
     }
 
     let mut segments = Vec::new();
-    let mut lines: BTreeMap<String, (PathBuf, Vec<(String, usize)>)> = BTreeMap::new();
+    let mut lines: BTreeMap<String, FileReferences> = BTreeMap::new();
     for file in files {
         let relative = file
             .strip_prefix(&root)
@@ -159,14 +171,14 @@ pub(super) fn load_all(
             .collect::<Vec<_>>()
             .join("/");
         let (segment, references) = load_one(&file, &name, pipeline, catalog, daemon, problems);
-        lines.insert(name.clone(), (file.clone(), references));
+        lines.insert(name.clone(), FileReferences { file, references });
         segments.extend(segment);
     }
 
     // References: every name must exist, as a file; a segment with problems of its own
     // still exists, and its own references are checked too.
     let known: BTreeSet<&str> = lines.keys().map(String::as_str).collect();
-    for (file, references) in lines.values() {
+    for FileReferences { file, references } in lines.values() {
         for (reference, line) in references {
             if !known.contains(reference.as_str()) {
                 problems.push(Problem {
@@ -181,15 +193,16 @@ pub(super) fn load_all(
         }
     }
 
-    order_by_dependency(segments, problems)
+    report_cycles(pipeline_dir, &lines, problems);
+    order_by_dependency(segments)
 }
 
 fn load_one(
     file: &Path,
     name: &str,
     pipeline: &str,
-    catalog: &Catalog,
-    daemon: &DaemonConfig,
+    catalog: Option<&Catalog>,
+    daemon: Option<&DaemonConfig>,
     problems: &mut Vec<Problem>,
 ) -> (Option<SegmentDef>, Vec<(String, usize)>) {
     let text = match read_text(file) {
@@ -220,30 +233,37 @@ fn load_one(
     let before = problems.len();
 
     let empty = Spanned::new(0..0, RawCondition::default());
-    let (rule, references) = match crate::rules::check(raw.rule.as_ref().unwrap_or(&empty), catalog)
-    {
-        Ok(checked) => checked,
-        Err(rule_problems) => {
-            for problem in rule_problems {
-                problems.push(source.problem_at_offset(problem.offset, problem.message));
+    let raw_rule = raw.rule.as_ref().unwrap_or(&empty);
+    let (rule, rule_problems, references): (Rule, Vec<_>, Vec<Reference>) = match catalog {
+        Some(catalog) => {
+            let checked = crate::rules::check(raw_rule, catalog);
+            match checked.rule {
+                Ok(rule) => (rule, Vec::new(), checked.references),
+                Err(rule_problems) => (Rule::Everyone, rule_problems, checked.references),
             }
-            (Rule::Everyone, Vec::new())
+        }
+        None => {
+            let (rule_problems, references) = crate::rules::check_form(raw_rule);
+            (Rule::Everyone, rule_problems, references)
         }
     };
-    let reference_line = raw
-        .rule
-        .as_ref()
-        .map_or(1, |r| source.line_of(r.span().start));
+    for problem in rule_problems {
+        problems.push(source.problem_at_offset(problem.offset, problem.message));
+    }
     let references_with_lines = references
         .iter()
-        .map(|r| (r.clone(), reference_line))
+        .map(|r| (r.segment.clone(), source.line_of(r.offset)))
         .collect();
-    if references.iter().any(|r| r == name) {
+    if let Some(itself) = references.iter().find(|r| r.segment == name) {
         problems.push(source.problem_at_offset(
-            raw.rule.as_ref().map_or(0, |r| r.span().start),
-            format!("the rule of `{name}` refers to itself"),
+            itself.offset,
+            format!(
+                "the rule of `{name}` refers to itself; a segment cannot be part of its own \
+                 rule, so remove this reference"
+            ),
         ));
     }
+    let references: Vec<String> = references.into_iter().map(|r| r.segment).collect();
 
     let mut activations: Vec<ActivationDef> = Vec::new();
     for activation in &raw.activations {
@@ -267,7 +287,9 @@ fn load_one(
             continue;
         }
         for identifier in &spec.identifiers {
-            if catalog.attribute(identifier.get_ref()).is_none() {
+            if let Some(catalog) = catalog
+                && catalog.attribute(identifier.get_ref()).is_none()
+            {
                 problems.push(source.problem_at(
                     identifier,
                     format!(
@@ -277,6 +299,10 @@ fn load_one(
                 ));
             }
         }
+        // Without config.toml the connection and everything checked with it waits.
+        let Some(daemon) = daemon else {
+            continue;
+        };
         let Some(connection) = daemon.connections.get(spec.connection.get_ref()) else {
             let known: Vec<&str> = daemon.connections.keys().map(String::as_str).collect();
             problems.push(source.problem_at(
@@ -298,7 +324,11 @@ fn load_one(
         ) {
             Ok(connector) => connector,
             Err(errors) => {
-                for error in errors {
+                // The connection's own problems are reported once, at the connection.
+                for error in errors
+                    .into_iter()
+                    .filter(|error| !connection.reported(error))
+                {
                     problems.push(source.problem_at(
                         activation,
                         format!("activation `{activation_name}`: settings.{error}"),
@@ -397,24 +427,127 @@ fn load_one(
     )
 }
 
-/// Orders segments so that each follows those it refers to; a cycle is a problem naming it.
-fn order_by_dependency(segments: Vec<SegmentDef>, problems: &mut Vec<Problem>) -> Vec<SegmentDef> {
+/// Reports each cycle of references between segment files once, at the reference that closes
+/// it, naming every segment on it and where each reference is. Segment files with problems of
+/// their own take part: their references were read all the same.
+fn report_cycles(
+    pipeline_dir: &Path,
+    lines: &BTreeMap<String, FileReferences>,
+    problems: &mut Vec<Problem>,
+) {
+    let mut done = BTreeSet::new();
+    let mut reported = BTreeSet::new();
+    for name in lines.keys() {
+        let mut path = Vec::new();
+        find_cycles(
+            name,
+            lines,
+            pipeline_dir,
+            &mut done,
+            &mut path,
+            &mut reported,
+            problems,
+        );
+    }
+}
+
+/// Depth-first search from `name`; `path` holds the segments being visited, each with the line
+/// of its reference to the next one.
+fn find_cycles<'a>(
+    name: &'a str,
+    lines: &'a BTreeMap<String, FileReferences>,
+    pipeline_dir: &Path,
+    done: &mut BTreeSet<&'a str>,
+    path: &mut Vec<(&'a str, usize)>,
+    reported: &mut BTreeSet<Vec<&'a str>>,
+    problems: &mut Vec<Problem>,
+) {
+    if done.contains(name) {
+        return;
+    }
+    let Some(entry) = lines.get(name) else {
+        return;
+    };
+    path.push((name, 0));
+    for (reference, line) in &entry.references {
+        // A segment referring to itself is reported where it is loaded.
+        if reference == name {
+            continue;
+        }
+        path.last_mut().expect("pushed").1 = *line;
+        if let Some(start) = path.iter().position(|(p, _)| p == reference) {
+            let cycle = &path[start..];
+            let mut key: Vec<&str> = cycle.iter().map(|(n, _)| *n).collect();
+            key.sort();
+            if reported.insert(key) {
+                problems.push(cycle_problem(pipeline_dir, lines, cycle));
+            }
+            continue;
+        }
+        find_cycles(
+            reference,
+            lines,
+            pipeline_dir,
+            done,
+            path,
+            reported,
+            problems,
+        );
+    }
+    path.pop();
+    done.insert(name);
+}
+
+/// The problem for one cycle: `cycle` lists its segments in order, each with the line of its
+/// reference to the next; the last one's reference, back to the first, closes it.
+fn cycle_problem(
+    pipeline_dir: &Path,
+    lines: &BTreeMap<String, FileReferences>,
+    cycle: &[(&str, usize)],
+) -> Problem {
+    let (last, closing_line) = cycle[cycle.len() - 1];
+    let last_file = &lines[last].file;
+    let names: Vec<&str> = cycle
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(std::iter::once(cycle[0].0))
+        .collect();
+    let mut steps: Vec<String> = cycle[..cycle.len() - 1]
+        .iter()
+        .enumerate()
+        .map(|(i, (from, line))| {
+            let file = &lines[*from].file;
+            let shown = file.strip_prefix(pipeline_dir).unwrap_or(file);
+            format!(
+                "`{from}` refers to `{}` at {}:{line}",
+                cycle[i + 1].0,
+                shown.display()
+            )
+        })
+        .collect();
+    steps.push(format!("`{last}` to `{}` here", cycle[0].0));
+    Problem {
+        file: last_file.clone(),
+        line: Some(closing_line),
+        message: format!(
+            "segments refer to each other in a cycle: {} ({}); a segment cannot depend on \
+             itself, so remove one of these references",
+            names.join(" -> "),
+            steps.join(", ")
+        ),
+    }
+}
+
+/// Orders segments so that each follows those it refers to. References to segments that are
+/// not here, and cycles, were reported already and are skipped.
+fn order_by_dependency(segments: Vec<SegmentDef>) -> Vec<SegmentDef> {
     let by_name: BTreeMap<String, SegmentDef> =
         segments.into_iter().map(|s| (s.name.clone(), s)).collect();
     let mut ordered = Vec::new();
     let mut done = BTreeSet::new();
-    let mut reported = BTreeSet::new();
     for name in by_name.keys() {
         let mut path = Vec::new();
-        visit(
-            name,
-            &by_name,
-            &mut done,
-            &mut path,
-            &mut ordered,
-            problems,
-            &mut reported,
-        );
+        visit(name, &by_name, &mut done, &mut path, &mut ordered);
     }
     ordered
         .into_iter()
@@ -428,35 +561,16 @@ fn visit(
     done: &mut BTreeSet<String>,
     path: &mut Vec<String>,
     ordered: &mut Vec<String>,
-    problems: &mut Vec<Problem>,
-    reported: &mut BTreeSet<String>,
 ) {
-    if done.contains(name) {
+    if done.contains(name) || path.iter().any(|p| p == name) {
         return;
     }
     let Some(segment) = by_name.get(name) else {
         return;
     };
-    if let Some(start) = path.iter().position(|p| p == name) {
-        let mut cycle: Vec<String> = path[start..].to_vec();
-        cycle.push(name.to_string());
-        let mut key: Vec<String> = path[start..].to_vec();
-        key.sort();
-        if reported.insert(key.join(",")) {
-            problems.push(Problem {
-                file: segment.file.clone(),
-                line: None,
-                message: format!(
-                    "segments refer to each other in a cycle: {}",
-                    cycle.join(" -> ")
-                ),
-            });
-        }
-        return;
-    }
     path.push(name.to_string());
     for reference in &segment.references {
-        visit(reference, by_name, done, path, ordered, problems, reported);
+        visit(reference, by_name, done, path, ordered);
     }
     path.pop();
     if done.insert(name.to_string()) {
