@@ -866,7 +866,8 @@ fn begin_replace(
     })
 }
 
-/// A session id for one attempt at a replace: never 0, and different for every attempt.
+/// A session id for one attempt at a replace: from 1 to 2^63 - 1 (platforms take it as a
+/// signed 64-bit number), and different for every attempt.
 fn new_session(pipeline: &str, activation: &str, run_id: i64) -> u64 {
     use sha2::{Digest, Sha256};
     let now = std::time::SystemTime::now()
@@ -880,7 +881,7 @@ fn new_session(pipeline: &str, activation: &str, run_id: i64) -> u64 {
     let digest = Sha256::digest(seed.as_bytes());
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
-    u64::from_be_bytes(first).max(1)
+    (u64::from_be_bytes(first) >> 1).max(1)
 }
 
 /// Sends an activation's pending batches for a run, in the order [`pending_batches`] gives.
