@@ -40,11 +40,23 @@ pub struct DeltaSize {
     /// Members of the list a `mirror` activation sends to replace the destination's; 0 for
     /// other activations.
     pub replaces: i64,
+    /// Members among the adds and removes who stay but whose identifiers changed.
+    pub changed: i64,
     /// Which brake held the delta, if one did.
     pub hold: Option<Hold>,
 }
 
 impl DeltaSize {
+    /// Members who join: the adds less the identifier changes.
+    pub fn joiners(&self) -> i64 {
+        self.adds - self.changed
+    }
+
+    /// Members who leave: the removes less the identifier changes.
+    pub fn leavers(&self) -> i64 {
+        self.removes - self.changed
+    }
+
     /// Whether a brake held some of the delta.
     pub fn held(&self) -> bool {
         self.hold.is_some()
@@ -78,10 +90,10 @@ impl Hold {
     }
 
     /// Why, in words for the operator.
-    pub fn reason(self, activation: &ActivationDef, removes: i64) -> String {
+    pub fn reason(self, activation: &ActivationDef, leavers: i64) -> String {
         match self {
             Hold::RemovalShare { audience } => format!(
-                "{removes} removes of an audience of {audience} are more than max_removal_share \
+                "{leavers} removes of an audience of {audience} are more than max_removal_share \
                  ({}); approve the run to send them",
                 activation.max_removal_share
             ),
@@ -100,8 +112,15 @@ impl Hold {
     }
 }
 
-/// Which brake, if any, holds a delta of `adds` and `removes` for an audience of `audience`.
-pub fn brake(activation: &ActivationDef, adds: i64, removes: i64, audience: i64) -> Option<Hold> {
+/// Which brake, if any, holds a delta in which `joiners` members join and `leavers` leave an
+/// audience of `audience` (members whose identifiers change are neither: they stay).
+pub fn brake(
+    activation: &ActivationDef,
+    joiners: i64,
+    leavers: i64,
+    audience: i64,
+) -> Option<Hold> {
+    let (adds, removes) = (joiners, leavers);
     if over_removal_limit(activation, removes, audience) {
         return Some(Hold::RemovalShare { audience });
     }
@@ -185,6 +204,9 @@ pub struct DeltaQueries {
     /// The whole list a `mirror` activation replaces the destination's with: the segment's
     /// members, less those whose add is dead-lettered.
     pub list: String,
+    /// The removes of members who stay but whose identifiers changed: they are added again
+    /// with the new ones, so the brakes do not count them as leaving.
+    pub changed: String,
 }
 
 /// The delta's SQL for an activation whose segment's members are selected by `members` (a
@@ -224,10 +246,15 @@ pub fn delta_queries(
                  AND d.activation = {id} AND d.change = 'remove' AND d.dead AND d.key = a.key)"
         ),
     };
+    let changed = format!(
+        "SELECT r.key, r.identifiers FROM ({removes}) AS r \
+         WHERE EXISTS (SELECT 1 FROM ({adds}) AS n WHERE n.key = r.key)"
+    );
     DeltaQueries {
         adds,
         removes,
         list,
+        changed,
     }
 }
 
@@ -310,6 +337,7 @@ pub fn plan(
         if activation.mode == Mode::Mirror {
             delta.adds = count(&queries.adds)?;
             delta.removes = count(&queries.removes)?;
+            delta.changed = count(&queries.changed)?;
             delta.replaces = insert("replace", &queries.list, "TRUE", 0)?;
         }
         if delta.replaces == 0 {
@@ -330,11 +358,12 @@ pub fn plan(
                 first_leaver_batch,
             )?;
             delta.removes = changed + leavers;
+            delta.changed = changed;
         }
         let audience = audience_size(c, &pipeline.name, &activation.id)?;
-        delta.hold = brake(activation, delta.adds, delta.removes, audience);
+        delta.hold = brake(activation, delta.joiners(), delta.leavers(), audience);
         if let Some(hold) = delta.hold {
-            let reason = hold.reason(activation, delta.removes);
+            let reason = hold.reason(activation, delta.leavers());
             c.execute(
                 "UPDATE segmentd_state.deltas SET status = 'held', reason = ? \
                  WHERE pipeline = ? AND activation = ? AND run_id = ? AND status = 'pending' \

@@ -132,6 +132,8 @@ fn plan_in(
                 Mode::Mirror => Some(count_and_sample(connection, &queries.list)?.0),
                 Mode::AddRemove | Mode::AddOnly => None,
             };
+            let (changed, _) = count_and_sample(connection, &queries.changed)?;
+            let (joiners, leavers) = (adds - changed, removes - changed);
             let audience = audience_size(connection, &pipeline.name, &activation.id)?;
             activations.push(ActivationPlan {
                 activation: activation.id.clone(),
@@ -140,8 +142,8 @@ fn plan_in(
                 sample_adds,
                 sample_removes,
                 replaces,
-                would_hold: brake(activation, adds, removes, audience)
-                    .map(|hold| hold.reason(activation, removes)),
+                would_hold: brake(activation, joiners, leavers, audience)
+                    .map(|hold| hold.reason(activation, leavers)),
             });
         }
     }

@@ -396,7 +396,7 @@ pub async fn run(
         );
         let hold_reason = delta
             .hold
-            .map(|hold| hold.reason(&activation, delta.removes));
+            .map(|hold| hold.reason(&activation, delta.leavers()));
         let report = if delta
             .hold
             .is_some_and(|hold| hold.holds_adds(activation.mode))

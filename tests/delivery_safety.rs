@@ -377,3 +377,38 @@ fn a_member_whose_identifiers_change_is_removed_by_the_old_ones_before_the_add_o
     assert_eq!(platform.audience(), keys(1..=50));
     assert_eq!(platform.state.lock().unwrap().adds["7"], 2);
 }
+
+#[test]
+fn a_mass_change_of_identifiers_is_not_held_as_a_mass_removal() {
+    let platform = FakePlatform::start();
+    let project = project(&platform, 1, "identifiers = [\"score\"]");
+    assert!(project.refresh("shop").0);
+
+    // Everyone's score changes and nobody leaves: 50 removes of old identifiers, each followed
+    // by an add of the new ones, is not 100 % of the audience leaving.
+    let mut csv = String::from("id,score\n");
+    for id in 1..=50 {
+        csv.push_str(&format!("{id},{}\n", id + 100));
+    }
+    project.write("pipelines/shop/people.csv", &csv);
+    let (ok, summary, stderr) = project.refresh("shop");
+    assert!(ok, "{stderr}");
+    let entry = activation(&summary, ID);
+    assert_eq!(entry["held"], false, "{entry}");
+    assert_eq!(
+        (entry["adds"].as_i64(), entry["removes"].as_i64()),
+        (Some(50), Some(50))
+    );
+    assert_eq!(platform.audience(), keys(1..=50));
+
+    // Forty people really leaving (their score drops below the rule's 1) is still held.
+    let mut csv = String::from("id,score\n");
+    for id in 1..=50 {
+        csv.push_str(&format!("{id},{}\n", if id <= 10 { id + 100 } else { 0 }));
+    }
+    project.write("pipelines/shop/people.csv", &csv);
+    let (ok, summary, stderr) = project.refresh("shop");
+    assert!(ok, "{stderr}");
+    assert_eq!(activation(&summary, ID)["held"], true);
+    assert_eq!(platform.audience(), keys(1..=50));
+}
