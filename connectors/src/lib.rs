@@ -327,3 +327,30 @@ pub const KINDS: &[&str] = &[
     "linkedin",
     "klaviyo",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every connection type `mirror` is offered for has a connector that replaces lists.
+    #[test]
+    fn replacing_kinds_are_the_connectors_that_replace_lists() {
+        let secrets = BTreeMap::from([("access_token".to_string(), "token".to_string())]);
+        let table = |text: &str| -> toml::Table { toml::from_str(text).unwrap() };
+        let built = [
+            ("file", table("directory = \"out\""), table("")),
+            ("webhook", table("url = \"http://127.0.0.1:9/\""), table("")),
+            (
+                "meta",
+                table("access_token_env = \"META_TOKEN\""),
+                table("audience_id = \"123\""),
+            ),
+        ];
+        for (kind, connection, activation) in built {
+            let connector = build(kind, &connection, &activation, &secrets)
+                .unwrap_or_else(|errors| panic!("{kind}: {errors:?}"));
+            assert!(connector.replaces_lists(), "{kind}");
+        }
+        assert_eq!(REPLACING_KINDS, ["file", "webhook", "meta"]);
+    }
+}

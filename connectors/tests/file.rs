@@ -305,3 +305,50 @@ fn a_batch_size_of_zero_is_refused() {
         errors[0].message
     );
 }
+
+#[tokio::test]
+async fn a_replace_is_marked_complete_only_once_its_last_batch_is_written() {
+    let directory = tempfile::tempdir().unwrap();
+    let connector = connector(directory.path(), "csv");
+    let folder = directory.path().join("vip__newsletter");
+    let replace = segmentd_connectors::Replace {
+        session: 9,
+        batches: 2,
+        members: 3,
+    };
+    let part = |sequence: u32, members: Vec<Member>| Batch {
+        change: Change::Replace,
+        sequence,
+        members,
+        replace: Some(replace),
+        ..batch()
+    };
+    assert!(connector.replaces_lists());
+
+    connector
+        .deliver(&part(0, vec![member("1", &[]), member("2", &[])]))
+        .await
+        .unwrap();
+    assert_eq!(entries(&folder), ["run-000042-replace-00000.csv"]);
+
+    connector
+        .deliver(&part(1, vec![member("3", &[])]))
+        .await
+        .unwrap();
+    assert_eq!(
+        entries(&folder),
+        [
+            "run-000042-replace-00000.csv",
+            "run-000042-replace-00001.csv",
+            "run-000042-replace.complete"
+        ]
+    );
+    assert_eq!(
+        std::fs::read_to_string(folder.join("run-000042-replace.complete")).unwrap(),
+        "batches = 2\nmembers = 3\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(folder.join("run-000042-replace-00001.csv")).unwrap(),
+        "key\n3\n"
+    );
+}

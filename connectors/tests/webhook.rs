@@ -647,3 +647,36 @@ async fn rejection_reasons_are_kept_without_addresses_phone_numbers_or_the_membe
     );
     assert_eq!(platform.received().len(), 1);
 }
+
+#[tokio::test]
+async fn a_replace_batch_says_its_session_and_place_and_add_batches_say_nothing_of_it() {
+    let (platform, url) = start_platform([Answer::status(204)]).await;
+    let connector = connector(&url);
+    let part = Batch {
+        change: Change::Replace,
+        sequence: 1,
+        replace: Some(segmentd_connectors::Replace {
+            session: 77,
+            batches: 2,
+            members: 1002,
+        }),
+        ..two_members()
+    };
+    assert!(connector.replaces_lists());
+
+    connector.deliver(&two_members()).await.unwrap();
+    connector.deliver(&part).await.unwrap();
+
+    let received = platform.received();
+    assert!(received[0].body.get("replace").is_none());
+    assert_eq!(received[1].body["change"], "replace");
+    assert_eq!(
+        received[1].body["replace"],
+        json!({"session": 77, "batches": 2, "members": 1002})
+    );
+    assert_eq!(received[1].body["batch_id"], "42-vip/crm-replace-77-1");
+    assert_eq!(
+        received[1].headers["idempotency-key"],
+        "42-vip/crm-replace-77-1"
+    );
+}
