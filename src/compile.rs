@@ -320,7 +320,8 @@ impl Compiler<'_> {
                             .map(|d| self.placeholder(&Value::Int(i64::from(*d))))
                             .collect();
                         self.sql.push_str(&format!(
-                            "(EXTRACT(MONTH FROM {expression}) * 100 + EXTRACT(DAY FROM {expression})) IN ({})",
+                            "(EXTRACT(MONTH FROM {expression}) * 100 \
+                             + EXTRACT(DAY FROM {expression})) IN ({})",
                             placeholders.join(", ")
                         ));
                     }
@@ -442,7 +443,8 @@ impl Compiler<'_> {
             Aggregate::Count | Aggregate::CountDistinct
         );
         let subquery_start = format!(
-            "(SELECT {aggregate} FROM {table_sql} AS {alias} WHERE {alias}.{bkey} = {master}.{mkey}",
+            "(SELECT {aggregate} FROM {table_sql} AS {alias} \
+             WHERE {alias}.{bkey} = {master}.{mkey}",
             table_sql = self.table(&table.table_name()),
             bkey = quote_ident(&table.key),
             master = self.master_alias(),

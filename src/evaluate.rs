@@ -133,7 +133,8 @@ pub fn evaluate(
                 "INSERT INTO segmentd_state.membership_history \
                  (pipeline, segment, key, run_id, event, reason, recorded_at) \
                  SELECT $3, $4, e.key, $1, 'entered', $2, current_timestamp::TIMESTAMP \
-                 FROM evaluated AS e WHERE NOT EXISTS (SELECT 1 FROM segmentd_state.memberships AS m \
+                 FROM evaluated AS e WHERE NOT EXISTS ( \
+                     SELECT 1 FROM segmentd_state.memberships AS m \
                  WHERE m.pipeline = $3 AND m.segment = $4 AND m.key = e.key)",
                 scope,
             )
@@ -156,7 +157,9 @@ pub fn evaluate(
                 params![run_id, pipeline.name, segment, size, fingerprint],
             )
             .doing("recording segment sizes")?;
-            tracing::info!(pipeline = %pipeline.name, segment = %segment, size, "segment evaluated");
+            tracing::info!(
+                pipeline = %pipeline.name, segment = %segment, size, "segment evaluated"
+            );
             sizes.push(SegmentSize {
                 segment: segment.clone(),
                 size,
@@ -191,7 +194,8 @@ pub fn history(
 ) -> Result<Vec<HistoryEvent>, StoreError> {
     let mut statement = connection
         .prepare(
-            "SELECT run_id, event, reason, CAST(recorded_at AS VARCHAR) FROM segmentd_state.membership_history \
+            "SELECT run_id, event, reason, CAST(recorded_at AS VARCHAR) \
+             FROM segmentd_state.membership_history \
              WHERE pipeline = ? AND segment = ? AND key = ? ORDER BY run_id",
         )
         .doing("reading membership history")?;

@@ -309,7 +309,8 @@ fn file_columns(connection: &Connection, source: &SourceDef) -> Result<Vec<Strin
                     .query_row(
                         &format!(
                             // A file with no lines lacks no column: it is an empty source.
-                            "SELECT count(*) = 0 OR coalesce(bool_or(json_exists(json, {})), false) \
+                            "SELECT count(*) = 0 \
+                                    OR coalesce(bool_or(json_exists(json, {})), false) \
                              FROM read_ndjson_objects({path})",
                             quote_literal(&format!("$.\"{}\"", name.replace('"', "\\\"")))
                         ),
@@ -822,7 +823,8 @@ fn check_keys(
 pub fn master_loaded(connection: &Connection, pipeline: &Pipeline) -> Result<bool, StoreError> {
     connection
         .query_row(
-            "SELECT count(*) > 0 FROM duckdb_tables() WHERE schema_name = ? AND table_name = 'master'",
+            "SELECT count(*) > 0 FROM duckdb_tables() \
+             WHERE schema_name = ? AND table_name = 'master'",
             [pipeline.schema()],
             |r| r.get(0),
         )

@@ -189,8 +189,8 @@ impl CalendarSpan {
             ["next", unit] => (1, *unit),
             _ => {
                 return Err(format!(
-                    "`{text}` is not a calendar span; use today, yesterday, tomorrow, or this, last \
-                 or next followed by day, week, month, quarter or year"
+                    "`{text}` is not a calendar span; use today, yesterday, tomorrow, or this, \
+                     last or next followed by day, week, month, quarter or year"
                 ));
             }
         };
@@ -202,7 +202,8 @@ impl CalendarSpan {
             "year" => CalendarUnit::Year,
             other => {
                 return Err(format!(
-                    "`{text}`: unknown calendar unit `{other}`; use day, week, month, quarter or year"
+                    "`{text}`: unknown calendar unit `{other}`; use day, week, month, quarter or \
+                     year"
                 ));
             }
         };
@@ -848,7 +849,11 @@ impl Checker<'_> {
             return self.list_predicate(spanned, &op, inner);
         }
         if raw.count.is_some() {
-            self.problem(spanned, "`count` goes with the contains at least / at most / exactly operators of list columns");
+            self.problem(
+                spanned,
+                "`count` goes with the contains at least / at most / exactly operators of \
+                 list columns",
+            );
         }
         if let Some(predicate) = self.text_or_time_predicate(spanned, &op, column_type) {
             return predicate;

@@ -61,7 +61,12 @@ fn every_problem_is_reported_with_file_and_line() {
     );
     project.write(
         "pipelines/shop/segments/typo.toml",
-        "[rule]\nall = [\n  { attribute = \"country\", op = \"=\", value = \"FR\" },\n  { attribute = \"contry\", op = \"=\", value = \"FR\" },\n]\n",
+        r#"[rule]
+all = [
+  { attribute = "country", op = "=", value = "FR" },
+  { attribute = "contry", op = "=", value = "FR" },
+]
+"#,
     );
     project.write(
         "pipelines/shop/segments/wrong_type.toml",
@@ -73,7 +78,8 @@ fn every_problem_is_reported_with_file_and_line() {
     );
     project.write(
         "pipelines/shop/segments/ghost.toml",
-        "[rule]\nsegment = \"nowhere\"\n\n[[activations]]\nname = \"x\"\nconnection = \"missing\"\n",
+        "[rule]\nsegment = \"nowhere\"\n\n[[activations]]\nname = \"x\"\n\
+         connection = \"missing\"\n",
     );
 
     let (ok, stderr) = validate(&project);
@@ -141,13 +147,17 @@ fn a_connection_secret_must_be_in_the_environment() {
     let project = Project::new();
     project.write(
         "config.toml",
-        "[connections.hook]\ntype = \"webhook\"\nurl = \"http://127.0.0.1:9/\"\ntoken_env = \"SEGMENTD_TEST_UNSET_TOKEN\"\n",
+        "[connections.hook]\ntype = \"webhook\"\nurl = \"http://127.0.0.1:9/\"\n\
+         token_env = \"SEGMENTD_TEST_UNSET_TOKEN\"\n",
     );
     project.write("pipelines/shop/pipeline.toml", PIPELINE);
     let (ok, stderr) = validate(&project);
     assert!(!ok);
     assert!(
-        stderr.contains("config.toml:1: connection `hook`: `token_env` names the environment variable `SEGMENTD_TEST_UNSET_TOKEN`, which is not set"),
+        stderr.contains(
+            "config.toml:1: connection `hook`: `token_env` names the environment \
+                         variable `SEGMENTD_TEST_UNSET_TOKEN`, which is not set"
+        ),
         "{stderr}"
     );
 }
@@ -180,7 +190,16 @@ fn a_config_toml_that_does_not_parse_still_lets_the_segments_be_checked() {
     project.write("pipelines/shop/pipeline.toml", PIPELINE);
     project.write(
         "pipelines/shop/segments/typo.toml",
-        "[rule]\nall = [\n  { attribute = \"country\", op = \"=\", value = \"FR\" },\n  { attribute = \"contry\", op = \"=\", value = \"FR\" },\n]\n\n[[activations]]\nname = \"export\"\nconnection = \"exports\"\n",
+        r#"[rule]
+all = [
+  { attribute = "country", op = "=", value = "FR" },
+  { attribute = "contry", op = "=", value = "FR" },
+]
+
+[[activations]]
+name = "export"
+connection = "exports"
+"#,
     );
     project.write(
         "pipelines/shop/segments/ghost.toml",
@@ -230,7 +249,17 @@ fn a_pipeline_toml_that_does_not_parse_still_lets_its_segments_be_checked() {
     );
     project.write(
         "pipelines/shop/segments/shapes.toml",
-        "[rule]\nall = [\n  { attribute = \"contry\", op = \"=\", value = \"FR\" },\n  { segment = \"ghost\", attribute = \"country\" },\n  { behaviour = \"orders\", aggregate = \"median\", column = \"amount\", op = \">\", value = 1 },\n]\n\n[[activations]]\nname = \"x\"\nconnection = \"missing\"\n",
+        r#"[rule]
+all = [
+  { attribute = "contry", op = "=", value = "FR" },
+  { segment = "ghost", attribute = "country" },
+  { behaviour = "orders", aggregate = "median", column = "amount", op = ">", value = 1 },
+]
+
+[[activations]]
+name = "x"
+connection = "missing"
+"#,
     );
     project.write(
         "pipelines/shop/segments/ghost.toml",
@@ -297,7 +326,12 @@ fn a_cycle_is_reported_at_the_reference_that_closes_it() {
     // b has a problem of its own; its reference still counts.
     project.write(
         "pipelines/shop/segments/b.toml",
-        "[rule]\nall = [\n  { attribute = \"contry\", op = \"=\", value = \"FR\" },\n  { segment = \"c\" },\n]\n",
+        r#"[rule]
+all = [
+  { attribute = "contry", op = "=", value = "FR" },
+  { segment = "c" },
+]
+"#,
     );
     project.write(
         "pipelines/shop/segments/c.toml",
@@ -322,7 +356,8 @@ fn a_missing_secret_is_reported_once_at_its_connection() {
     let project = Project::new();
     project.write(
         "config.toml",
-        "data_dir = \"var\"\n\n[connections.hook]\ntype = \"webhook\"\nurl = \"http://127.0.0.1:9/\"\ntoken_env = \"SEGMENTD_TEST_UNSET_HOOK_TOKEN\"\n",
+        "data_dir = \"var\"\n\n[connections.hook]\ntype = \"webhook\"\n\
+         url = \"http://127.0.0.1:9/\"\ntoken_env = \"SEGMENTD_TEST_UNSET_HOOK_TOKEN\"\n",
     );
     project.write("pipelines/shop/pipeline.toml", PIPELINE);
     let activation = "[[activations]]\nname = \"hook\"\nconnection = \"hook\"\n";

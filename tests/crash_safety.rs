@@ -52,7 +52,8 @@ fn trigger(port: u16) {
         let answer = std::net::TcpStream::connect(("127.0.0.1", port)).and_then(|mut stream| {
             use std::io::{Read, Write};
             stream.write_all(
-                b"POST /pipelines/shop/runs HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                b"POST /pipelines/shop/runs HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\n\
+                  connection: close\r\n\r\n",
             )?;
             let mut response = String::new();
             stream.read_to_string(&mut response)?;

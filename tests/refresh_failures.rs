@@ -71,10 +71,12 @@ fn state(project: &Project) -> (String, String, String) {
     (
         text("SELECT string_agg(id || ':' || country, ',' ORDER BY id) FROM pipeline_shop.master"),
         text(
-            "SELECT string_agg(segment || ':' || key, ',' ORDER BY segment, key) FROM segmentd_state.memberships",
+            "SELECT string_agg(segment || ':' || key, ',' ORDER BY segment, key) FROM \
+             segmentd_state.memberships",
         ),
         text(
-            "SELECT string_agg(activation || ':' || key, ',' ORDER BY activation, key) FROM segmentd_state.acknowledged",
+            "SELECT string_agg(activation || ':' || key, ',' ORDER BY activation, key) FROM \
+             segmentd_state.acknowledged",
         ),
     )
 }

@@ -49,7 +49,8 @@ source = "orders"
 columns = { id = "BIGINT", amount = "DOUBLE", cancelled = "BOOLEAN", at = "TIMESTAMP" }
 "#;
 
-const PEOPLE: &str = "id,country,age,vip\n1,FR,34,true\n2,DE,19,false\n3,,52,false\n4,FR,,\n5,\"it's; --\",40,false\n";
+const PEOPLE: &str = "id,country,age,vip\n1,FR,34,true\n2,DE,19,false\n3,,52,false\n4,FR,,\n\
+                      5,\"it's; --\",40,false\n";
 const ORDERS: &str = "id,amount,cancelled,at\n\
 1,30,false,2024-06-10 09:00:00\n\
 1,80,false,2024-06-20 18:30:00\n\
@@ -78,7 +79,10 @@ fn members(segments: &[(&str, &str)]) -> BTreeMap<String, Vec<String>> {
     };
     segmentd::evaluate::evaluate(&connection, pipeline, 1, as_of, &inputs).unwrap();
     let mut statement = connection
-        .prepare("SELECT segment, key FROM segmentd_state.memberships ORDER BY segment, CAST(key AS INT)")
+        .prepare(
+            "SELECT segment, key FROM segmentd_state.memberships \
+             ORDER BY segment, CAST(key AS INT)",
+        )
         .unwrap();
     let mut found: BTreeMap<String, Vec<String>> = segments
         .iter()
@@ -566,7 +570,8 @@ count = 1"#,
     let members = |segment: &str| -> Vec<String> {
         let mut statement = connection
             .prepare(
-                "SELECT key FROM segmentd_state.memberships WHERE segment = ? ORDER BY CAST(key AS INT)",
+                "SELECT key FROM segmentd_state.memberships WHERE segment = ? \
+                 ORDER BY CAST(key AS INT)",
             )
             .unwrap();
         statement

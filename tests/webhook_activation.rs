@@ -66,7 +66,8 @@ fn write_people(project: &Project, rows: &str) {
         .connection()
         .unwrap()
         .execute_batch(&format!(
-            "COPY (SELECT * FROM (VALUES {rows}) AS t(id, email, country)) TO '{}' (FORMAT parquet)",
+            "COPY (SELECT * FROM (VALUES {rows}) AS t(id, email, country)) \
+             TO '{}' (FORMAT parquet)",
             target.display()
         ))
         .unwrap();
@@ -109,7 +110,9 @@ fn webhook_delivery_retries_and_acknowledges_only_what_was_accepted() {
     project.write(
         "pipelines/crm/segments/french.toml",
         // The audience is tiny, so one removal is half of it: the removal brake is opened.
-        "[rule]\nattribute = \"country\"\nop = \"=\"\nvalue = \"FR\"\n\n[[activations]]\nname = \"sync\"\nconnection = \"crm\"\nidentifiers = [\"email\"]\nmax_removal_share = 1.0\n",
+        "[rule]\nattribute = \"country\"\nop = \"=\"\nvalue = \"FR\"\n\n[[activations]]\n\
+         name = \"sync\"\nconnection = \"crm\"\nidentifiers = [\"email\"]\n\
+         max_removal_share = 1.0\n",
     );
     write_people(
         &project,

@@ -129,7 +129,8 @@ impl FakePlatform {
     /// config.toml with one `webhook` connection called `platform` pointing here.
     pub fn config(&self, batch_size: usize) -> String {
         format!(
-            "[connections.platform]\ntype = \"webhook\"\nurl = \"{}\"\nbatch_size = {batch_size}\n\n\
+            "[connections.platform]\ntype = \"webhook\"\nurl = \"{}\"\n\
+             batch_size = {batch_size}\n\n\
              [connections.platform.retry]\ninitial_delay_seconds = 0.05\nmax_attempts = 3\n",
             self.url
         )
