@@ -10,8 +10,11 @@
 //! start-up each runner first finishes the runs a stop interrupted.
 //!
 //! Routes: `GET /health`; `POST /pipelines/{name}/runs` (202, queued or coalesced; `?force=true`
-//! accepts a refresh its guards would refuse); `GET /pipelines/{name}/runs/latest`;
-//! `POST /pipelines/{name}/runs/{run}/approve` (`?activation=` for one);
+//! accepts a refresh its guards would refuse); `GET /pipelines/{name}/runs/latest` (whether a
+//! run is in progress, and the summary of the pipeline's latest run read from the store, so it
+//! answers for runs of an earlier daemon or of the CLI as for its own);
+//! `POST /pipelines/{name}/runs/{run}/approve` (`?activation=` for one; 409 with what became of
+//! the run's deltas when nothing of it is held);
 //! `GET /pipelines/{name}/plan`; `GET /pipelines/{name}/deadletter`;
 //! `POST /pipelines/{name}/deadletter/retry`; `GET /pipelines/{name}/profiles/{key}` (the
 //! segments a profile belongs to now, by the same SQL as the bulk evaluation).
@@ -28,7 +31,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::runner::{self, RunSummary};
+use crate::deliver::ApproveError;
+use crate::runner;
 use crate::store::Store;
 
 /// Where requests for each pipeline's runner go.
@@ -88,10 +92,10 @@ impl RunRequests {
     }
 }
 
+/// What the API knows of a pipeline's runner beyond the store: whether it is busy.
 #[derive(Default)]
 struct PipelineStatus {
     running: bool,
-    last: Option<RunSummary>,
 }
 
 #[derive(Clone)]
@@ -189,24 +193,19 @@ async fn runner_task(
     shutdown: CancellationToken,
 ) {
     let pipeline = &config.pipelines[&name];
-    set_running(&status, &name, true, None);
-    match runner::resume_interrupted(Arc::clone(&store), &config, pipeline).await {
-        Ok(resumed) => {
-            set_running(&status, &name, false, resumed.into_iter().last());
-        }
-        Err(err) => {
-            tracing::error!(pipeline = %name, error = %format!("{err:#}"), "resuming interrupted runs failed");
-            set_running(&status, &name, false, None);
-        }
+    set_running(&status, &name, true);
+    if let Err(err) = runner::resume_interrupted(Arc::clone(&store), &config, pipeline).await {
+        tracing::error!(pipeline = %name, error = %format!("{err:#}"), "resuming interrupted runs failed");
     }
+    set_running(&status, &name, false);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             request = others.recv() => match request {
                 Some(Request::Approve { run_id, activation, reply }) => {
-                    set_running(&status, &name, true, None);
+                    set_running(&status, &name, true);
                     let result = runner::approve(Arc::clone(&store), &config, pipeline, run_id, activation).await;
-                    set_running(&status, &name, false, None);
+                    set_running(&status, &name, false);
                     let _ = reply.send(result);
                 }
                 Some(Request::Plan { reply }) => {
@@ -225,33 +224,21 @@ async fn runner_task(
             },
             trigger = runs.recv() => {
                 let Some((trigger, force)) = trigger else { break };
-                set_running(&status, &name, true, None);
+                set_running(&status, &name, true);
                 // A run in progress finishes; shutdown waits for it.
                 let options = runner::RunOptions { as_of: None, force };
-                match runner::run(Arc::clone(&store), &config, pipeline, &trigger, options).await {
-                    Ok(summary) => set_running(&status, &name, false, Some(summary)),
-                    Err(err) => {
-                        tracing::error!(pipeline = %name, error = %format!("{err:#}"), "run could not be carried out");
-                        set_running(&status, &name, false, None);
-                    }
+                if let Err(err) = runner::run(Arc::clone(&store), &config, pipeline, &trigger, options).await {
+                    tracing::error!(pipeline = %name, error = %format!("{err:#}"), "run could not be carried out");
                 }
+                set_running(&status, &name, false);
             }
         }
     }
 }
 
-fn set_running(
-    status: &Mutex<BTreeMap<String, PipelineStatus>>,
-    name: &str,
-    running: bool,
-    last: Option<RunSummary>,
-) {
+fn set_running(status: &Mutex<BTreeMap<String, PipelineStatus>>, name: &str, running: bool) {
     let mut status = status.lock().expect("status lock");
-    let entry = status.entry(name.to_string()).or_default();
-    entry.running = running;
-    if last.is_some() {
-        entry.last = last;
-    }
+    status.entry(name.to_string()).or_default().running = running;
 }
 
 async fn health() -> Json<serde_json::Value> {
@@ -295,15 +282,26 @@ async fn trigger_run(
 }
 
 async fn latest_run(State(state): State<AppState>, Path(name): Path<String>) -> Response {
-    let status = state.status.lock().expect("status lock");
-    match status.get(&name) {
-        None => unknown_pipeline(&name),
-        Some(entry) => Json(json!({
+    let Some(pipeline) = state.config.pipelines.get(&name).cloned() else {
+        return unknown_pipeline(&name);
+    };
+    let running = state
+        .status
+        .lock()
+        .expect("status lock")
+        .get(&name)
+        .is_some_and(|entry| entry.running);
+    let store = Arc::clone(&state.store);
+    let latest =
+        crate::deliver::blocking(&store, move |c| runner::latest_summary(c, &pipeline)).await;
+    match latest {
+        Ok(last) => Json(json!({
             "pipeline": name,
-            "running": entry.running,
-            "last_run": entry.last,
+            "running": running,
+            "last_run": last,
         }))
         .into_response(),
+        Err(err) => internal_error(&err.into()),
     }
 }
 
@@ -343,6 +341,22 @@ async fn profile(
     }
 }
 
+/// The answer for a request that failed: 409 with what became of the run's deltas for an
+/// approval of a run with nothing held, 500 for anything else.
+fn error_response(err: &anyhow::Error) -> Response {
+    match err.downcast_ref::<ApproveError>() {
+        Some(ApproveError::NothingHeld {
+            message,
+            activations,
+        }) => (
+            StatusCode::CONFLICT,
+            Json(json!({ "error": message, "activations": activations })),
+        )
+            .into_response(),
+        _ => internal_error(err),
+    }
+}
+
 fn internal_error(err: &anyhow::Error) -> Response {
     (
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -368,7 +382,7 @@ async fn ask<T>(
     }
     match answer.await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(err)) => Err(internal_error(&err)),
+        Ok(Err(err)) => Err(error_response(&err)),
         Err(_) => Err(internal_error(&anyhow::anyhow!(
             "the pipeline's runner has stopped"
         ))),

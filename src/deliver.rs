@@ -16,7 +16,11 @@
 //! Safety brakes live here too: a delta that would remove more than the activation's
 //! `max_removal_share` of its audience is held until an operator approves it; `add_only`
 //! activations never remove; members the platform keeps rejecting go to the dead letter after
-//! `dead_letter_after_runs` runs and are left out of later deltas until retried.
+//! `dead_letter_after_runs` runs and are left out of later deltas until retried. An approval
+//! covers the removes it approved: the rest of them, planned again after a delivery that
+//! stopped part-way, is not held again ([`continued_approval`]). Approvals, and deliveries a
+//! restart finishes, add to the activation's record of the run (`activation_runs`), which says
+//! why a delta was held or which approval it was sent under.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -44,6 +48,8 @@ pub struct DeltaSize {
     pub changed: i64,
     /// Which brake held the delta, if one did.
     pub hold: Option<Hold>,
+    /// The approval whose removes this delta carries on, when a brake would otherwise hold it.
+    pub continues: Option<Continuation>,
 }
 
 impl DeltaSize {
@@ -60,6 +66,16 @@ impl DeltaSize {
     /// Whether a brake held some of the delta.
     pub fn held(&self) -> bool {
         self.hold.is_some()
+    }
+
+    /// What the run record says about the brakes: why the delta was held, or which approval
+    /// it carries on.
+    pub fn note(&self, activation: &ActivationDef) -> Option<String> {
+        match (self.hold, self.continues) {
+            (Some(hold), _) => Some(hold.reason(activation, self.leavers())),
+            (None, Some(continuation)) => Some(continuation.note()),
+            (None, None) => None,
+        }
     }
 }
 
@@ -89,26 +105,49 @@ impl Hold {
         matches!(self, Hold::RemovalShare { .. }) || mode == Mode::Mirror
     }
 
-    /// Why, in words for the operator.
+    /// Why, in words for the operator. What to do about it (the `approve` command with the
+    /// run's id) is in the run's summary, which knows the run.
     pub fn reason(self, activation: &ActivationDef, leavers: i64) -> String {
         match self {
             Hold::RemovalShare { audience } => format!(
                 "{leavers} removes of an audience of {audience} are more than max_removal_share \
-                 ({}); approve the run to send them",
+                 ({})",
                 activation.max_removal_share
             ),
             Hold::MinimumAudience { after, minimum } if activation.mode == Mode::Mirror => {
                 format!(
                     "the replace would leave {after} members, below the platform's minimum \
-                     audience of {minimum} (min_audience_size); approve the run to send it"
+                     audience of {minimum} (min_audience_size)"
                 )
             }
             Hold::MinimumAudience { after, minimum } => format!(
                 "the removes would leave {after} members, below the platform's minimum audience \
-                 of {minimum} (min_audience_size); the adds were sent, approve the run to send \
-                 the removes"
+                 of {minimum} (min_audience_size); the adds were sent"
             ),
         }
+    }
+}
+
+/// An operator's approval that a delta's removes carry on: the brake would hold them, but they
+/// are what is left of removes an operator approved in an earlier run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Continuation {
+    /// The run whose held delta the operator approved.
+    pub approval_run: i64,
+    /// Removes that approval covered.
+    pub approved: i64,
+    /// Removes of this delta, all among the approved ones not yet confirmed.
+    pub left: i64,
+}
+
+impl Continuation {
+    /// What the run record says instead of a hold reason.
+    pub fn note(self) -> String {
+        format!(
+            "continues the approval of run {}: {} removes left of the {} it approved, not held \
+             again",
+            self.approval_run, self.left, self.approved
+        )
     }
 }
 
@@ -131,6 +170,71 @@ pub fn brake(
         }
         _ => None,
     }
+}
+
+/// The approval a delta's removes carry on, if they do: `removes` selects the `(key,
+/// identifiers)` of the delta's removes (`count` of them) that run `run_id` plans.
+///
+/// They carry on an approval only when all of this is true; otherwise the brakes apply as
+/// usual. The activation adds and removes (a `mirror` replace is one list, not removes an
+/// approval could cover). The activation's latest earlier delta is the approved one or one that
+/// carried it on, so nothing else was planned in between. Every remove is one the operator
+/// approved, for the same member with the same identifiers, and no run has had it confirmed
+/// since: a member removed, added back and leaving again is a new removal.
+pub fn continued_approval(
+    connection: &Connection,
+    pipeline: &str,
+    activation: &ActivationDef,
+    run_id: i64,
+    removes: &str,
+    count: i64,
+) -> Result<Option<Continuation>, StoreError> {
+    if activation.mode != Mode::AddRemove || count == 0 {
+        return Ok(None);
+    }
+    let approval_run: Option<i64> = connection
+        .query_row(
+            "SELECT (SELECT approval_run FROM segmentd_state.activation_runs \
+             WHERE pipeline = ? AND activation = ? AND run_id < ? ORDER BY run_id DESC LIMIT 1)",
+            params![pipeline, activation.id, run_id],
+            |r| r.get(0),
+        )
+        .doing("finding the activation's last approval")?;
+    let Some(approval_run) = approval_run else {
+        return Ok(None);
+    };
+    let approved: i64 = connection
+        .query_row(
+            "SELECT count(*) FROM segmentd_state.deltas WHERE pipeline = ? AND activation = ? \
+             AND run_id = ? AND change = 'remove'",
+            params![pipeline, activation.id, approval_run],
+            |r| r.get(0),
+        )
+        .doing("counting the approved removes")?;
+    let not_approved: i64 = connection
+        .query_row(
+            &format!(
+                "SELECT count(*) FROM ({removes}) AS r \
+                 WHERE NOT EXISTS (SELECT 1 FROM segmentd_state.deltas AS a \
+                     WHERE a.pipeline = $1 AND a.activation = $2 AND a.run_id = $3 \
+                     AND a.change = 'remove' AND a.key = r.key AND a.identifiers = r.identifiers) \
+                 OR EXISTS (SELECT 1 FROM segmentd_state.deltas AS s \
+                     WHERE s.pipeline = $1 AND s.activation = $2 AND s.run_id >= $3 \
+                     AND s.run_id < $4 AND s.change = 'remove' AND s.status = 'delivered' \
+                     AND s.key = r.key AND s.identifiers = r.identifiers)"
+            ),
+            params![pipeline, activation.id, approval_run, run_id],
+            |r| r.get(0),
+        )
+        .doing("comparing the removes with the approved ones")?;
+    if not_approved > 0 || count > approved {
+        return Ok(None);
+    }
+    Ok(Some(Continuation {
+        approval_run,
+        approved,
+        left: count,
+    }))
 }
 
 /// What delivering one activation's delta did.
@@ -362,6 +466,30 @@ pub fn plan(
         }
         let audience = audience_size(c, &pipeline.name, &activation.id)?;
         delta.hold = brake(activation, delta.joiners(), delta.leavers(), audience);
+        if delta.hold.is_some() {
+            let removes = format!(
+                "SELECT key, identifiers FROM segmentd_state.deltas WHERE run_id = {run_id} \
+                 AND pipeline = {} AND activation = {} AND change = 'remove'",
+                quote_literal(&pipeline.name),
+                quote_literal(&activation.id)
+            );
+            delta.continues = continued_approval(
+                c,
+                &pipeline.name,
+                activation,
+                run_id,
+                &removes,
+                delta.removes,
+            )?;
+        }
+        if let Some(continuation) = delta.continues {
+            delta.hold = None;
+            tracing::info!(
+                pipeline = %pipeline.name, activation = %activation.id, run_id,
+                removes = delta.removes, audience, approval_run = continuation.approval_run,
+                "delta carries on an operator's approval; not held again"
+            );
+        }
         if let Some(hold) = delta.hold {
             let reason = hold.reason(activation, delta.leavers());
             c.execute(
@@ -759,26 +887,94 @@ pub fn retry_dead_letters(
         .doing("releasing the dead letter")
 }
 
+/// Why an activation of a run has no held delta to approve.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum NotHeld {
+    /// A brake held the delta, but a newer run planned a delta of its own, which superseded it.
+    Superseded {
+        /// The activation.
+        activation: String,
+        /// The run whose delta superseded it.
+        superseded_by: i64,
+        /// The activation's latest run, whose delta is the current one.
+        current_run: i64,
+        /// Whether a brake holds the current delta.
+        current_held: bool,
+    },
+    /// The held delta was approved already.
+    Approved {
+        /// The activation.
+        activation: String,
+        /// Why its delivery stopped, if it did.
+        error: Option<String>,
+    },
+}
+
+impl NotHeld {
+    /// What happened to the delta and what to do, in words for the operator.
+    fn explain(&self, pipeline: &str) -> String {
+        match self {
+            NotHeld::Superseded {
+                activation,
+                superseded_by,
+                current_run,
+                current_held,
+            } => {
+                let current = if *current_held {
+                    format!(
+                        "run {current_run} holds the current delta: approve that run instead, \
+                         `segmentd approve {pipeline} {current_run}`"
+                    )
+                } else {
+                    format!(
+                        "run {current_run} planned the current delta and nothing of it is held: \
+                         there is nothing to approve"
+                    )
+                };
+                format!(
+                    "`{activation}` was superseded by run {superseded_by}, which planned a delta \
+                     of its own from what the platform had confirmed by then; {current}"
+                )
+            }
+            NotHeld::Approved {
+                activation,
+                error: None,
+            } => format!("`{activation}` was already approved and sent"),
+            NotHeld::Approved {
+                activation,
+                error: Some(error),
+            } => format!(
+                "`{activation}` was already approved, but its delivery stopped ({error}); the \
+                 next run plans what is left and sends it without a new hold when it is only \
+                 removes this approval covered"
+            ),
+        }
+    }
+}
+
 /// Why an approval was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ApproveError {
     /// Nothing of that run is held.
-    #[error("run {run_id} of pipeline `{pipeline}` has no held delta{}", activation.as_ref().map(|a| format!(" for activation `{a}`")).unwrap_or_default())]
+    #[error("{message}")]
     NothingHeld {
-        /// The pipeline.
-        pipeline: String,
-        /// The run.
-        run_id: i64,
-        /// The activation asked for, if one was.
-        activation: Option<String>,
+        /// What happened, and what to do, in words.
+        message: String,
+        /// Each activation of the run that was held, and what became of its delta.
+        activations: Vec<NotHeld>,
     },
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
+/// SQL for whether an activation's record of a run says a brake holds its delta: it has a
+/// hold reason and no approval it was sent under.
+pub(crate) const HELD: &str = "(hold_reason IS NOT NULL AND approval_run IS NULL)";
+
 /// Releases a run's held deltas (of one activation, or all) for delivery; returns the
-/// activations released.
+/// activations released. The activation's record of the run says it was approved.
 pub fn approve(
     connection: &Connection,
     pipeline: &str,
@@ -800,6 +996,7 @@ pub fn approve(
             .collect::<Result<_, _>>()
             .doing("finding held deltas")?;
         for id in &activations {
+            record_from_delta(c, pipeline, id, run_id)?;
             c.execute(
                 "UPDATE segmentd_state.deltas SET status = 'pending', reason = NULL \
                  WHERE pipeline = ? AND run_id = ? AND activation = ? AND status = 'held'",
@@ -807,7 +1004,10 @@ pub fn approve(
             )
             .doing("releasing held deltas")?;
             c.execute(
-                "UPDATE segmentd_state.activation_runs SET status = 'approved' \
+                "UPDATE segmentd_state.activation_runs SET status = 'approved', \
+                 approval_run = run_id, \
+                 hold_reason = 'approved by an operator; held because ' \
+                     || coalesce(hold_reason, 'a brake held it') \
                  WHERE pipeline = ? AND run_id = ? AND activation = ?",
                 params![pipeline, run_id, id],
             )
@@ -816,13 +1016,233 @@ pub fn approve(
         Ok(activations)
     })?;
     if released.is_empty() {
-        return Err(ApproveError::NothingHeld {
-            pipeline: pipeline.to_string(),
-            run_id,
-            activation: activation.map(str::to_string),
-        });
+        return Err(nothing_held(connection, pipeline, run_id, activation)?);
     }
     Ok(released)
+}
+
+/// The refusal of an approval of a run with nothing held: what became of each delta of the run
+/// a brake held, and what to do.
+fn nothing_held(
+    connection: &Connection,
+    pipeline: &str,
+    run_id: i64,
+    activation: Option<&str>,
+) -> Result<ApproveError, StoreError> {
+    let recorded: i64 = connection
+        .query_row(
+            "SELECT count(*) FROM segmentd_state.runs WHERE pipeline = ? AND run_id = ?",
+            params![pipeline, run_id],
+            |r| r.get(0),
+        )
+        .doing("finding the run")?;
+    let mut statement = connection
+        .prepare(&format!(
+            "SELECT r.activation, coalesce(r.approval_run = r.run_id, false), r.error, \
+                    {HELD}, \
+                    (SELECT min(n.run_id) FROM segmentd_state.activation_runs AS n \
+                     WHERE n.pipeline = r.pipeline AND n.activation = r.activation \
+                     AND n.run_id > r.run_id), \
+                    (SELECT n.run_id FROM segmentd_state.activation_runs AS n \
+                     WHERE n.pipeline = r.pipeline AND n.activation = r.activation \
+                     ORDER BY n.run_id DESC LIMIT 1), \
+                    (SELECT (n.hold_reason IS NOT NULL AND n.approval_run IS NULL) \
+                     FROM segmentd_state.activation_runs AS n \
+                     WHERE n.pipeline = r.pipeline AND n.activation = r.activation \
+                     ORDER BY n.run_id DESC LIMIT 1) \
+             FROM segmentd_state.activation_runs AS r \
+             WHERE r.pipeline = ? AND r.run_id = ? AND (? IS NULL OR r.activation = ?) \
+             ORDER BY r.activation"
+        ))
+        .doing("finding what became of the run's deltas")?;
+    type Row = (
+        String,
+        bool,
+        Option<String>,
+        bool,
+        Option<i64>,
+        Option<i64>,
+        Option<bool>,
+    );
+    let rows: Vec<Row> = statement
+        .query_map(params![pipeline, run_id, activation, activation], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
+        })
+        .doing("finding what became of the run's deltas")?
+        .collect::<Result<_, _>>()
+        .doing("finding what became of the run's deltas")?;
+    let mut activations = Vec::new();
+    for (id, approved, error, held, superseded_by, current_run, current_held) in rows {
+        if approved {
+            activations.push(NotHeld::Approved {
+                activation: id,
+                error,
+            });
+        } else if let (true, Some(superseded_by), Some(current_run)) =
+            (held, superseded_by, current_run)
+        {
+            activations.push(NotHeld::Superseded {
+                activation: id,
+                superseded_by,
+                current_run,
+                current_held: current_held.unwrap_or(false),
+            });
+        }
+    }
+
+    let mut message = format!("run {run_id} of pipeline `{pipeline}` has no held delta");
+    if let Some(activation) = activation {
+        message.push_str(&format!(" for activation `{activation}`"));
+    }
+    let mut explained: Vec<String> = activations.iter().map(|a| a.explain(pipeline)).collect();
+    if recorded == 0 {
+        explained.push(format!("there is no run {run_id} of this pipeline"));
+    }
+    if !explained.is_empty() {
+        message.push_str(": ");
+        message.push_str(&explained.join("; "));
+    }
+    Ok(ApproveError::NothingHeld {
+        message,
+        activations,
+    })
+}
+
+/// Writes the activation's record of a run from the run's delta, if the process stopped
+/// before the run wrote it: the sizes of the delta, what of it was confirmed, and why it is
+/// held if it is. A `mirror` activation's record counts no adds or removes this way (its
+/// delta is the list), only what the rest of the delivery confirms.
+pub fn record_from_delta(
+    connection: &Connection,
+    pipeline: &str,
+    activation: &str,
+    run_id: i64,
+) -> Result<(), StoreError> {
+    // An aggregate over no rows is still one row (of zeros): HAVING keeps it out when there
+    // is a record already or no delta.
+    connection
+        .execute(
+            "INSERT INTO segmentd_state.activation_runs (run_id, pipeline, activation, adds, \
+             removes, delivered_adds, delivered_removes, rejected, status, hold_reason) \
+             SELECT $1, $2, $3, count(*) FILTER (change = 'add'), \
+                    count(*) FILTER (change = 'remove'), \
+                    count(*) FILTER (change = 'add' AND status = 'delivered'), \
+                    count(*) FILTER (change = 'remove' AND status = 'delivered'), \
+                    count(*) FILTER (status = 'rejected'), \
+                    CASE WHEN count(*) FILTER (status = 'held') > 0 THEN 'held' \
+                         ELSE 'delivered' END, \
+                    max(reason) FILTER (status = 'held') \
+             FROM segmentd_state.deltas WHERE run_id = $1 AND pipeline = $2 AND activation = $3 \
+             AND NOT EXISTS (SELECT 1 FROM segmentd_state.activation_runs AS r \
+                 WHERE r.run_id = $1 AND r.pipeline = $2 AND r.activation = $3) \
+             HAVING count(*) > 0",
+            params![run_id, pipeline, activation],
+        )
+        .doing("recording the activation's run")?;
+    Ok(())
+}
+
+/// Writes the records of a run's activations that have a delta but no record: the process
+/// stopped between planning and recording them.
+pub fn record_unrecorded(
+    connection: &Connection,
+    pipeline: &str,
+    run_id: i64,
+) -> Result<(), StoreError> {
+    let mut statement = connection
+        .prepare(
+            "SELECT DISTINCT d.activation FROM segmentd_state.deltas AS d \
+             WHERE d.pipeline = ? AND d.run_id = ? AND NOT EXISTS ( \
+                 SELECT 1 FROM segmentd_state.activation_runs AS r WHERE r.run_id = d.run_id \
+                 AND r.pipeline = d.pipeline AND r.activation = d.activation)",
+        )
+        .doing("finding unrecorded activations")?;
+    let activations: Vec<String> = statement
+        .query_map(params![pipeline, run_id], |r| r.get(0))
+        .doing("finding unrecorded activations")?
+        .collect::<Result<_, _>>()
+        .doing("finding unrecorded activations")?;
+    for activation in activations {
+        record_from_delta(connection, pipeline, &activation, run_id)?;
+    }
+    Ok(())
+}
+
+/// Adds to the activation's record of a run what a later delivery of its batches (after an
+/// approval or an interruption) did.
+pub fn record_delivery(
+    connection: &Connection,
+    pipeline: &str,
+    activation: &str,
+    run_id: i64,
+    report: &DeliveryReport,
+) -> Result<(), StoreError> {
+    connection
+        .execute(
+            &format!(
+                "UPDATE segmentd_state.activation_runs SET \
+                 delivered_adds = delivered_adds + ?, delivered_removes = delivered_removes + ?, \
+                 rejected = rejected + ?, replaced = coalesce(?, replaced), error = ?, \
+                 status = CASE WHEN ? THEN 'failed' WHEN approval_run = run_id THEN 'approved' \
+                     WHEN {HELD} THEN 'held' ELSE 'delivered' END \
+                 WHERE pipeline = ? AND activation = ? AND run_id = ?"
+            ),
+            params![
+                report.delivered_adds,
+                report.delivered_removes,
+                report.rejected,
+                report.replaced,
+                report.error,
+                report.error.is_some(),
+                pipeline,
+                activation,
+                run_id
+            ],
+        )
+        .doing("recording the activation's delivery")?;
+    Ok(())
+}
+
+/// How many of a run's activations failed and how many a brake holds, from their records.
+pub fn run_outcome(connection: &Connection, run_id: i64) -> Result<(usize, usize), StoreError> {
+    let (failed, held): (i64, i64) = connection
+        .query_row(
+            &format!(
+                "SELECT count(*) FILTER (status = 'failed'), count(*) FILTER ({HELD}) \
+                 FROM segmentd_state.activation_runs WHERE run_id = ?"
+            ),
+            params![run_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .doing("reading the run's outcome")?;
+    Ok((
+        usize::try_from(failed).unwrap_or(0),
+        usize::try_from(held).unwrap_or(0),
+    ))
+}
+
+/// How many activations have a delta in the run.
+pub fn planned_activations(
+    connection: &Connection,
+    pipeline: &str,
+    run_id: i64,
+) -> Result<i64, StoreError> {
+    connection
+        .query_row(
+            "SELECT count(DISTINCT activation) FROM segmentd_state.deltas \
+             WHERE pipeline = ? AND run_id = ?",
+            params![pipeline, run_id],
+            |r| r.get(0),
+        )
+        .doing("finding the run's deltas")
 }
 
 /// Activations of a run that still have batches to send (after an interruption or an
@@ -1025,14 +1445,15 @@ pub async fn blocking<T: Send + 'static>(
     .expect("a DuckDB job panicked")
 }
 
-/// Records the activation's part of a run.
+/// Records the activation's part of a run. `note` is why a brake held the delta, or which
+/// approval it carries on ([`DeltaSize::note`]).
 pub fn record_activation_run(
     connection: &Connection,
     pipeline: &str,
     activation: &str,
     run_id: i64,
     delta: DeltaSize,
-    hold_reason: Option<&str>,
+    note: Option<&str>,
     report: &DeliveryReport,
 ) -> Result<(), StoreError> {
     let status = match (&report.error, delta.held()) {
@@ -1043,8 +1464,8 @@ pub fn record_activation_run(
     connection
         .execute(
             "INSERT INTO segmentd_state.activation_runs (run_id, pipeline, activation, adds, removes, \
-             delivered_adds, delivered_removes, rejected, status, error, hold_reason) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             delivered_adds, delivered_removes, rejected, status, error, hold_reason, replaced, \
+             approval_run) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             params![
                 run_id,
                 pipeline,
@@ -1056,7 +1477,9 @@ pub fn record_activation_run(
                 report.rejected,
                 status,
                 report.error,
-                hold_reason
+                note,
+                report.replaced,
+                delta.continues.map(|c| c.approval_run)
             ],
         )
         .doing("recording the activation's run")?;

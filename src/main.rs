@@ -73,7 +73,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Approves a run's held delta (held by the removal brake) and delivers it.
+    /// Approves a run's held deltas (held by a brake: removal share or minimum audience) and
+    /// delivers them; says what became of a delta a newer run superseded.
     Approve {
         /// The pipeline's name.
         pipeline: String,

@@ -9,7 +9,7 @@ use duckdb::{Connection, params_from_iter};
 
 use crate::compile::segment_query_in;
 use crate::config::{Mode, Pipeline};
-use crate::deliver::{audience_size, brake, delta_queries};
+use crate::deliver::{audience_size, brake, continued_approval, delta_queries};
 use crate::schema::{quote_ident, quote_literal};
 use crate::store::{Doing, sql_params};
 
@@ -135,6 +135,21 @@ fn plan_in(
             let (changed, _) = count_and_sample(connection, &queries.changed)?;
             let (joiners, leavers) = (adds - changed, removes - changed);
             let audience = audience_size(connection, &pipeline.name, &activation.id)?;
+            let mut would_hold = brake(activation, joiners, leavers, audience);
+            if would_hold.is_some()
+                && continued_approval(
+                    connection,
+                    &pipeline.name,
+                    activation,
+                    i64::MAX,
+                    &queries.removes,
+                    removes,
+                )?
+                .is_some()
+            {
+                // The run would carry on an earlier approval instead of holding the removes.
+                would_hold = None;
+            }
             activations.push(ActivationPlan {
                 activation: activation.id.clone(),
                 adds,
@@ -142,8 +157,7 @@ fn plan_in(
                 sample_adds,
                 sample_removes,
                 replaces,
-                would_hold: brake(activation, joiners, leavers, audience)
-                    .map(|hold| hold.reason(activation, leavers)),
+                would_hold: would_hold.map(|hold| hold.reason(activation, leavers)),
             });
         }
     }

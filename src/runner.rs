@@ -5,6 +5,11 @@
 //! refresh that fails ends the run before anything is evaluated or sent. An activation whose
 //! delivery fails does not stop the others. Keeping one run at a time per pipeline is the
 //! caller's job ([`crate::daemon`] owns one runner task per pipeline; the CLI runs one run).
+//!
+//! Every step writes the run's record as it goes (the run, its segments' sizes, each
+//! activation's delta and delivery), and the deliveries an approval or a restart carries out
+//! later add to that record. [`recorded_summary`] reads a run's summary back from it, so any
+//! process answers for runs made by any other.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -84,12 +89,17 @@ fn seconds<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S
 }
 
 /// The `as_of` of a run: an explicit one, else the pipeline's pinned one, else now.
+/// It is kept to the microsecond, as the run's record keeps it.
 pub fn as_of_for(pipeline: &Pipeline, explicit: Option<NaiveDateTime>) -> NaiveDateTime {
-    explicit.or(pipeline.as_of).unwrap_or_else(|| {
-        chrono::Utc::now()
-            .with_timezone(&pipeline.time_zone)
-            .naive_local()
-    })
+    use chrono::SubsecRound;
+    explicit
+        .or(pipeline.as_of)
+        .unwrap_or_else(|| {
+            chrono::Utc::now()
+                .with_timezone(&pipeline.time_zone)
+                .naive_local()
+        })
+        .trunc_subsecs(6)
 }
 
 /// An activation ready to deliver: its connector and retry policy.
@@ -154,8 +164,9 @@ fn data_fingerprint(pipeline: &Pipeline) -> String {
     hex::encode(hasher.finalize())
 }
 
-/// Finishes runs a stopped process left unfinished: delivers their pending batches, then
-/// records how they ended. Returns their summaries.
+/// Finishes runs a stopped process left unfinished: records the activations it planned but
+/// had not recorded, delivers their pending batches, then records how they ended. Returns
+/// their summaries, as recorded.
 pub async fn resume_interrupted(
     store: Arc<Store>,
     config: &Config,
@@ -166,11 +177,17 @@ pub async fn resume_interrupted(
         blocking(&store, move |c| store::unfinished_runs(c, &name)).await?
     };
     let mut summaries = Vec::new();
-    for (run_id, trigger, as_of) in runs {
+    for run_id in runs {
         tracing::warn!(pipeline = %pipeline.name, run_id, "resuming a run a stop interrupted");
-        let started = Instant::now();
-        let activations = deliver_pending(&store, config, pipeline, run_id).await?;
-        if activations.is_empty() {
+        let planned = {
+            let name = pipeline.name.clone();
+            blocking(&store, move |c| {
+                deliver::record_unrecorded(c, &name, run_id)?;
+                deliver::planned_activations(c, &name, run_id)
+            })
+            .await?
+        };
+        if planned == 0 {
             // Stopped before any delta was written: nothing to resume, the next run starts over.
             let message = "the process stopped before any delta was planned; nothing was sent";
             blocking(&store, move |c| {
@@ -179,26 +196,25 @@ pub async fn resume_interrupted(
             .await?;
             continue;
         }
-        let mut summary = RunSummary {
-            run_id,
-            pipeline: pipeline.name.clone(),
-            trigger,
-            as_of,
-            status: String::new(),
-            error: None,
-            profiles: 0,
-            segments: Vec::new(),
-            activations,
-            elapsed: Duration::ZERO,
-        };
-        finish(&store, &mut summary, started).await?;
-        summaries.push(summary);
+        deliver_pending(&store, config, pipeline, run_id).await?;
+        let (status, note) = settle(&store, &pipeline.name, run_id).await?;
+        blocking(&store, move |c| {
+            store::finish_run(c, run_id, &status, note.as_deref())
+        })
+        .await?;
+        let owned = pipeline.clone();
+        if let Some(summary) =
+            blocking(&store, move |c| recorded_summary(c, &owned, run_id)).await?
+        {
+            tracing::info!(pipeline = %pipeline.name, run_id, status = %summary.status, "interrupted run finished");
+            summaries.push(summary);
+        }
     }
     Ok(summaries)
 }
 
 /// Delivers a run's pending batches (after an interruption or an approval), activation by
-/// activation.
+/// activation, and adds what each delivery did to the activation's record of the run.
 pub async fn deliver_pending(
     store: &Arc<Store>,
     config: &Config,
@@ -227,6 +243,17 @@ pub async fn deliver_pending(
             run_id,
         )
         .await?;
+        {
+            let (name, id, report) = (
+                pipeline.name.clone(),
+                destination.activation.id.clone(),
+                report.clone(),
+            );
+            blocking(store, move |c| {
+                deliver::record_delivery(c, &name, &id, run_id, &report)
+            })
+            .await?;
+        }
         summaries.push(ActivationSummary {
             activation: destination.activation.id.clone(),
             adds: report.delivered_adds,
@@ -272,7 +299,50 @@ pub async fn approve(
     .await
     .expect("a DuckDB job panicked")?;
     tracing::info!(pipeline = %pipeline.name, run_id, activations = released.len(), "held deltas approved");
-    deliver_pending(&store, config, pipeline, run_id).await
+    let delivered = deliver_pending(&store, config, pipeline, run_id).await?;
+    let (status, note) = settle(&store, &pipeline.name, run_id).await?;
+    tracing::info!(pipeline = %pipeline.name, run_id, status = %status, "approved run delivered");
+    blocking(&store, move |c| {
+        store::record_outcome(c, run_id, &status, note.as_deref())
+    })
+    .await?;
+    Ok(delivered)
+}
+
+/// A run's status and its note for the operator, from how many activations failed and how
+/// many a brake holds.
+fn outcome(pipeline: &str, run_id: i64, failed: usize, held: usize) -> (String, Option<String>) {
+    let status = match (failed, held) {
+        (0, 0) => "succeeded",
+        (0, _) => "held",
+        _ => "partial",
+    };
+    let mut notes = Vec::new();
+    if failed > 0 {
+        notes.push(format!("{failed} activation(s) not fully delivered"));
+    }
+    if held > 0 {
+        notes.push(format!(
+            "{held} activation(s) held by a brake; approve with `segmentd approve {pipeline} \
+             {run_id}`"
+        ));
+    }
+    let note = if notes.is_empty() {
+        None
+    } else {
+        Some(notes.join("; "))
+    };
+    (status.to_string(), note)
+}
+
+/// A run's status and note from its activations' records.
+async fn settle(
+    store: &Arc<Store>,
+    pipeline: &str,
+    run_id: i64,
+) -> Result<(String, Option<String>), StoreError> {
+    let (failed, held) = blocking(store, move |c| deliver::run_outcome(c, run_id)).await?;
+    Ok(outcome(pipeline, run_id, failed, held))
 }
 
 /// Sets a summary's final status and records it.
@@ -287,27 +357,7 @@ async fn finish(
         .filter(|a| a.error.is_some())
         .count();
     let held = summary.activations.iter().filter(|a| a.held).count();
-    summary.status = match (failed, held) {
-        (0, 0) => "succeeded",
-        (0, _) => "held",
-        _ => "partial",
-    }
-    .into();
-    let mut notes = Vec::new();
-    if failed > 0 {
-        notes.push(format!("{failed} activation(s) not fully delivered"));
-    }
-    if held > 0 {
-        notes.push(format!(
-            "{held} activation(s) held by a brake; approve with `segmentd approve {} {}`",
-            summary.pipeline, summary.run_id
-        ));
-    }
-    summary.error = if notes.is_empty() {
-        None
-    } else {
-        Some(notes.join("; "))
-    };
+    (summary.status, summary.error) = outcome(&summary.pipeline, summary.run_id, failed, held);
     summary.elapsed = started.elapsed();
     let (run_id, status, error) = (
         summary.run_id,
@@ -394,9 +444,7 @@ pub async fn run(
             pipeline = %pipeline.name, activation = %activation.id, run_id,
             adds = delta.adds, removes = delta.removes, held = delta.held(), "delta planned"
         );
-        let hold_reason = delta
-            .hold
-            .map(|hold| hold.reason(&activation, delta.leavers()));
+        let hold_reason = delta.note(&activation);
         let report = if delta
             .hold
             .is_some_and(|hold| hold.holds_adds(activation.mode))
@@ -461,6 +509,7 @@ async fn refresh_and_evaluate(
         let connection = store.connection()?;
         let report = crate::refresh::refresh(&connection, &owned, inputs.forced)?;
         let sizes = crate::evaluate::evaluate(&connection, &owned, run_id, as_of, &inputs)?;
+        store::record_profiles(&connection, run_id, report.profiles)?;
         Ok((report, sizes))
     })
     .await
@@ -492,6 +541,157 @@ async fn record_activation(
         deliver::record_activation_run(c, &name, &id, run_id, delta, reason.as_deref(), &report)
     })
     .await
+}
+
+/// A run's summary, read from its record; `None` if the pipeline has no such run. Segments
+/// and activations come in the pipeline's order; any the configuration no longer has follow,
+/// by name.
+pub fn recorded_summary(
+    connection: &duckdb::Connection,
+    pipeline: &Pipeline,
+    run_id: i64,
+) -> Result<Option<RunSummary>, StoreError> {
+    use duckdb::params;
+    use store::Doing;
+
+    let run = connection.query_row(
+        "SELECT trigger, epoch_us(as_of), status, error, coalesce(profiles, 0), \
+                    date_diff('microsecond', started_at, \
+                              coalesce(finished_at, current_timestamp::TIMESTAMP)) \
+             FROM segmentd_state.runs WHERE pipeline = ? AND run_id = ?",
+        params![pipeline.name, run_id],
+        |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
+        },
+    );
+    let (trigger, as_of, status, error, profiles, elapsed) = match run {
+        Ok(run) => run,
+        Err(duckdb::Error::QueryReturnedNoRows) => return Ok(None),
+        Err(err) => return Err(err).doing("reading the run"),
+    };
+    let as_of = chrono::DateTime::from_timestamp_micros(as_of)
+        .map(|t| crate::compile::format_time(t.naive_utc()))
+        .unwrap_or_default();
+
+    let mut statement = connection
+        .prepare(
+            "SELECT s.segment, s.size, \
+                    (SELECT arg_max(p.size, p.run_id) FROM segmentd_state.segment_sizes AS p \
+                     WHERE p.pipeline = s.pipeline AND p.segment = s.segment \
+                     AND p.run_id < s.run_id) \
+             FROM segmentd_state.segment_sizes AS s WHERE s.pipeline = ? AND s.run_id = ?",
+        )
+        .doing("reading the run's segments")?;
+    let mut segments: Vec<SegmentSummary> = statement
+        .query_map(params![pipeline.name, run_id], |r| {
+            Ok(SegmentSummary {
+                segment: r.get(0)?,
+                size: r.get(1)?,
+                previous: r.get(2)?,
+            })
+        })
+        .doing("reading the run's segments")?
+        .collect::<Result<_, _>>()
+        .doing("reading the run's segments")?;
+    let segment_order: Vec<&str> = pipeline.segments.iter().map(|s| s.name.as_str()).collect();
+    segments.sort_by(|a, b| {
+        in_order(&segment_order, &a.segment).cmp(&in_order(&segment_order, &b.segment))
+    });
+
+    let mut statement = connection
+        .prepare(&format!(
+            "SELECT activation, adds, removes, delivered_adds, delivered_removes, rejected, \
+                    replaced, {}, hold_reason, error \
+             FROM segmentd_state.activation_runs WHERE pipeline = ? AND run_id = ?",
+            deliver::HELD
+        ))
+        .doing("reading the run's activations")?;
+    let mut activations: Vec<ActivationSummary> = statement
+        .query_map(params![pipeline.name, run_id], |r| {
+            Ok(ActivationSummary {
+                activation: r.get(0)?,
+                adds: r.get(1)?,
+                removes: r.get(2)?,
+                delivered_adds: r.get(3)?,
+                delivered_removes: r.get(4)?,
+                rejected: r.get(5)?,
+                replaced: r.get(6)?,
+                held: r.get(7)?,
+                hold_reason: r.get(8)?,
+                error: r.get(9)?,
+            })
+        })
+        .doing("reading the run's activations")?
+        .collect::<Result<_, _>>()
+        .doing("reading the run's activations")?;
+    let activation_order: Vec<&str> = pipeline
+        .segments
+        .iter()
+        .flat_map(|s| s.activations.iter().map(|a| a.id.as_str()))
+        .collect();
+    activations.sort_by(|a, b| {
+        in_order(&activation_order, &a.activation).cmp(&in_order(&activation_order, &b.activation))
+    });
+
+    Ok(Some(RunSummary {
+        run_id,
+        pipeline: pipeline.name.clone(),
+        trigger,
+        as_of,
+        status,
+        error,
+        profiles,
+        segments,
+        activations,
+        elapsed: Duration::from_micros(u64::try_from(elapsed).unwrap_or(0)),
+    }))
+}
+
+/// The summary of the pipeline's latest run, whichever process made it; `None` before its
+/// first run.
+pub fn latest_summary(
+    connection: &duckdb::Connection,
+    pipeline: &Pipeline,
+) -> Result<Option<RunSummary>, StoreError> {
+    match store::latest_run(connection, &pipeline.name)? {
+        Some(run_id) => recorded_summary(connection, pipeline, run_id),
+        None => Ok(None),
+    }
+}
+
+/// Where a name comes in the configuration's order; names it no longer has come last, by name.
+fn in_order<'a>(order: &[&str], name: &'a str) -> (usize, &'a str) {
+    let position = order.iter().position(|n| *n == name).unwrap_or(order.len());
+    (position, name)
+}
+
+/// An activation's last column in the terminal table: its error, what a brake holds, or what
+/// was delivered, with the note of an approval it was sent under.
+fn activation_status(a: &ActivationSummary) -> String {
+    if let Some(error) = &a.error {
+        return error.clone();
+    }
+    if a.held {
+        return match &a.hold_reason {
+            Some(reason) => format!("held: {reason}"),
+            None => "held".to_string(),
+        };
+    }
+    let done = match a.replaced {
+        Some(members) => format!("replaced ({members} members)"),
+        None => "delivered".to_string(),
+    };
+    match &a.hold_reason {
+        Some(note) => format!("{done}; {note}"),
+        None => done,
+    }
 }
 
 impl RunSummary {
@@ -559,12 +759,7 @@ impl RunSummary {
                     a.removes,
                     a.delivered_adds + a.delivered_removes,
                     a.rejected,
-                    match (&a.error, &a.hold_reason, a.replaced) {
-                        (Some(error), _, _) => error.clone(),
-                        (None, Some(reason), _) => format!("held: {reason}"),
-                        (None, None, Some(members)) => format!("replaced ({members} members)"),
-                        (None, None, None) => "delivered".to_string(),
-                    }
+                    activation_status(a)
                 ));
             }
         }

@@ -72,7 +72,8 @@ CREATE TABLE IF NOT EXISTS segmentd_state.runs (
     finished_at TIMESTAMP,
     status VARCHAR NOT NULL,
     error VARCHAR,
-    data_fingerprint VARCHAR
+    data_fingerprint VARCHAR,
+    profiles BIGINT
 );
 CREATE TABLE IF NOT EXISTS segmentd_state.segment_sizes (
     run_id BIGINT NOT NULL,
@@ -135,8 +136,16 @@ CREATE TABLE IF NOT EXISTS segmentd_state.activation_runs (
     rejected BIGINT NOT NULL,
     status VARCHAR NOT NULL,
     error VARCHAR,
-    hold_reason VARCHAR
+    hold_reason VARCHAR,
+    replaced BIGINT,
+    approval_run BIGINT
 );
+-- Columns added after the first files were written: older files gain them here.
+ALTER TABLE segmentd_state.runs ADD COLUMN IF NOT EXISTS profiles BIGINT;
+ALTER TABLE segmentd_state.activation_runs ADD COLUMN IF NOT EXISTS replaced BIGINT;
+ALTER TABLE segmentd_state.activation_runs ADD COLUMN IF NOT EXISTS approval_run BIGINT;
+UPDATE segmentd_state.activation_runs SET approval_run = run_id
+WHERE status = 'approved' AND approval_run IS NULL;
 ";
 
 impl Store {
@@ -264,19 +273,59 @@ pub fn finish_run(
     Ok(())
 }
 
-/// Runs a stopped process left `running`: `(run_id, trigger, as_of)`, oldest first.
-pub fn unfinished_runs(
+/// Records a run's status after a later delivery of its batches (an approval); when it
+/// finished stays as it was.
+pub fn record_outcome(
     connection: &Connection,
-    pipeline: &str,
-) -> Result<Vec<(i64, String, String)>, StoreError> {
+    run_id: i64,
+    status: &str,
+    error: Option<&str>,
+) -> Result<(), StoreError> {
+    connection
+        .execute(
+            "UPDATE segmentd_state.runs SET status = ?, error = ? WHERE run_id = ?",
+            params![status, error, run_id],
+        )
+        .doing("recording the run's status")?;
+    Ok(())
+}
+
+/// Records how many profiles the run's refresh left in the master segment.
+pub fn record_profiles(
+    connection: &Connection,
+    run_id: i64,
+    profiles: i64,
+) -> Result<(), StoreError> {
+    connection
+        .execute(
+            "UPDATE segmentd_state.runs SET profiles = ? WHERE run_id = ?",
+            params![profiles, run_id],
+        )
+        .doing("recording the run's profiles")?;
+    Ok(())
+}
+
+/// The pipeline's latest run, whichever process made it; `None` before its first run.
+pub fn latest_run(connection: &Connection, pipeline: &str) -> Result<Option<i64>, StoreError> {
+    connection
+        .query_row(
+            "SELECT max(run_id) FROM segmentd_state.runs WHERE pipeline = ?",
+            params![pipeline],
+            |r| r.get(0),
+        )
+        .doing("finding the latest run")
+}
+
+/// Runs a stopped process left `running`, oldest first.
+pub fn unfinished_runs(connection: &Connection, pipeline: &str) -> Result<Vec<i64>, StoreError> {
     let mut statement = connection
         .prepare(
-            "SELECT run_id, trigger, CAST(as_of AS VARCHAR) FROM segmentd_state.runs \
+            "SELECT run_id FROM segmentd_state.runs \
              WHERE pipeline = ? AND status = 'running' ORDER BY run_id",
         )
         .doing("finding unfinished runs")?;
     let rows = statement
-        .query_map(params![pipeline], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .query_map(params![pipeline], |r| r.get(0))
         .doing("finding unfinished runs")?;
     rows.collect::<Result<_, _>>()
         .doing("finding unfinished runs")

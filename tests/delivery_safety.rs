@@ -412,3 +412,177 @@ fn a_mass_change_of_identifiers_is_not_held_as_a_mass_removal() {
     assert_eq!(activation(&summary, ID)["held"], true);
     assert_eq!(platform.audience(), keys(1..=50));
 }
+
+/// Runs `segmentd approve shop <run>`: whether it succeeded, its stdout and its stderr.
+fn approve(project: &Project, run: i64) -> (bool, String, String) {
+    let output = project.segmentd(&["approve", "shop", &run.to_string()]);
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn approving_a_held_delta_a_newer_run_superseded_names_the_newer_run() {
+    let platform = FakePlatform::start();
+    let project = project(&platform, 1, "");
+    assert!(project.refresh("shop").0); // run 1: 50 members sent
+
+    // Runs 2 and 3 both plan the removal of 40 of 50 members; run 3's delta supersedes run 2's.
+    project.write("pipelines/shop/segments/scored.toml", &segment(41, ""));
+    let (_, second, _) = project.refresh("shop");
+    let (_, third, _) = project.refresh("shop");
+    assert_eq!(
+        (second["status"].as_str(), second["run_id"].as_i64()),
+        (Some("held"), Some(2))
+    );
+    assert_eq!(
+        (third["status"].as_str(), third["run_id"].as_i64()),
+        (Some("held"), Some(3))
+    );
+
+    let (ok, _, stderr) = approve(&project, 2);
+    assert!(!ok);
+    assert!(
+        stderr.contains("run 2 of pipeline `shop` has no held delta")
+            && stderr.contains("`scored/audience` was superseded by run 3")
+            && stderr.contains("run 3 holds the current delta")
+            && stderr.contains("`segmentd approve shop 3`"),
+        "{stderr}"
+    );
+    assert_eq!(platform.audience(), keys(1..=50), "nothing sent");
+
+    let (ok, stdout, stderr) = approve(&project, 3);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("0 adds and 40 removes delivered"),
+        "{stdout}"
+    );
+    assert_eq!(platform.audience(), keys(41..=50));
+
+    // Once the newer run's delta is sent, nothing waits: the message says so.
+    let (ok, _, stderr) = approve(&project, 2);
+    assert!(!ok);
+    assert!(
+        stderr.contains("`scored/audience` was superseded by run 3")
+            && stderr.contains("nothing of it is held"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = approve(&project, 3);
+    assert!(!ok);
+    assert!(
+        stderr.contains("`scored/audience` was already approved and sent"),
+        "{stderr}"
+    );
+}
+
+/// Runs 1 (50 members sent) and 2 (the rule now keeps 41 to 50: 40 removes, held), then the
+/// approval of run 2, whose second batch of 20 removes the platform answers with HTTP 500
+/// at every attempt. The platform is working again when it returns.
+fn approval_that_fails_half_way(platform: &FakePlatform) -> Project {
+    let project = project(platform, 1, "");
+    assert!(project.refresh("shop").0);
+    project.write("pipelines/shop/segments/scored.toml", &segment(41, ""));
+    let (_, held, _) = project.refresh("shop");
+    assert_eq!(
+        (held["status"].as_str(), held["run_id"].as_i64()),
+        (Some("held"), Some(2))
+    );
+
+    platform.state.lock().unwrap().failing_sequences.insert(1);
+    let (ok, stdout, _) = approve(&project, 2);
+    assert!(!ok, "a delivery that stopped is a failure: {stdout}");
+    assert!(
+        stdout.contains("scored/audience: 0 adds and 20 removes delivered")
+            && stdout.contains("remove batch 1 not delivered"),
+        "{stdout}"
+    );
+    assert_eq!(platform.audience().len(), 30);
+    platform.state.lock().unwrap().failing_sequences.clear();
+    project
+}
+
+#[test]
+fn the_rest_of_an_approved_removal_that_partly_failed_is_sent_without_a_new_hold() {
+    let platform = FakePlatform::start();
+    let project = approval_that_fails_half_way(&platform);
+
+    // The plan and the run agree: the 20 removes left are not held.
+    let output = project.segmentd(&["plan", "shop", "--json"]);
+    let plan: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let planned = &plan["activations"][0];
+    assert_eq!(
+        (planned["removes"].as_i64(), planned["would_hold"].as_str()),
+        (Some(20), None),
+        "{plan}"
+    );
+
+    let (ok, summary, stderr) = project.refresh("shop");
+    assert!(ok, "{stderr}");
+    assert_eq!(summary["status"], "succeeded", "{summary}");
+    let entry = activation(&summary, ID);
+    assert_eq!(
+        (
+            entry["removes"].as_i64(),
+            entry["delivered_removes"].as_i64(),
+            entry["held"].as_bool()
+        ),
+        (Some(20), Some(20), Some(false)),
+        "{entry}"
+    );
+    let note = entry["hold_reason"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("continues the approval of run 2")
+            && note.contains("20 removes left of the 40 it approved"),
+        "{note}"
+    );
+    assert_eq!(platform.audience(), keys(41..=50));
+
+    // The run record says so too.
+    let store = Store::open(&project.path("var/segmentd.duckdb"), "1GB", 1).unwrap();
+    let (status, reason): (String, String) = store
+        .connection()
+        .unwrap()
+        .query_row(
+            "SELECT status, hold_reason FROM segmentd_state.activation_runs WHERE run_id = 3",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    drop(store);
+    assert_eq!((status.as_str(), reason.as_str()), ("delivered", note));
+
+    // The approval is spent: a new mass removal is held as before (5 of 10 members).
+    project.write("pipelines/shop/segments/scored.toml", &segment(46, ""));
+    let (ok, summary, stderr) = project.refresh("shop");
+    assert!(ok, "{stderr}");
+    assert_eq!(summary["status"], "held", "{summary}");
+    assert_eq!(activation(&summary, ID)["removes"], 5);
+    assert_eq!(platform.audience(), keys(41..=50));
+}
+
+#[test]
+fn an_approval_does_not_cover_removes_it_did_not_approve() {
+    let platform = FakePlatform::start();
+    let project = approval_that_fails_half_way(&platform);
+
+    // The 20 removes left of the approval, and 41 to 45 that the approval never covered.
+    project.write("pipelines/shop/segments/scored.toml", &segment(46, ""));
+    let (ok, summary, stderr) = project.refresh("shop");
+    assert!(ok, "{stderr}");
+    assert_eq!(summary["status"], "held", "{summary}");
+    let entry = activation(&summary, ID);
+    assert_eq!(
+        (entry["removes"].as_i64(), entry["held"].as_bool()),
+        (Some(25), Some(true))
+    );
+    assert!(
+        entry["hold_reason"]
+            .as_str()
+            .unwrap()
+            .contains("max_removal_share"),
+        "{entry}"
+    );
+    assert_eq!(platform.audience().len(), 30, "nothing more removed");
+}
