@@ -45,7 +45,7 @@ use serde_json::{Value, json};
 
 use crate::http::{self, Secret, quote};
 use crate::identifiers::{self, Invalid};
-use crate::settings::{Place, Problems};
+use crate::settings::{self, HeaderSecret, Limit, Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
 };
@@ -65,10 +65,17 @@ const ACTIVATION_KEYS: &[&str] = &[
 const MAX_ATTRIBUTE_OBJECTS: usize = 75;
 /// The most users one subscription group entry takes.
 const MAX_SUBSCRIPTION_USERS: usize = 50;
-/// Seconds a request may take unless `timeout_seconds` says otherwise.
-const DEFAULT_TIMEOUT_SECONDS: i64 = 30;
-/// The largest `timeout_seconds` accepted.
-const MAX_TIMEOUT_SECONDS: i64 = 300;
+/// `batch_size`: the most attributes objects one `/users/track` request takes, and the
+/// default.
+const BATCH_SIZE: Limit = Limit {
+    default: MAX_ATTRIBUTE_OBJECTS as u64,
+    max: MAX_ATTRIBUTE_OBJECTS as u64,
+};
+/// `timeout_seconds`, seconds a request may take.
+const TIMEOUT_SECONDS: Limit = Limit {
+    default: 30,
+    max: 300,
+};
 /// How much of an answer is read at most; Braze's answers are small.
 const MAX_ANSWER_BYTES: usize = 1 << 20;
 
@@ -228,14 +235,14 @@ impl BrazeConnector {
         activation: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<Self, Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        let connection = read_connection(&mut problems, connection, secrets);
-        let activation = read_activation(&mut problems, activation);
-        problems.finish(|| {
-            let connection = connection.expect("connection settings when there are no problems");
-            let activation = activation.expect("activation settings when there are no problems");
-            BrazeConnector::new(connection, activation)
-        })
+        settings::build(
+            connection,
+            activation,
+            secrets,
+            read_connection,
+            read_activation,
+            Self::new,
+        )
     }
 
     /// Checks the connection settings alone, as when a connection is loaded before any
@@ -244,9 +251,7 @@ impl BrazeConnector {
         connection: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<(), Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        read_connection(&mut problems, connection, secrets);
-        problems.finish(|| ())
+        settings::check(connection, secrets, read_connection)
     }
 
     fn new(connection: ConnectionSettings, activation: ActivationSettings) -> Self {
@@ -683,6 +688,14 @@ fn remaining_quota(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
+/// The REST API key, in `api_key_env`.
+const API_KEY: HeaderSecret = HeaderSecret {
+    name: "api_key",
+    holds: "a Braze REST API key",
+    called: "the API key",
+    prefix: None,
+};
+
 /// The checked connection settings, `None` when any is wrong (the problems say which).
 fn read_connection(
     problems: &mut Problems,
@@ -690,9 +703,7 @@ fn read_connection(
     secrets: &BTreeMap<String, String>,
 ) -> Option<ConnectionSettings> {
     problems.reject_unknown_keys(table, Place::Connection, CONNECTION_KEYS);
-    let api_key = problems
-        .secret(table, secrets, "api_key", "a Braze REST API key")
-        .and_then(|key| problems.header_safe("api_key_env", "the API key", key));
+    let api_key = problems.header_secret(table, secrets, API_KEY);
     let base_url = match table.contains_key("base_url") {
         true => problems.http_url(table, Place::Connection, "base_url"),
         false => {
@@ -704,35 +715,13 @@ fn read_connection(
             None
         }
     };
-    let max = i64::try_from(MAX_ATTRIBUTE_OBJECTS).expect("75 fits an i64");
-    let batch_size = problems
-        .integer(table, Place::Connection, "batch_size", 1..=max)
-        .unwrap_or(max);
-    let timeout_seconds = problems
-        .integer(
-            table,
-            Place::Connection,
-            "timeout_seconds",
-            1..=MAX_TIMEOUT_SECONDS,
-        )
-        .unwrap_or(DEFAULT_TIMEOUT_SECONDS);
-
-    let timeout = Duration::from_secs(u64::try_from(timeout_seconds).expect("within 1..=300"));
-    let client = match http::client(timeout) {
-        Ok(client) => Some(client),
-        Err(error) => {
-            problems.push(
-                "base_url",
-                format!("the HTTP client cannot be set up: {error}"),
-            );
-            None
-        }
-    };
+    let batch_size = problems.batch_size(table, BATCH_SIZE);
+    let client = problems.http_client(table, "base_url", TIMEOUT_SECONDS);
     Some(ConnectionSettings {
         client: client?,
         base_url: base_url?,
-        api_key: Secret(api_key?),
-        batch_size: usize::try_from(batch_size).expect("within 1..=75"),
+        api_key: api_key?,
+        batch_size,
     })
 }
 

@@ -43,7 +43,7 @@ use tokio::time::Instant;
 
 use crate::http::{self, Secret, quote};
 use crate::identifiers::{self, Invalid};
-use crate::settings::{Place, Problems};
+use crate::settings::{self, HeaderSecret, Limit, Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
 };
@@ -81,26 +81,33 @@ const DEFAULT_BASE_URL: &str = "https://googleads.googleapis.com";
 const DEFAULT_TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
 /// The API version used unless `api_version` says otherwise.
 const DEFAULT_API_VERSION: &str = "v24";
-/// The most members one batch (one job) may hold.
-const MAX_BATCH_SIZE: i64 = 100_000;
-/// Members per batch unless `batch_size` says otherwise.
-const DEFAULT_BATCH_SIZE: i64 = 10_000;
-/// The most user identifiers one `addOperations` request may hold.
-const MAX_IDENTIFIERS_PER_REQUEST: i64 = 100_000;
-/// Identifiers per `addOperations` request unless set: the figure Google recommends.
-const DEFAULT_IDENTIFIERS_PER_REQUEST: i64 = 10_000;
-/// Seconds a request may take unless `timeout_seconds` says otherwise.
-const DEFAULT_TIMEOUT_SECONDS: i64 = 60;
-/// The largest `timeout_seconds` accepted.
-const MAX_TIMEOUT_SECONDS: i64 = 600;
-/// Seconds between two polls of a running job unless `poll_interval_seconds` says otherwise.
-const DEFAULT_POLL_INTERVAL_SECONDS: i64 = 30;
-/// The largest `poll_interval_seconds` accepted.
-const MAX_POLL_INTERVAL_SECONDS: i64 = 3600;
-/// Seconds one attempt waits for its job unless `job_wait_seconds` says otherwise.
-const DEFAULT_JOB_WAIT_SECONDS: i64 = 3600;
-/// The largest `job_wait_seconds` accepted: Google takes up to a day to process a job.
-const MAX_JOB_WAIT_SECONDS: i64 = 86_400;
+/// `batch_size`, members per batch: one job holds at most 100,000.
+const BATCH_SIZE: Limit = Limit {
+    default: 10_000,
+    max: 100_000,
+};
+/// `identifiers_per_request`, user identifiers per `addOperations` request: at most 100,000,
+/// by default the figure Google recommends.
+const IDENTIFIERS_PER_REQUEST: Limit = Limit {
+    default: 10_000,
+    max: 100_000,
+};
+/// `timeout_seconds`, seconds a request may take.
+const TIMEOUT_SECONDS: Limit = Limit {
+    default: 60,
+    max: 600,
+};
+/// `poll_interval_seconds`, seconds between two polls of a running job.
+const POLL_INTERVAL_SECONDS: Limit = Limit {
+    default: 30,
+    max: 3600,
+};
+/// `job_wait_seconds`, seconds one attempt waits for its job: at most a day, as Google takes
+/// up to a day to process a job.
+const JOB_WAIT_SECONDS: Limit = Limit {
+    default: 3600,
+    max: 86_400,
+};
 /// How much of an answer is read at most; a partial failure of 100,000 operations fits.
 const MAX_ANSWER_BYTES: usize = 32 << 20;
 /// A token is renewed this long before Google said it expires.
@@ -426,14 +433,14 @@ impl GoogleAdsConnector {
         activation: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<Self, Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        let connection = read_connection(&mut problems, connection, secrets);
-        let activation = read_activation(&mut problems, activation);
-        problems.finish(|| {
-            let connection = connection.expect("connection settings when there are no problems");
-            let activation = activation.expect("activation settings when there are no problems");
-            GoogleAdsConnector::new(connection, activation)
-        })
+        settings::build(
+            connection,
+            activation,
+            secrets,
+            read_connection,
+            read_activation,
+            Self::new,
+        )
     }
 
     /// Checks the connection settings alone, as when a connection is loaded before any
@@ -442,9 +449,7 @@ impl GoogleAdsConnector {
         connection: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<(), Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        read_connection(&mut problems, connection, secrets);
-        problems.finish(|| ())
+        settings::check(connection, secrets, read_connection)
     }
 
     fn new(connection: ConnectionSettings, activation: ActivationSettings) -> Self {
@@ -1268,6 +1273,22 @@ fn read_customer_id(problems: &mut Problems, table: &toml::Table, key: &str) -> 
     }
 }
 
+/// The developer token, in `developer_token_env`.
+const DEVELOPER_TOKEN: HeaderSecret = HeaderSecret {
+    name: "developer_token",
+    holds: "a Google Ads developer token",
+    called: "the developer token",
+    prefix: None,
+};
+
+/// A fixed OAuth access token, in `access_token_env`.
+const ACCESS_TOKEN: HeaderSecret = HeaderSecret {
+    name: "access_token",
+    holds: "an OAuth access token",
+    called: "the access token",
+    prefix: None,
+};
+
 /// The checked connection settings, `None` when any is wrong (the problems say which).
 fn read_connection(
     problems: &mut Problems,
@@ -1275,16 +1296,7 @@ fn read_connection(
     secrets: &BTreeMap<String, String>,
 ) -> Option<ConnectionSettings> {
     problems.reject_unknown_keys(table, Place::Connection, CONNECTION_KEYS);
-    let developer_token = problems
-        .secret(
-            table,
-            secrets,
-            "developer_token",
-            "a Google Ads developer token",
-        )
-        .and_then(|token| {
-            problems.header_safe("developer_token_env", "the developer token", token)
-        });
+    let developer_token = problems.header_secret(table, secrets, DEVELOPER_TOKEN);
     let credentials = read_credentials(problems, table, secrets);
     let customer_id = match table.contains_key("customer_id") {
         true => read_customer_id(problems, table, "customer_id"),
@@ -1300,62 +1312,26 @@ fn read_connection(
         true => read_customer_id(problems, table, "login_customer_id").map(Some),
         false => Some(None),
     };
-    let base_url = match table.contains_key("base_url") {
-        true => problems.http_url(table, Place::Connection, "base_url"),
-        false => Some(Url::parse(DEFAULT_BASE_URL).expect("the default base URL parses")),
-    };
+    let base_url = problems.base_url(table, DEFAULT_BASE_URL);
     let api_version = read_api_version(problems, table);
-    let mut integer = |key: &str, max: i64, default: i64| {
-        let value = problems
-            .integer(table, Place::Connection, key, 1..=max)
-            .unwrap_or(default);
-        u64::try_from(value).expect("at least 1")
-    };
-    let batch_size = integer("batch_size", MAX_BATCH_SIZE, DEFAULT_BATCH_SIZE);
-    let identifiers_per_request = integer(
-        "identifiers_per_request",
-        MAX_IDENTIFIERS_PER_REQUEST,
-        DEFAULT_IDENTIFIERS_PER_REQUEST,
-    );
-    let timeout = integer(
-        "timeout_seconds",
-        MAX_TIMEOUT_SECONDS,
-        DEFAULT_TIMEOUT_SECONDS,
-    );
-    let poll_interval = integer(
-        "poll_interval_seconds",
-        MAX_POLL_INTERVAL_SECONDS,
-        DEFAULT_POLL_INTERVAL_SECONDS,
-    );
-    let job_wait = integer(
-        "job_wait_seconds",
-        MAX_JOB_WAIT_SECONDS,
-        DEFAULT_JOB_WAIT_SECONDS,
-    );
-
-    let client = match http::client(Duration::from_secs(timeout)) {
-        Ok(client) => Some(client),
-        Err(error) => {
-            problems.push(
-                "base_url",
-                format!("the HTTP client cannot be set up: {error}"),
-            );
-            None
-        }
-    };
+    let batch_size = problems.batch_size(table, BATCH_SIZE);
+    let identifiers_per_request =
+        problems.count(table, "identifiers_per_request", IDENTIFIERS_PER_REQUEST);
+    let client = problems.http_client(table, "base_url", TIMEOUT_SECONDS);
+    let poll_interval = problems.seconds(table, "poll_interval_seconds", POLL_INTERVAL_SECONDS);
+    let job_wait = problems.seconds(table, "job_wait_seconds", JOB_WAIT_SECONDS);
     Some(ConnectionSettings {
         client: client?,
         base_url: base_url?,
         api_version: api_version?,
         customer_id: customer_id?,
         login_customer_id: login_customer_id?,
-        developer_token: Secret(developer_token?),
+        developer_token: developer_token?,
         credentials: credentials?,
-        batch_size: usize::try_from(batch_size).expect("within 1..=100000"),
-        identifiers_per_request: usize::try_from(identifiers_per_request)
-            .expect("within 1..=100000"),
-        poll_interval: Duration::from_secs(poll_interval),
-        job_wait: Duration::from_secs(job_wait),
+        batch_size,
+        identifiers_per_request: usize::try_from(identifiers_per_request).unwrap_or(usize::MAX),
+        poll_interval,
+        job_wait,
     })
 }
 
@@ -1377,10 +1353,8 @@ fn read_credentials(
                 "only used with `refresh_token_env`; remove it or switch to the refresh token",
             );
         }
-        let token = problems
-            .secret(table, secrets, "access_token", "an OAuth access token")
-            .and_then(|token| problems.header_safe("access_token_env", "the access token", token));
-        return Some(Credentials::Fixed(Secret(token?)));
+        let token = problems.header_secret(table, secrets, ACCESS_TOKEN);
+        return Some(Credentials::Fixed(token?));
     }
     if fixed {
         problems.push(
@@ -1406,10 +1380,7 @@ fn read_credentials(
         "refresh_token",
         "an OAuth refresh token with the adwords scope",
     );
-    let token_url = match table.contains_key("token_url") {
-        true => problems.http_url(table, Place::Connection, "token_url"),
-        false => Some(Url::parse(DEFAULT_TOKEN_URL).expect("the default token URL parses")),
-    };
+    let token_url = problems.http_url_or(table, "token_url", DEFAULT_TOKEN_URL);
     Some(Credentials::Refreshed {
         token_url: token_url?,
         client_id: Secret(client_id?),
@@ -1444,28 +1415,12 @@ fn read_api_version(problems: &mut Problems, table: &toml::Table) -> Option<Stri
 /// The checked activation settings, `None` when any is wrong (the problems say which).
 fn read_activation(problems: &mut Problems, table: &toml::Table) -> Option<ActivationSettings> {
     problems.reject_unknown_keys(table, Place::Activation, ACTIVATION_KEYS);
-    let user_list_id = match table.get("user_list_id") {
-        None => {
-            problems.push(
-                "user_list_id",
-                "missing; set it to the Customer Match user list's numeric id",
-            );
-            None
-        }
-        Some(toml::Value::Integer(id)) if *id > 0 => Some(id.to_string()),
-        Some(toml::Value::String(id))
-            if !id.is_empty() && id.bytes().all(|byte| byte.is_ascii_digit()) =>
-        {
-            Some(id.clone())
-        }
-        Some(_) => {
-            problems.push(
-                "user_list_id",
-                "expected the Customer Match user list's numeric id, digits only",
-            );
-            None
-        }
-    };
+    let user_list_id = problems.numeric_id(
+        table,
+        "user_list_id",
+        "missing; set it to the Customer Match user list's numeric id",
+        "expected the Customer Match user list's numeric id, digits only",
+    );
     let ad_user_data = read_consent(problems, table, "ad_user_data");
     let ad_personalization = read_consent(problems, table, "ad_personalization");
     let fields = read_fields(problems, table);
@@ -1502,64 +1457,32 @@ fn read_consent(problems: &mut Problems, table: &toml::Table, key: &str) -> Opti
 
 /// `identifiers`, a table from field names to member identifiers, in wire order.
 fn read_fields(problems: &mut Problems, table: &toml::Table) -> Option<Vec<(Field, String)>> {
-    let Some(value) = table.get("identifiers") else {
+    let known: Vec<&str> = Field::ALL.iter().map(|field| field.name()).collect();
+    let unknown = format!("unknown Google Ads identifier; known: {}", known.join(", "));
+    let example = "{ email = \"email\" }";
+    let Some(mut fields) =
+        problems.identifier_table(table, "identifiers", example, Field::parse, &unknown)
+    else {
         return Some(vec![(Field::Email, "email".to_owned())]);
     };
-    let Some(entries) = value.as_table() else {
-        problems.push(
-            "identifiers",
-            format!(
-                "expected a table such as {{ email = \"email\" }}, found {}",
-                value.type_str()
-            ),
-        );
-        return None;
-    };
-    let known: Vec<&str> = Field::ALL.iter().map(|field| field.name()).collect();
-    let mut fields = Vec::new();
-    let mut ok = true;
-    for (name, identifier) in entries {
-        let field = Field::parse(name);
-        let identifier = identifier.as_str().filter(|text| !text.is_empty());
-        match (field, identifier) {
-            (Some(field), Some(identifier)) => fields.push((field, identifier.to_owned())),
-            (None, _) => {
-                ok = false;
-                problems.push(
-                    &format!("identifiers.{name}"),
-                    format!("unknown Google Ads identifier; known: {}", known.join(", ")),
-                );
-            }
-            (Some(_), None) => {
-                ok = false;
-                problems.push(
-                    &format!("identifiers.{name}"),
-                    "expected the name of a member identifier, as a non-empty string",
-                );
-            }
-        }
-    }
     let address = fields
+        .pairs
         .iter()
         .filter(|(field, _)| Field::ADDRESS.contains(field))
         .count();
     if address != 0 && address != Field::ADDRESS.len() {
-        ok = false;
+        fields.ok = false;
         problems.push(
             "identifiers",
             "Google matches an address only on first_name, last_name, country_code and \
              postal_code together; map all four or none",
         );
     }
-    if ok && fields.is_empty() {
-        problems.push(
-            "identifiers",
-            "empty; map at least `email`, `phone` or the four address fields",
-        );
-        return None;
-    }
-    fields.sort_by_key(|(field, _)| *field);
-    ok.then_some(fields)
+    fields.finish(
+        problems,
+        "identifiers",
+        "empty; map at least `email`, `phone` or the four address fields",
+    )
 }
 
 #[cfg(test)]

@@ -60,7 +60,7 @@ use tokio::time::Instant;
 
 use crate::http::{self, Secret, quote, redact, redact_addresses};
 use crate::identifiers;
-use crate::settings::{Place, Problems};
+use crate::settings::{self, HeaderSecret, Limit, Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Outcome, Rejection, SettingsError,
 };
@@ -83,11 +83,12 @@ const DEFAULT_BASE_URL: &str = "https://a.klaviyo.com";
 const DEFAULT_REVISION: &str = "2026-01-15";
 /// The JSON:API media type, for `Content-Type` and `Accept`.
 const JSON_API: &str = "application/vnd.api+json";
-/// The most profiles one import job takes.
-const MAX_MEMBERS: i64 = 10_000;
-/// The batch size unless `batch_size` says otherwise: a removal of this many members takes
-/// ten lookups and one removal request.
-const DEFAULT_BATCH_SIZE: i64 = 1_000;
+/// `batch_size`: one import job takes at most 10,000 profiles; by default a removal takes ten
+/// lookups and one removal request.
+const BATCH_SIZE: Limit = Limit {
+    default: 1_000,
+    max: 10_000,
+};
 /// The most bytes one import job request may carry; Klaviyo's limit is 5 MB.
 const MAX_IMPORT_BYTES: usize = 5_000_000;
 /// The most addresses one lookup asks for: the largest page of list profiles.
@@ -96,24 +97,27 @@ const MAX_LOOKUP: usize = 100;
 const MAX_RELATIONSHIPS: usize = 1_000;
 /// The most pages one lookup follows; with 100 addresses a page of 100 holds every match.
 const MAX_LOOKUP_PAGES: usize = 10;
-/// Seconds a request may take unless `timeout_seconds` says otherwise.
-const DEFAULT_TIMEOUT_SECONDS: i64 = 60;
-/// The largest `timeout_seconds` accepted.
-const MAX_TIMEOUT_SECONDS: i64 = 300;
+/// `timeout_seconds`, seconds a request may take.
+const TIMEOUT_SECONDS: Limit = Limit {
+    default: 60,
+    max: 300,
+};
 /// The member identifier holding the e-mail address unless `email_identifier` says otherwise.
 const DEFAULT_EMAIL_IDENTIFIER: &str = "email";
 /// How much of a successful answer is read at most; a page of 100 profiles is well under this.
 const MAX_ANSWER_BYTES: usize = 4 << 20;
 /// The most pages of a job's import errors read; errors past them count as not named.
 const MAX_IMPORT_ERROR_PAGES: usize = 100;
-/// Seconds between two polls of an import job unless `poll_interval_seconds` says otherwise.
-const DEFAULT_POLL_INTERVAL_SECONDS: i64 = 5;
-/// The largest `poll_interval_seconds` accepted.
-const MAX_POLL_INTERVAL_SECONDS: i64 = 3600;
-/// Seconds one attempt waits for its import jobs unless `job_wait_seconds` says otherwise.
-const DEFAULT_JOB_WAIT_SECONDS: i64 = 300;
-/// The largest `job_wait_seconds` accepted.
-const MAX_JOB_WAIT_SECONDS: i64 = 86_400;
+/// `poll_interval_seconds`, seconds between two polls of an import job.
+const POLL_INTERVAL_SECONDS: Limit = Limit {
+    default: 5,
+    max: 3600,
+};
+/// `job_wait_seconds`, seconds one attempt waits for its import jobs.
+const JOB_WAIT_SECONDS: Limit = Limit {
+    default: 300,
+    max: 86_400,
+};
 
 /// Adds and removes members of one Klaviyo list.
 ///
@@ -243,14 +247,14 @@ impl KlaviyoConnector {
         activation: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<Self, Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        let connection = read_connection(&mut problems, connection, secrets);
-        let activation = read_activation(&mut problems, activation);
-        problems.finish(|| {
-            let connection = connection.expect("connection settings when there are no problems");
-            let activation = activation.expect("activation settings when there are no problems");
-            KlaviyoConnector::new(connection, activation)
-        })
+        settings::build(
+            connection,
+            activation,
+            secrets,
+            read_connection,
+            read_activation,
+            Self::new,
+        )
     }
 
     /// Checks the connection settings alone, as when a connection is loaded before any
@@ -259,9 +263,7 @@ impl KlaviyoConnector {
         connection: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<(), Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        read_connection(&mut problems, connection, secrets);
-        problems.finish(|| ())
+        settings::check(connection, secrets, read_connection)
     }
 
     fn new(connection: ConnectionSettings, activation: ActivationSettings) -> Self {
@@ -1128,6 +1130,17 @@ fn is_revision(text: &str) -> bool {
             .all(|(part, len)| part.len() == len && part.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// The private API key, in `api_key_env`.
+const API_KEY: HeaderSecret = HeaderSecret {
+    name: "api_key",
+    holds: "a Klaviyo private API key",
+    called: "the API key",
+    prefix: Some((
+        "pk_",
+        "the key does not start with `pk_`; use a private API key, not the public site id",
+    )),
+};
+
 /// The checked connection settings, `None` when any is wrong (the problems say which).
 fn read_connection(
     problems: &mut Problems,
@@ -1135,24 +1148,8 @@ fn read_connection(
     secrets: &BTreeMap<String, String>,
 ) -> Option<ConnectionSettings> {
     problems.reject_unknown_keys(table, Place::Connection, CONNECTION_KEYS);
-    let api_key = problems
-        .secret(table, secrets, "api_key", "a Klaviyo private API key")
-        .filter(|key| {
-            let shaped = key.starts_with("pk_");
-            if !shaped {
-                problems.push(
-                    "api_key_env",
-                    "the key does not start with `pk_`; use a private API key, not the public \
-                     site id",
-                );
-            }
-            shaped
-        })
-        .and_then(|key| problems.header_safe("api_key_env", "the API key", key));
-    let base_url = match table.contains_key("base_url") {
-        true => problems.http_url(table, Place::Connection, "base_url"),
-        false => Some(Url::parse(DEFAULT_BASE_URL).expect("the default base URL parses")),
-    };
+    let api_key = problems.header_secret(table, secrets, API_KEY);
+    let base_url = problems.base_url(table, DEFAULT_BASE_URL);
     let revision = match problems.string(table, Place::Connection, "revision") {
         Some(revision) if is_revision(&revision) => Some(revision),
         Some(revision) => {
@@ -1168,54 +1165,18 @@ fn read_connection(
         None if table.contains_key("revision") => None,
         None => Some(DEFAULT_REVISION.to_owned()),
     };
-    let batch_size = problems
-        .integer(table, Place::Connection, "batch_size", 1..=MAX_MEMBERS)
-        .unwrap_or(DEFAULT_BATCH_SIZE);
-    let timeout_seconds = problems
-        .integer(
-            table,
-            Place::Connection,
-            "timeout_seconds",
-            1..=MAX_TIMEOUT_SECONDS,
-        )
-        .unwrap_or(DEFAULT_TIMEOUT_SECONDS);
-    let poll_interval_seconds = problems
-        .integer(
-            table,
-            Place::Connection,
-            "poll_interval_seconds",
-            1..=MAX_POLL_INTERVAL_SECONDS,
-        )
-        .unwrap_or(DEFAULT_POLL_INTERVAL_SECONDS);
-    let job_wait_seconds = problems
-        .integer(
-            table,
-            Place::Connection,
-            "job_wait_seconds",
-            1..=MAX_JOB_WAIT_SECONDS,
-        )
-        .unwrap_or(DEFAULT_JOB_WAIT_SECONDS);
-
-    let seconds = |value: i64| Duration::from_secs(u64::try_from(value).expect("at least 1"));
-    let timeout = seconds(timeout_seconds);
-    let client = match http::client(timeout) {
-        Ok(client) => Some(client),
-        Err(error) => {
-            problems.push(
-                "base_url",
-                format!("the HTTP client cannot be set up: {error}"),
-            );
-            None
-        }
-    };
+    let batch_size = problems.batch_size(table, BATCH_SIZE);
+    let client = problems.http_client(table, "base_url", TIMEOUT_SECONDS);
+    let poll_interval = problems.seconds(table, "poll_interval_seconds", POLL_INTERVAL_SECONDS);
+    let job_wait = problems.seconds(table, "job_wait_seconds", JOB_WAIT_SECONDS);
     Some(ConnectionSettings {
         client: client?,
         base_url: base_url?,
-        api_key: Secret(api_key?),
+        api_key: api_key?,
         revision: revision?,
-        batch_size: usize::try_from(batch_size).expect("within 1..=10000"),
-        poll_interval: seconds(poll_interval_seconds),
-        job_wait: seconds(job_wait_seconds),
+        batch_size,
+        poll_interval,
+        job_wait,
     })
 }
 

@@ -68,7 +68,7 @@ use tokio::time::Instant;
 
 use crate::http::{self, Secret, quote, redact, redact_addresses};
 use crate::identifiers;
-use crate::settings::{Place, Problems};
+use crate::settings::{self, HeaderSecret, Limit, Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Outcome, Rejection, SettingsError,
 };
@@ -86,33 +86,37 @@ const CONNECTION_KEYS: &[&str] = &[
 const ACTIVATION_KEYS: &[&str] = &["list_id", "email_identifier"];
 /// The SendGrid API host (EU-pinned accounts use `https://api.eu.sendgrid.com`).
 const DEFAULT_BASE_URL: &str = "https://api.sendgrid.com";
-/// The most contacts one upsert takes.
-const MAX_MEMBERS: i64 = 30_000;
-/// The batch size unless `batch_size` says otherwise: a removal of this many members takes
-/// 100 lookups, an add one upsert.
-const DEFAULT_BATCH_SIZE: i64 = 10_000;
+/// `batch_size`: one upsert takes at most 30,000 contacts; by default a removal takes 100
+/// lookups, an add one upsert.
+const BATCH_SIZE: Limit = Limit {
+    default: 10_000,
+    max: 30_000,
+};
 /// The most bytes of JSON one upsert may carry; SendGrid's limit is 6 MB.
 const MAX_UPSERT_BYTES: usize = 6_000_000;
 /// The most addresses one lookup takes; also the most contact ids sent in one removal.
 const MAX_LOOKUP: usize = 100;
-/// Seconds a request may take unless `timeout_seconds` says otherwise.
-const DEFAULT_TIMEOUT_SECONDS: i64 = 60;
-/// The largest `timeout_seconds` accepted.
-const MAX_TIMEOUT_SECONDS: i64 = 300;
+/// `timeout_seconds`, seconds a request may take.
+const TIMEOUT_SECONDS: Limit = Limit {
+    default: 60,
+    max: 300,
+};
 /// The member identifier holding the e-mail address unless `email_identifier` says otherwise.
 const DEFAULT_EMAIL_IDENTIFIER: &str = "email";
 /// How much of a successful answer is read at most; a 100-address lookup is well under this.
 const MAX_ANSWER_BYTES: usize = 4 << 20;
 /// How much of an import job's errors file is read at most; rows past it count as not named.
 const MAX_ERRORS_FILE_BYTES: usize = 32 << 20;
-/// Seconds between two polls of an import job unless `poll_interval_seconds` says otherwise.
-const DEFAULT_POLL_INTERVAL_SECONDS: i64 = 5;
-/// The largest `poll_interval_seconds` accepted.
-const MAX_POLL_INTERVAL_SECONDS: i64 = 3600;
-/// Seconds one attempt waits for its import jobs unless `job_wait_seconds` says otherwise.
-const DEFAULT_JOB_WAIT_SECONDS: i64 = 300;
-/// The largest `job_wait_seconds` accepted.
-const MAX_JOB_WAIT_SECONDS: i64 = 86_400;
+/// `poll_interval_seconds`, seconds between two polls of an import job.
+const POLL_INTERVAL_SECONDS: Limit = Limit {
+    default: 5,
+    max: 3600,
+};
+/// `job_wait_seconds`, seconds one attempt waits for its import jobs.
+const JOB_WAIT_SECONDS: Limit = Limit {
+    default: 300,
+    max: 86_400,
+};
 
 /// Adds and removes members of one SendGrid Marketing Campaigns list.
 ///
@@ -250,14 +254,14 @@ impl SendgridConnector {
         activation: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<Self, Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        let connection = read_connection(&mut problems, connection, secrets);
-        let activation = read_activation(&mut problems, activation);
-        problems.finish(|| {
-            let connection = connection.expect("connection settings when there are no problems");
-            let activation = activation.expect("activation settings when there are no problems");
-            SendgridConnector::new(connection, activation)
-        })
+        settings::build(
+            connection,
+            activation,
+            secrets,
+            read_connection,
+            read_activation,
+            Self::new,
+        )
     }
 
     /// Checks the connection settings alone, as when a connection is loaded before any
@@ -266,9 +270,7 @@ impl SendgridConnector {
         connection: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<(), Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        read_connection(&mut problems, connection, secrets);
-        problems.finish(|| ())
+        settings::check(connection, secrets, read_connection)
     }
 
     fn new(connection: ConnectionSettings, activation: ActivationSettings) -> Self {
@@ -1260,6 +1262,17 @@ fn is_uuid(text: &str) -> bool {
             .all(|(group, len)| group.len() == len && group.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
+/// The API key, in `api_key_env`.
+const API_KEY: HeaderSecret = HeaderSecret {
+    name: "api_key",
+    holds: "a SendGrid API key",
+    called: "the API key",
+    prefix: Some((
+        "SG.",
+        "the API key does not start with `SG.`; copy the whole key from SendGrid",
+    )),
+};
+
 /// The checked connection settings, `None` when any is wrong (the problems say which).
 fn read_connection(
     problems: &mut Problems,
@@ -1267,70 +1280,19 @@ fn read_connection(
     secrets: &BTreeMap<String, String>,
 ) -> Option<ConnectionSettings> {
     problems.reject_unknown_keys(table, Place::Connection, CONNECTION_KEYS);
-    let api_key = problems
-        .secret(table, secrets, "api_key", "a SendGrid API key")
-        .filter(|key| {
-            let shaped = key.starts_with("SG.");
-            if !shaped {
-                problems.push(
-                    "api_key_env",
-                    "the API key does not start with `SG.`; copy the whole key from SendGrid",
-                );
-            }
-            shaped
-        })
-        .and_then(|key| problems.header_safe("api_key_env", "the API key", key));
-    let base_url = match table.contains_key("base_url") {
-        true => problems.http_url(table, Place::Connection, "base_url"),
-        false => Some(Url::parse(DEFAULT_BASE_URL).expect("the default base URL parses")),
-    };
-    let batch_size = problems
-        .integer(table, Place::Connection, "batch_size", 1..=MAX_MEMBERS)
-        .unwrap_or(DEFAULT_BATCH_SIZE);
-    let timeout_seconds = problems
-        .integer(
-            table,
-            Place::Connection,
-            "timeout_seconds",
-            1..=MAX_TIMEOUT_SECONDS,
-        )
-        .unwrap_or(DEFAULT_TIMEOUT_SECONDS);
-    let poll_interval_seconds = problems
-        .integer(
-            table,
-            Place::Connection,
-            "poll_interval_seconds",
-            1..=MAX_POLL_INTERVAL_SECONDS,
-        )
-        .unwrap_or(DEFAULT_POLL_INTERVAL_SECONDS);
-    let job_wait_seconds = problems
-        .integer(
-            table,
-            Place::Connection,
-            "job_wait_seconds",
-            1..=MAX_JOB_WAIT_SECONDS,
-        )
-        .unwrap_or(DEFAULT_JOB_WAIT_SECONDS);
-
-    let seconds = |value: i64| Duration::from_secs(u64::try_from(value).expect("at least 1"));
-    let timeout = seconds(timeout_seconds);
-    let client = match http::client(timeout) {
-        Ok(client) => Some(client),
-        Err(error) => {
-            problems.push(
-                "base_url",
-                format!("the HTTP client cannot be set up: {error}"),
-            );
-            None
-        }
-    };
+    let api_key = problems.header_secret(table, secrets, API_KEY);
+    let base_url = problems.base_url(table, DEFAULT_BASE_URL);
+    let batch_size = problems.batch_size(table, BATCH_SIZE);
+    let client = problems.http_client(table, "base_url", TIMEOUT_SECONDS);
+    let poll_interval = problems.seconds(table, "poll_interval_seconds", POLL_INTERVAL_SECONDS);
+    let job_wait = problems.seconds(table, "job_wait_seconds", JOB_WAIT_SECONDS);
     Some(ConnectionSettings {
         client: client?,
         base_url: base_url?,
-        api_key: Secret(api_key?),
-        batch_size: usize::try_from(batch_size).expect("within 1..=30000"),
-        poll_interval: seconds(poll_interval_seconds),
-        job_wait: seconds(job_wait_seconds),
+        api_key: api_key?,
+        batch_size,
+        poll_interval,
+        job_wait,
     })
 }
 
