@@ -33,7 +33,6 @@
 //! its own `UserIdentifier` inside the member's one `UserData`.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::HeaderMap;
@@ -43,6 +42,7 @@ use tokio::time::Instant;
 
 use crate::http::{self, Secret, quote};
 use crate::identifiers::{self, Invalid};
+use crate::job::{self, Jobs, Polled, Polling};
 use crate::settings::{self, HeaderSecret, Limit, Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
@@ -97,17 +97,11 @@ const TIMEOUT_SECONDS: Limit = Limit {
     default: 60,
     max: 600,
 };
-/// `poll_interval_seconds`, seconds between two polls of a running job.
-const POLL_INTERVAL_SECONDS: Limit = Limit {
-    default: 30,
-    max: 3600,
-};
-/// `job_wait_seconds`, seconds one attempt waits for its job: at most a day, as Google takes
-/// up to a day to process a job.
-const JOB_WAIT_SECONDS: Limit = Limit {
-    default: 3600,
-    max: 86_400,
-};
+/// Polling a running job every 30 s, for at most an hour an attempt, unless
+/// `poll_interval_seconds` and `job_wait_seconds` say otherwise. Google takes about ten
+/// minutes to 24 hours to process a job, which is why these defaults are longer than the
+/// `sendgrid` and `klaviyo` ones.
+const POLLING: Polling = Polling::seconds(30, 3600);
 /// How much of an answer is read at most; a partial failure of 100,000 operations fits.
 const MAX_ANSWER_BYTES: usize = 32 << 20;
 /// A token is renewed this long before Google said it expires.
@@ -284,9 +278,6 @@ struct CachedToken {
 struct KnownJob {
     /// `customers/{customer_id}/offlineUserDataJobs/{job_id}`.
     resource_name: String,
-    /// The keys of the members sent, in order, so a different batch under the same identity
-    /// is never taken for this one.
-    sent: Vec<String>,
     /// The members Google accepted into the job.
     accepted: Vec<String>,
     /// The members Google refused when they were added.
@@ -347,12 +338,11 @@ pub struct GoogleAdsConnector {
     batch_size: usize,
     /// Identifiers per `addOperations` request (`identifiers_per_request`).
     identifiers_per_request: usize,
-    /// `poll_interval_seconds`.
-    poll_interval: Duration,
-    /// `job_wait_seconds`.
-    job_wait: Duration,
-    /// Jobs holding every operation of a batch, by batch identity, until they are done.
-    jobs: Mutex<BTreeMap<String, KnownJob>>,
+    /// `poll_interval_seconds` and `job_wait_seconds`.
+    polling: Polling,
+    /// Jobs holding every operation of a batch, by batch identity, until they are done; each
+    /// with the keys of the members sent.
+    jobs: Jobs<KnownJob>,
 }
 
 /// The connection's settings, checked.
@@ -375,10 +365,8 @@ struct ConnectionSettings {
     batch_size: usize,
     /// `identifiers_per_request`.
     identifiers_per_request: usize,
-    /// `poll_interval_seconds`.
-    poll_interval: Duration,
-    /// `job_wait_seconds`.
-    job_wait: Duration,
+    /// `poll_interval_seconds` and `job_wait_seconds`.
+    polling: Polling,
 }
 
 /// The activation's settings, checked.
@@ -482,9 +470,8 @@ impl GoogleAdsConnector {
             fields: activation.fields,
             batch_size: connection.batch_size,
             identifiers_per_request: connection.identifiers_per_request,
-            poll_interval: connection.poll_interval,
-            job_wait: connection.job_wait,
-            jobs: Mutex::new(BTreeMap::new()),
+            polling: connection.polling,
+            jobs: Jobs::default(),
         }
     }
 
@@ -494,10 +481,10 @@ impl GoogleAdsConnector {
         if members.is_empty() {
             return Ok(outcome);
         }
-        let identity = batch_identity(batch);
+        let identity = job::batch_identity(batch);
         let sent: Vec<String> = members.iter().map(|m| m.key.to_owned()).collect();
 
-        let known = self.known_job(&identity, &sent);
+        let known = self.jobs.known(&identity, &sent);
         let job = match known {
             Some(job) => {
                 tracing::debug!(
@@ -511,32 +498,29 @@ impl GoogleAdsConnector {
                 if status? == JobStatus::Pending {
                     self.run_job(&job.resource_name)
                         .await
-                        .inspect_err(|error| self.forget_unless_retryable(&identity, error))?;
+                        .inspect_err(|error| self.jobs.forget_unless_retryable(&identity, error))?;
                 }
                 job
             }
             None => {
-                let job = self.fill_job(batch, &members, sent).await?;
+                let job = self.fill_job(batch, &members).await?;
                 if job.accepted.is_empty() {
                     // Google refused every operation; the empty job is never run.
                     outcome.rejected.extend(job.rejected);
                     return Ok(outcome);
                 }
-                self.jobs
-                    .lock()
-                    .expect("the job table is never poisoned")
-                    .insert(identity.clone(), job.clone());
+                self.jobs.remember(&identity, sent, job.clone());
                 self.run_job(&job.resource_name)
                     .await
-                    .inspect_err(|error| self.forget_unless_retryable(&identity, error))?;
+                    .inspect_err(|error| self.jobs.forget_unless_retryable(&identity, error))?;
                 job
             }
         };
 
         self.wait_for_job(&identity, &job.resource_name)
             .await
-            .inspect_err(|error| self.forget_unless_retryable(&identity, error))?;
-        self.forget_job(&identity);
+            .inspect_err(|error| self.jobs.forget_unless_retryable(&identity, error))?;
+        self.jobs.forget(&identity);
         tracing::debug!(
             activation = %batch.activation,
             change = batch.change.as_str(),
@@ -631,12 +615,10 @@ impl GoogleAdsConnector {
         &self,
         batch: &Batch,
         members: &[Prepared<'_>],
-        sent: Vec<String>,
     ) -> Result<KnownJob, DeliveryError> {
         let resource_name = self.create_job(batch.change).await?;
         let mut job = KnownJob {
             resource_name,
-            sent,
             accepted: Vec::new(),
             rejected: Vec::new(),
         };
@@ -727,37 +709,35 @@ impl GoogleAdsConnector {
         self.call(&url, &json!({})).await.map(|_| ())
     }
 
-    /// Polls the job until it is done or `job_wait` has passed.
+    /// Polls the job until it is done or `job_wait_seconds` have passed.
     async fn wait_for_job(&self, identity: &str, job: &str) -> Result<(), DeliveryError> {
-        let deadline = Instant::now() + self.job_wait;
-        loop {
-            let status = self.job_status(identity, job).await?;
-            match status {
-                JobStatus::Success => return Ok(()),
+        let poll = move || async move {
+            match self.job_status(identity, job).await? {
+                JobStatus::Success => Ok(Polled::Finished(())),
                 JobStatus::Failed(reason) => {
-                    self.forget_job(identity);
-                    return Err(DeliveryError::Permanent {
+                    self.jobs.forget(identity);
+                    Err(DeliveryError::Permanent {
                         message: format!("Google Ads job {job} failed: {reason}"),
-                    });
+                    })
                 }
-                JobStatus::Pending | JobStatus::Running => {}
+                status @ (JobStatus::Pending | JobStatus::Running) => {
+                    Ok(Polled::Unfinished(status))
+                }
             }
-            if Instant::now() + self.poll_interval > deadline {
-                return Err(DeliveryError::Retryable {
-                    message: format!(
-                        "Google Ads job {job} is still {} after {} s; the next attempt of the \
-                         batch waits for the same job",
-                        if status == JobStatus::Pending {
-                            "PENDING"
-                        } else {
-                            "RUNNING"
-                        },
-                        self.job_wait.as_secs()
-                    ),
-                });
-            }
-            tokio::time::sleep(self.poll_interval).await;
-        }
+        };
+        let unfinished = |status: JobStatus, waited: Duration| DeliveryError::Retryable {
+            message: format!(
+                "Google Ads job {job} is still {} after {} s; the next attempt of the batch \
+                 waits for the same job",
+                if status == JobStatus::Pending {
+                    "PENDING"
+                } else {
+                    "RUNNING"
+                },
+                waited.as_secs()
+            ),
+        };
+        job::wait(self.polling, poll, unfinished).await
     }
 
     /// The job's status, read through `googleAds:search`.
@@ -783,7 +763,7 @@ impl GoogleAdsConnector {
             )),
             other => {
                 // A job that cannot be found is not resumed; the next attempt makes another.
-                self.forget_job(identity);
+                self.jobs.forget(identity);
                 Err(DeliveryError::Retryable {
                     message: format!(
                         "{url} did not report the status of job {job} (found {})",
@@ -792,28 +772,6 @@ impl GoogleAdsConnector {
                 })
             }
         }
-    }
-
-    /// The job an earlier attempt of this batch filled, if any, and only if it was filled
-    /// with the same members.
-    fn known_job(&self, identity: &str, sent: &[String]) -> Option<KnownJob> {
-        let jobs = self.jobs.lock().expect("the job table is never poisoned");
-        jobs.get(identity).filter(|job| job.sent == sent).cloned()
-    }
-
-    /// Forgets the batch's job after a failure that sending again will not cure, so that a
-    /// later delivery of the batch starts afresh.
-    fn forget_unless_retryable(&self, identity: &str, error: &DeliveryError) {
-        if !error.is_retryable() {
-            self.forget_job(identity);
-        }
-    }
-
-    fn forget_job(&self, identity: &str) {
-        self.jobs
-            .lock()
-            .expect("the job table is never poisoned")
-            .remove(identity);
     }
 
     /// `{customer_url}/{method}`, such as `.../customers/123/googleAds:search`.
@@ -989,17 +947,6 @@ fn is_job_name(name: &str) -> bool {
     let digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
     matches!(parts.as_slice(), ["customers", customer, "offlineUserDataJobs", job]
         if digits(customer) && digits(job))
-}
-
-/// `run_id`, activation, change and sequence, the identity of a batch.
-fn batch_identity(batch: &Batch) -> String {
-    format!(
-        "{}\n{}\n{}\n{}",
-        batch.run_id,
-        batch.activation,
-        batch.change.as_str(),
-        batch.sequence
-    )
 }
 
 /// The reasons of the operations a `partialFailureError` refers to, by operation index.
@@ -1318,8 +1265,7 @@ fn read_connection(
     let identifiers_per_request =
         problems.count(table, "identifiers_per_request", IDENTIFIERS_PER_REQUEST);
     let client = problems.http_client(table, "base_url", TIMEOUT_SECONDS);
-    let poll_interval = problems.seconds(table, "poll_interval_seconds", POLL_INTERVAL_SECONDS);
-    let job_wait = problems.seconds(table, "job_wait_seconds", JOB_WAIT_SECONDS);
+    let polling = Polling::read(problems, table, POLLING);
     Some(ConnectionSettings {
         client: client?,
         base_url: base_url?,
@@ -1330,8 +1276,7 @@ fn read_connection(
         credentials: credentials?,
         batch_size,
         identifiers_per_request: usize::try_from(identifiers_per_request).unwrap_or(usize::MAX),
-        poll_interval,
-        job_wait,
+        polling,
     })
 }
 

@@ -51,15 +51,14 @@
 //! messages and rejection reasons never quote an address.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
-use tokio::time::Instant;
 
 use crate::http::{self, Secret, quote, redact, redact_addresses};
 use crate::identifiers;
+use crate::job::{self, ImportJob, Jobs, Polled, Polling, Settled, Wording, shown_status};
 use crate::settings::{self, HeaderSecret, Limit, Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Outcome, Rejection, SettingsError,
@@ -108,15 +107,14 @@ const DEFAULT_EMAIL_IDENTIFIER: &str = "email";
 const MAX_ANSWER_BYTES: usize = 4 << 20;
 /// The most pages of a job's import errors read; errors past them count as not named.
 const MAX_IMPORT_ERROR_PAGES: usize = 100;
-/// `poll_interval_seconds`, seconds between two polls of an import job.
-const POLL_INTERVAL_SECONDS: Limit = Limit {
-    default: 5,
-    max: 3600,
-};
-/// `job_wait_seconds`, seconds one attempt waits for its import jobs.
-const JOB_WAIT_SECONDS: Limit = Limit {
-    default: 300,
-    max: 86_400,
+/// Polling an import job every 5 s, for at most 300 s an attempt, unless
+/// `poll_interval_seconds` and `job_wait_seconds` say otherwise.
+const POLLING: Polling = Polling::seconds(5, 300);
+/// How Klaviyo's import jobs are named in rejection reasons.
+const IMPORT_JOB: Wording = Wording {
+    platform: "Klaviyo",
+    items: "profiles",
+    counted_as: "failed",
 };
 
 /// Adds and removes members of one Klaviyo list.
@@ -157,13 +155,11 @@ pub struct KlaviyoConnector {
     email_identifier: String,
     /// Members per batch (`batch_size`).
     batch_size: usize,
-    /// `poll_interval_seconds`.
-    poll_interval: Duration,
-    /// `job_wait_seconds`.
-    job_wait: Duration,
+    /// `poll_interval_seconds` and `job_wait_seconds`.
+    polling: Polling,
     /// The import jobs holding every profile of a batch, by batch identity, until they are
     /// done.
-    jobs: Mutex<BTreeMap<String, QueuedAdd>>,
+    jobs: Jobs<Vec<ImportJob>>,
 }
 
 /// The connection's settings, checked.
@@ -178,10 +174,8 @@ struct ConnectionSettings {
     revision: String,
     /// `batch_size`.
     batch_size: usize,
-    /// `poll_interval_seconds`.
-    poll_interval: Duration,
-    /// `job_wait_seconds`.
-    job_wait: Duration,
+    /// `poll_interval_seconds` and `job_wait_seconds`.
+    polling: Polling,
 }
 
 /// The activation's settings, checked.
@@ -198,45 +192,6 @@ struct Prepared<'a> {
     key: &'a str,
     /// The trimmed, lower-cased address.
     email: String,
-}
-
-/// The import jobs of one add batch once Klaviyo has accepted all of them, kept so that an
-/// attempt of the same batch polls the same jobs rather than importing again.
-#[derive(Clone)]
-struct QueuedAdd {
-    /// The addresses of the batch, in order, so a different batch under the same identity is
-    /// never taken for this one.
-    sent: Vec<String>,
-    /// The import jobs, each with the addresses it holds.
-    jobs: Vec<ImportJob>,
-}
-
-/// One import job Klaviyo accepted.
-#[derive(Clone)]
-struct ImportJob {
-    /// The job resource's `id`, from the 202.
-    id: String,
-    /// The addresses of its profiles, in the order sent.
-    addresses: Vec<String>,
-}
-
-// The addresses stay out of `Debug`, so that printing the connector shows no personal data.
-impl std::fmt::Debug for QueuedAdd {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QueuedAdd")
-            .field("sent", &self.sent.len())
-            .field("jobs", &self.jobs)
-            .finish_non_exhaustive()
-    }
-}
-
-impl std::fmt::Debug for ImportJob {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ImportJob")
-            .field("id", &self.id)
-            .field("addresses", &self.addresses.len())
-            .finish()
-    }
 }
 
 impl KlaviyoConnector {
@@ -288,9 +243,8 @@ impl KlaviyoConnector {
             revision: connection.revision,
             email_identifier: activation.email_identifier,
             batch_size: connection.batch_size,
-            poll_interval: connection.poll_interval,
-            job_wait: connection.job_wait,
-            jobs: Mutex::new(BTreeMap::new()),
+            polling: connection.polling,
+            jobs: Jobs::default(),
         }
     }
 
@@ -364,46 +318,42 @@ impl KlaviyoConnector {
         batch: &Batch,
         addresses: &[&str],
     ) -> Result<BTreeMap<String, String>, DeliveryError> {
-        let identity = batch_identity(batch);
+        let identity = job::batch_identity(batch);
         let sent: Vec<String> = addresses.iter().map(|email| email.to_string()).collect();
-        let queued = match self.known_add(&identity, &sent) {
+        let queued = match self.jobs.known(&identity, &sent) {
             Some(queued) => {
                 tracing::debug!(
                     activation = %batch.activation,
                     change = batch.change.as_str(),
                     sequence = batch.sequence,
-                    jobs = queued.jobs.len(),
+                    jobs = queued.len(),
                     "polling the klaviyo import jobs of an earlier attempt"
                 );
                 queued
             }
             None => {
-                let queued = self.import_all(sent).await?;
-                self.jobs
-                    .lock()
-                    .expect("the job table is never poisoned")
-                    .insert(identity.clone(), queued.clone());
+                let queued = self.import_all(addresses).await?;
+                self.jobs.remember(&identity, sent, queued.clone());
                 queued
             }
         };
 
         let mut refused = BTreeMap::new();
-        for job in &queued.jobs {
+        for job in &queued {
             let in_job = self
                 .wait_for_job(batch, &identity, job)
                 .await
-                .inspect_err(|error| self.forget_unless_retryable(&identity, error))?;
+                .inspect_err(|error| self.jobs.forget_unless_retryable(&identity, error))?;
             refused.extend(in_job);
         }
-        self.forget_add(&identity);
+        self.jobs.forget(&identity);
         Ok(refused)
     }
 
-    /// Starts one import job per run of `sent` the byte limit allows.
-    async fn import_all(&self, sent: Vec<String>) -> Result<QueuedAdd, DeliveryError> {
-        let addresses: Vec<&str> = sent.iter().map(String::as_str).collect();
+    /// Starts one import job per run of `addresses` the byte limit allows.
+    async fn import_all(&self, addresses: &[&str]) -> Result<Vec<ImportJob>, DeliveryError> {
         let mut jobs = Vec::new();
-        for chunk in split_by_bytes(&addresses, MAX_IMPORT_BYTES) {
+        for chunk in split_by_bytes(addresses, MAX_IMPORT_BYTES) {
             let body = serde_json::json!({
                 "data": {
                     "type": "profile-bulk-import-job",
@@ -439,50 +389,48 @@ impl KlaviyoConnector {
                 addresses: chunk.iter().map(|email| email.to_string()).collect(),
             });
         }
-        Ok(QueuedAdd { sent, jobs })
+        Ok(jobs)
     }
 
-    /// Polls `job` until it is done or `job_wait` has passed, and returns the addresses it
-    /// refused, each with the reason.
+    /// Polls `job` until it is done or `job_wait_seconds` have passed, and returns the
+    /// addresses it refused, each with the reason.
     async fn wait_for_job(
         &self,
         batch: &Batch,
         identity: &str,
         job: &ImportJob,
     ) -> Result<BTreeMap<String, String>, DeliveryError> {
-        let deadline = Instant::now() + self.job_wait;
-        loop {
+        let poll = move || async move {
             let state = self.job_state(identity, &job.id).await?;
             match state.status.as_str() {
-                "complete" => return self.job_refusals(batch, job, &state).await,
+                "complete" => Ok(Polled::Finished(state)),
                 "cancelled" => {
                     // The next attempt imports again rather than polling a job that is over.
-                    self.forget_add(identity);
-                    return Err(DeliveryError::Retryable {
+                    self.jobs.forget(identity);
+                    Err(DeliveryError::Retryable {
                         message: format!(
                             "Klaviyo import job {} was cancelled; sending the batch again is \
                              safe, as an import merges into existing profiles and a list holds a \
                              profile once",
                             job.id
                         ),
-                    });
+                    })
                 }
-                _ => {}
+                _ => Ok(Polled::Unfinished(state.status)),
             }
-            if Instant::now() + self.poll_interval > deadline {
-                return Err(DeliveryError::Retryable {
-                    message: format!(
-                        "Klaviyo import job {} is still {} after {} s; sending the batch again \
-                         is safe, as an import merges into existing profiles and a list holds a \
-                         profile once, and the next attempt in this process polls the same job",
-                        job.id,
-                        shown_status(&state.status),
-                        self.job_wait.as_secs()
-                    ),
-                });
-            }
-            tokio::time::sleep(self.poll_interval).await;
-        }
+        };
+        let unfinished = |status: String, waited: Duration| DeliveryError::Retryable {
+            message: format!(
+                "Klaviyo import job {} is still {} after {} s; sending the batch again is safe, \
+                 as an import merges into existing profiles and a list holds a profile once, and \
+                 the next attempt in this process polls the same job",
+                job.id,
+                shown_status(&status),
+                waited.as_secs()
+            ),
+        };
+        let state = job::wait(self.polling, poll, unfinished).await?;
+        self.job_refusals(batch, job, &state).await
     }
 
     /// The attributes of the import job `id`.
@@ -499,7 +447,7 @@ impl KlaviyoConnector {
         }
         if status == StatusCode::NOT_FOUND {
             // A job that cannot be found is not polled again; the next attempt imports anew.
-            self.forget_add(identity);
+            self.jobs.forget(identity);
             return Err(DeliveryError::Retryable {
                 message: format!(
                     "{shown} answered {status}: Klaviyo does not know import job {id}; sending \
@@ -598,30 +546,6 @@ impl KlaviyoConnector {
             }
         }
         url
-    }
-
-    /// The jobs an earlier attempt of this batch started, if any, and only if it sent the
-    /// same addresses.
-    fn known_add(&self, identity: &str, sent: &[String]) -> Option<QueuedAdd> {
-        let jobs = self.jobs.lock().expect("the job table is never poisoned");
-        jobs.get(identity)
-            .filter(|queued| queued.sent == sent)
-            .cloned()
-    }
-
-    /// Forgets the batch's jobs after a failure that sending again will not cure, so that a
-    /// later delivery of the batch starts afresh.
-    fn forget_unless_retryable(&self, identity: &str, error: &DeliveryError) {
-        if !error.is_retryable() {
-            self.forget_add(identity);
-        }
-    }
-
-    fn forget_add(&self, identity: &str) {
-        self.jobs
-            .lock()
-            .expect("the job table is never poisoned")
-            .remove(identity);
     }
 
     /// Takes the profiles of `addresses` out of the list: up to 1,000 addresses are looked up
@@ -960,74 +884,10 @@ fn wait_in_words(text: &str) -> Option<Duration> {
     Some(Duration::from_secs(digits.parse().unwrap_or(u64::MAX)))
 }
 
-/// A job status fit for a message: Klaviyo's word when it is one, `unfinished` otherwise.
-fn shown_status(status: &str) -> &str {
-    let word = !status.is_empty()
-        && status.len() <= 32
-        && status
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if word { status } else { "unfinished" }
-}
-
-/// What a complete job's refusals come to.
-#[derive(Debug, PartialEq, Eq)]
-struct Settled {
-    /// The addresses refused, with the reason.
-    refused: BTreeMap<String, String>,
-    /// How many refused profiles are neither named nor rejected: their members count as
-    /// accepted, as which they are is not known.
-    unnamed: u64,
-}
-
-/// The refusals of `job`, which counted `failed` profiles and named those in `named`. When
-/// the profiles it did not name must all be among those counted, they are refused too;
-/// otherwise they are left accepted and the shortfall is reported.
-fn settle(job: &ImportJob, failed: u64, mut named: BTreeMap<String, String>) -> Settled {
-    let in_job: BTreeSet<&str> = job.addresses.iter().map(String::as_str).collect();
-    named.retain(|address, _| in_job.contains(address.as_str()));
-    let unnamed = failed.saturating_sub(named.len() as u64);
-    let rest: Vec<&String> = job
-        .addresses
-        .iter()
-        .filter(|address| !named.contains_key(address.as_str()))
-        .collect();
-    if unnamed == 0 || rest.is_empty() {
-        return Settled {
-            refused: named,
-            unnamed: 0,
-        };
-    }
-    if unnamed < rest.len() as u64 {
-        return Settled {
-            refused: named,
-            unnamed,
-        };
-    }
-    let reason = format!(
-        "Klaviyo's import job {} counted {failed} of its {} profiles as failed without naming \
-         them all; this one is among them",
-        job.id,
-        job.addresses.len()
-    );
-    for address in rest {
-        named.insert(address.clone(), reason.clone());
-    }
-    Settled {
-        refused: named,
-        unnamed: 0,
-    }
-}
-
-/// `run_id`, activation, change and sequence, the identity of a batch.
-fn batch_identity(batch: &Batch) -> String {
-    format!(
-        "{}\n{}\n{}\n{}",
-        batch.run_id,
-        batch.activation,
-        batch.change.as_str(),
-        batch.sequence
-    )
+/// The refusals of `job`, which counted `failed` profiles and named those in `named` (see
+/// [`job::settle`]).
+fn settle(job: &ImportJob, failed: u64, named: BTreeMap<String, String>) -> Settled {
+    job::settle(job, failed, named, IMPORT_JOB)
 }
 
 /// `url` without its query, which may hold addresses, for messages.
@@ -1167,16 +1027,14 @@ fn read_connection(
     };
     let batch_size = problems.batch_size(table, BATCH_SIZE);
     let client = problems.http_client(table, "base_url", TIMEOUT_SECONDS);
-    let poll_interval = problems.seconds(table, "poll_interval_seconds", POLL_INTERVAL_SECONDS);
-    let job_wait = problems.seconds(table, "job_wait_seconds", JOB_WAIT_SECONDS);
+    let polling = Polling::read(problems, table, POLLING);
     Some(ConnectionSettings {
         client: client?,
         base_url: base_url?,
         api_key: api_key?,
         revision: revision?,
         batch_size,
-        poll_interval,
-        job_wait,
+        polling,
     })
 }
 

@@ -27,6 +27,7 @@ pub mod file;
 pub mod google_ads;
 mod http;
 pub mod identifiers;
+mod job;
 pub mod klaviyo;
 pub mod linkedin;
 pub mod mailchimp;

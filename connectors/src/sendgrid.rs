@@ -59,15 +59,14 @@
 //! lower-cased; rejection reasons and error messages never quote an address.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reqwest::header::HeaderMap;
 use reqwest::{StatusCode, Url};
-use tokio::time::Instant;
 
 use crate::http::{self, Secret, quote, redact, redact_addresses};
 use crate::identifiers;
+use crate::job::{self, ImportJob, Jobs, Polled, Polling, Settled, Wording, shown_status};
 use crate::settings::{self, HeaderSecret, Limit, Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Outcome, Rejection, SettingsError,
@@ -107,15 +106,14 @@ const DEFAULT_EMAIL_IDENTIFIER: &str = "email";
 const MAX_ANSWER_BYTES: usize = 4 << 20;
 /// How much of an import job's errors file is read at most; rows past it count as not named.
 const MAX_ERRORS_FILE_BYTES: usize = 32 << 20;
-/// `poll_interval_seconds`, seconds between two polls of an import job.
-const POLL_INTERVAL_SECONDS: Limit = Limit {
-    default: 5,
-    max: 3600,
-};
-/// `job_wait_seconds`, seconds one attempt waits for its import jobs.
-const JOB_WAIT_SECONDS: Limit = Limit {
-    default: 300,
-    max: 86_400,
+/// Polling an import job every 5 s, for at most 300 s an attempt, unless
+/// `poll_interval_seconds` and `job_wait_seconds` say otherwise.
+const POLLING: Polling = Polling::seconds(5, 300);
+/// How SendGrid's import jobs are named in rejection reasons.
+const IMPORT_JOB: Wording = Wording {
+    platform: "SendGrid",
+    items: "contacts",
+    counted_as: "errored",
 };
 
 /// Adds and removes members of one SendGrid Marketing Campaigns list.
@@ -153,13 +151,11 @@ pub struct SendgridConnector {
     email_identifier: String,
     /// Members per batch (`batch_size`).
     batch_size: usize,
-    /// `poll_interval_seconds`.
-    poll_interval: Duration,
-    /// `job_wait_seconds`.
-    job_wait: Duration,
+    /// `poll_interval_seconds` and `job_wait_seconds`.
+    polling: Polling,
     /// The import jobs holding every upsert of a batch, by batch identity, until they are
     /// done.
-    jobs: Mutex<BTreeMap<String, QueuedAdd>>,
+    jobs: Jobs<QueuedAdd>,
 }
 
 /// The connection's settings, checked.
@@ -172,10 +168,8 @@ struct ConnectionSettings {
     api_key: Secret,
     /// `batch_size`.
     batch_size: usize,
-    /// `poll_interval_seconds`.
-    poll_interval: Duration,
-    /// `job_wait_seconds`.
-    job_wait: Duration,
+    /// `poll_interval_seconds` and `job_wait_seconds`.
+    polling: Polling,
 }
 
 /// The activation's settings, checked.
@@ -198,40 +192,18 @@ struct Prepared<'a> {
 /// attempt of the same batch polls the same jobs rather than upserting again.
 #[derive(Clone)]
 struct QueuedAdd {
-    /// The addresses of the batch, in order, so a different batch under the same identity is
-    /// never taken for this one.
-    sent: Vec<String>,
     /// The addresses a validation refusal named, with the reason; they are in no job.
     refused: BTreeMap<String, String>,
     /// The import jobs, each with the addresses it holds.
     jobs: Vec<ImportJob>,
 }
 
-/// One import job SendGrid queued.
-#[derive(Clone)]
-struct ImportJob {
-    /// The `job_id` of the 202.
-    id: String,
-    /// The addresses upserted by it, in order.
-    addresses: Vec<String>,
-}
-
 // The addresses stay out of `Debug`, so that printing the connector shows no personal data.
 impl std::fmt::Debug for QueuedAdd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QueuedAdd")
-            .field("sent", &self.sent.len())
             .field("jobs", &self.jobs)
             .finish_non_exhaustive()
-    }
-}
-
-impl std::fmt::Debug for ImportJob {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ImportJob")
-            .field("id", &self.id)
-            .field("addresses", &self.addresses.len())
-            .finish()
     }
 }
 
@@ -295,9 +267,8 @@ impl SendgridConnector {
             api_key: connection.api_key,
             email_identifier: activation.email_identifier,
             batch_size: connection.batch_size,
-            poll_interval: connection.poll_interval,
-            job_wait: connection.job_wait,
-            jobs: Mutex::new(BTreeMap::new()),
+            polling: connection.polling,
+            jobs: Jobs::default(),
         }
     }
 
@@ -356,12 +327,12 @@ impl SendgridConnector {
     /// the members SendGrid refused, at the upsert or in a job. An attempt of a batch whose
     /// upserts an earlier attempt queued polls those jobs instead of upserting again.
     async fn add(&self, batch: &Batch, members: &[Prepared<'_>]) -> Result<Outcome, DeliveryError> {
-        let identity = batch_identity(batch);
+        let identity = job::batch_identity(batch);
         let sent: Vec<String> = distinct_addresses(members)
             .into_iter()
             .map(str::to_owned)
             .collect();
-        let queued = match self.known_add(&identity, &sent) {
+        let queued = match self.jobs.known(&identity, &sent) {
             Some(queued) => {
                 tracing::debug!(
                     activation = %batch.activation,
@@ -373,11 +344,8 @@ impl SendgridConnector {
                 queued
             }
             None => {
-                let queued = self.upsert_all(sent).await?;
-                self.jobs
-                    .lock()
-                    .expect("the job table is never poisoned")
-                    .insert(identity.clone(), queued.clone());
+                let queued = self.upsert_all(&sent).await?;
+                self.jobs.remember(&identity, sent, queued.clone());
                 queued
             }
         };
@@ -387,10 +355,10 @@ impl SendgridConnector {
             let in_job = self
                 .wait_for_job(batch, &identity, job)
                 .await
-                .inspect_err(|error| self.forget_unless_retryable(&identity, error))?;
+                .inspect_err(|error| self.jobs.forget_unless_retryable(&identity, error))?;
             refused.extend(in_job);
         }
-        self.forget_add(&identity);
+        self.jobs.forget(&identity);
 
         let mut outcome = Outcome::default();
         for member in members {
@@ -407,7 +375,7 @@ impl SendgridConnector {
 
     /// Upserts `sent` into the list, in as many requests as the byte limit needs, and drops
     /// the addresses a validation refusal names before sending the rest again.
-    async fn upsert_all(&self, sent: Vec<String>) -> Result<QueuedAdd, DeliveryError> {
+    async fn upsert_all(&self, sent: &[String]) -> Result<QueuedAdd, DeliveryError> {
         let addresses: Vec<&str> = sent.iter().map(String::as_str).collect();
         let mut refused: BTreeMap<String, String> = BTreeMap::new();
         let mut jobs = Vec::new();
@@ -431,29 +399,24 @@ impl SendgridConnector {
                 }
             }
         }
-        Ok(QueuedAdd {
-            sent,
-            refused,
-            jobs,
-        })
+        Ok(QueuedAdd { refused, jobs })
     }
 
-    /// Polls `job` until it has finished or `job_wait` has passed, and returns the addresses
-    /// it refused, each with the reason.
+    /// Polls `job` until it has finished or `job_wait_seconds` have passed, and returns the
+    /// addresses it refused, each with the reason.
     async fn wait_for_job(
         &self,
         batch: &Batch,
         identity: &str,
         job: &ImportJob,
     ) -> Result<BTreeMap<String, String>, DeliveryError> {
-        let deadline = Instant::now() + self.job_wait;
-        loop {
+        let poll = move || async move {
             let status = self.job_status(identity, &job.id).await?;
             match status.status.as_str() {
-                "completed" | "errored" => return self.job_refusals(batch, job, &status).await,
+                "completed" | "errored" => Ok(Polled::Finished(status)),
                 "failed" => {
                     // The next attempt upserts again rather than polling a job that is over.
-                    self.forget_add(identity);
+                    self.jobs.forget(identity);
                     let results = status.results.unwrap_or_default();
                     let counts = match results.requested_count {
                         0 => String::new(),
@@ -464,30 +427,29 @@ impl SendgridConnector {
                             )
                         }
                     };
-                    return Err(DeliveryError::Retryable {
+                    Err(DeliveryError::Retryable {
                         message: format!(
                             "SendGrid import job {} failed{counts}; sending the batch again is \
                              safe, as upserts and list adds are idempotent",
                             job.id
                         ),
-                    });
+                    })
                 }
-                _ => {}
+                _ => Ok(Polled::Unfinished(status.status)),
             }
-            if Instant::now() + self.poll_interval > deadline {
-                return Err(DeliveryError::Retryable {
-                    message: format!(
-                        "SendGrid import job {} is still {} after {} s; sending the batch again \
-                         is safe, as upserts and list adds are idempotent, and the next attempt \
-                         in this process polls the same job",
-                        job.id,
-                        shown_status(&status.status),
-                        self.job_wait.as_secs()
-                    ),
-                });
-            }
-            tokio::time::sleep(self.poll_interval).await;
-        }
+        };
+        let unfinished = |status: String, waited: Duration| DeliveryError::Retryable {
+            message: format!(
+                "SendGrid import job {} is still {} after {} s; sending the batch again is safe, \
+                 as upserts and list adds are idempotent, and the next attempt in this process \
+                 polls the same job",
+                job.id,
+                shown_status(&status),
+                waited.as_secs()
+            ),
+        };
+        let status = job::wait(self.polling, poll, unfinished).await?;
+        self.job_refusals(batch, job, &status).await
     }
 
     /// The status of the import job `id`.
@@ -515,7 +477,7 @@ impl SendgridConnector {
         }
         if status == StatusCode::NOT_FOUND {
             // A job that cannot be found is not polled again; the next attempt upserts anew.
-            self.forget_add(identity);
+            self.jobs.forget(identity);
             return Err(DeliveryError::Retryable {
                 message: format!(
                     "{shown} answered {status}: SendGrid does not know import job {id}; sending \
@@ -636,30 +598,6 @@ impl SendgridConnector {
             "the errors file of a sendgrid import job could not be read; going by its counts"
         );
         Ok(BTreeMap::new())
-    }
-
-    /// The upserts an earlier attempt of this batch queued, if any, and only if it sent the
-    /// same addresses.
-    fn known_add(&self, identity: &str, sent: &[String]) -> Option<QueuedAdd> {
-        let jobs = self.jobs.lock().expect("the job table is never poisoned");
-        jobs.get(identity)
-            .filter(|queued| queued.sent == sent)
-            .cloned()
-    }
-
-    /// Forgets the batch's jobs after a failure that sending again will not cure, so that a
-    /// later delivery of the batch starts afresh.
-    fn forget_unless_retryable(&self, identity: &str, error: &DeliveryError) {
-        if !error.is_retryable() {
-            self.forget_add(identity);
-        }
-    }
-
-    fn forget_add(&self, identity: &str) {
-        self.jobs
-            .lock()
-            .expect("the job table is never poisoned")
-            .remove(identity);
     }
 
     /// One upsert of `addresses` into the list.
@@ -1043,16 +981,6 @@ fn refused_rows(body: &[u8], array: &str, sent: &[&str]) -> Vec<(usize, String)>
         .collect()
 }
 
-/// A job status fit for a message: SendGrid's word when it is one, `unfinished` otherwise.
-fn shown_status(status: &str) -> &str {
-    let word = !status.is_empty()
-        && status.len() <= 32
-        && status
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if word { status } else { "unfinished" }
-}
-
 /// The addresses of a job its errors file names, each with the reason.
 ///
 /// The file's layout is not documented. It is read as CSV: a row holding exactly one of the
@@ -1109,64 +1037,10 @@ fn read_errors_file(body: &[u8], addresses: &[String], known: &[&str]) -> BTreeM
     named
 }
 
-/// What a finished job's refusals come to.
-#[derive(Debug, PartialEq, Eq)]
-struct Settled {
-    /// The addresses refused, with the reason.
-    refused: BTreeMap<String, String>,
-    /// How many refused contacts are neither named nor rejected: their members count as
-    /// accepted, as which they are is not known.
-    unnamed: u64,
-}
-
-/// The refusals of `job`, which counted `errored` contacts and named those in `named`. When
-/// the contacts it did not name must all be among those counted, they are refused too;
-/// otherwise they are left accepted and the shortfall is reported.
-fn settle(job: &ImportJob, errored: u64, mut named: BTreeMap<String, String>) -> Settled {
-    let in_job: BTreeSet<&str> = job.addresses.iter().map(String::as_str).collect();
-    named.retain(|address, _| in_job.contains(address.as_str()));
-    let unnamed = errored.saturating_sub(named.len() as u64);
-    let rest: Vec<&String> = job
-        .addresses
-        .iter()
-        .filter(|address| !named.contains_key(address.as_str()))
-        .collect();
-    if unnamed == 0 || rest.is_empty() {
-        return Settled {
-            refused: named,
-            unnamed: 0,
-        };
-    }
-    if unnamed < rest.len() as u64 {
-        return Settled {
-            refused: named,
-            unnamed,
-        };
-    }
-    let reason = format!(
-        "SendGrid's import job {} counted {errored} of its {} contacts as errored without \
-         naming them all; this one is among them",
-        job.id,
-        job.addresses.len()
-    );
-    for address in rest {
-        named.insert(address.clone(), reason.clone());
-    }
-    Settled {
-        refused: named,
-        unnamed: 0,
-    }
-}
-
-/// `run_id`, activation, change and sequence, the identity of a batch.
-fn batch_identity(batch: &Batch) -> String {
-    format!(
-        "{}\n{}\n{}\n{}",
-        batch.run_id,
-        batch.activation,
-        batch.change.as_str(),
-        batch.sequence
-    )
+/// The refusals of `job`, which counted `errored` contacts and named those in `named` (see
+/// [`job::settle`]).
+fn settle(job: &ImportJob, errored: u64, named: BTreeMap<String, String>) -> Settled {
+    job::settle(job, errored, named, IMPORT_JOB)
 }
 
 /// The members' addresses, each once, in order.
@@ -1284,15 +1158,13 @@ fn read_connection(
     let base_url = problems.base_url(table, DEFAULT_BASE_URL);
     let batch_size = problems.batch_size(table, BATCH_SIZE);
     let client = problems.http_client(table, "base_url", TIMEOUT_SECONDS);
-    let poll_interval = problems.seconds(table, "poll_interval_seconds", POLL_INTERVAL_SECONDS);
-    let job_wait = problems.seconds(table, "job_wait_seconds", JOB_WAIT_SECONDS);
+    let polling = Polling::read(problems, table, POLLING);
     Some(ConnectionSettings {
         client: client?,
         base_url: base_url?,
         api_key: api_key?,
         batch_size,
-        poll_interval,
-        job_wait,
+        polling,
     })
 }
 
