@@ -45,6 +45,7 @@ use serde_json::{Value, json};
 
 use crate::http::{self, Secret, quote};
 use crate::identifiers::{self, Invalid};
+use crate::members;
 use crate::settings::{self, HeaderSecret, Limit, Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
@@ -329,30 +330,13 @@ impl BrazeConnector {
 
     /// The members with a usable identifier, and an outcome rejecting those without one.
     fn prepare<'a>(&self, batch: &'a Batch) -> (Vec<Prepared<'a>>, Outcome) {
-        let mut members = Vec::with_capacity(batch.members.len());
-        let mut outcome = Outcome::default();
-        for member in &batch.members {
-            match self.identify(member) {
-                Ok(id) => members.push(Prepared {
-                    key: &member.key,
-                    id,
-                }),
-                Err(reason) => outcome.rejected.push(Rejection {
-                    key: member.key.clone(),
-                    reason,
-                }),
-            }
-        }
-        if !outcome.rejected.is_empty() {
-            tracing::debug!(
-                activation = %batch.activation,
-                change = batch.change.as_str(),
-                sequence = batch.sequence,
-                rejected = outcome.rejected.len(),
-                "members without a usable identifier are not sent to braze"
-            );
-        }
-        (members, outcome)
+        members::prepare(batch, "braze", "identifier", |member| {
+            let id = self.identify(member)?;
+            Ok(Prepared {
+                key: &member.key,
+                id,
+            })
+        })
     }
 
     /// The member's Braze identifier, or why it has none.

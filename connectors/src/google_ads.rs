@@ -43,6 +43,7 @@ use tokio::time::Instant;
 use crate::http::{self, Secret, quote};
 use crate::identifiers::{self, Invalid};
 use crate::job::{self, Jobs, Polled, Polling};
+use crate::members;
 use crate::settings::{self, HeaderSecret, Limit, Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
@@ -537,31 +538,14 @@ impl GoogleAdsConnector {
     /// The `UserData` of each member with at least one usable identifier, and an outcome
     /// holding a rejection for every member that has none.
     fn prepare<'a>(&self, batch: &'a Batch) -> (Vec<Prepared<'a>>, Outcome) {
-        let mut members = Vec::with_capacity(batch.members.len());
-        let mut outcome = Outcome::default();
-        for member in &batch.members {
-            match self.user_identifiers(member) {
-                Ok(identifiers) => members.push(Prepared {
-                    key: &member.key,
-                    identifiers: identifiers.len(),
-                    user_data: json!({ "userIdentifiers": identifiers }),
-                }),
-                Err(reason) => outcome.rejected.push(Rejection {
-                    key: member.key.clone(),
-                    reason,
-                }),
-            }
-        }
-        if !outcome.rejected.is_empty() {
-            tracing::debug!(
-                activation = %batch.activation,
-                change = batch.change.as_str(),
-                sequence = batch.sequence,
-                rejected = outcome.rejected.len(),
-                "members without a usable identifier are not sent to google ads"
-            );
-        }
-        (members, outcome)
+        members::prepare(batch, "google ads", "identifier", |member| {
+            let identifiers = self.user_identifiers(member)?;
+            Ok(Prepared {
+                key: &member.key,
+                identifiers: identifiers.len(),
+                user_data: json!({ "userIdentifiers": identifiers }),
+            })
+        })
     }
 
     /// One member's `UserIdentifier`s in wire order; the reasons when none is usable.

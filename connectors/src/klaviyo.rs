@@ -57,8 +57,8 @@ use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 
 use crate::http::{self, Secret, quote, redact, redact_addresses};
-use crate::identifiers;
 use crate::job::{self, ImportJob, Jobs, Polled, Polling, Settled, Wording, shown_status};
+use crate::members::{self, Addressed, distinct_addresses};
 use crate::settings::{self, HeaderSecret, Limit, Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Outcome, Rejection, SettingsError,
@@ -186,14 +186,6 @@ struct ActivationSettings {
     email_identifier: String,
 }
 
-/// One member ready to send.
-struct Prepared<'a> {
-    /// The member's profile key.
-    key: &'a str,
-    /// The trimmed, lower-cased address.
-    email: String,
-}
-
 impl KlaviyoConnector {
     /// Builds the connector from its connection and activation settings and the resolved
     /// secrets (`api_key`), returning every problem found.
@@ -276,38 +268,10 @@ impl KlaviyoConnector {
     }
 
     /// The members with a usable address, and an outcome rejecting those without one.
-    fn prepare<'a>(&self, batch: &'a Batch) -> (Vec<Prepared<'a>>, Outcome) {
-        let mut members = Vec::with_capacity(batch.members.len());
-        let mut outcome = Outcome::default();
-        for member in &batch.members {
-            let email = match member.identifiers.get(&self.email_identifier) {
-                Some(raw) => identifiers::email(raw),
-                None => Err(identifiers::Invalid::Missing),
-            };
-            match email {
-                Ok(email) => members.push(Prepared {
-                    key: &member.key,
-                    email,
-                }),
-                Err(invalid) => outcome.rejected.push(Rejection {
-                    key: member.key.clone(),
-                    reason: format!(
-                        "no usable e-mail address: `{}` {invalid}",
-                        self.email_identifier
-                    ),
-                }),
-            }
-        }
-        if !outcome.rejected.is_empty() {
-            tracing::debug!(
-                activation = %batch.activation,
-                change = batch.change.as_str(),
-                sequence = batch.sequence,
-                rejected = outcome.rejected.len(),
-                "members without a usable e-mail address are not sent to klaviyo"
-            );
-        }
-        (members, outcome)
+    fn prepare<'a>(&self, batch: &'a Batch) -> (Vec<Addressed<'a>>, Outcome) {
+        members::prepare(batch, self.kind(), "e-mail address", |member| {
+            members::addressed(member, &self.email_identifier)
+        })
     }
 
     /// Imports the profiles of `addresses` into the list, waits for the import jobs, and
@@ -895,16 +859,6 @@ fn shown(url: &Url) -> String {
     let mut shown = url.clone();
     shown.set_query(None);
     shown.to_string()
-}
-
-/// The addresses, each once, in order.
-fn distinct_addresses<'m>(members: &'m [Prepared<'_>]) -> Vec<&'m str> {
-    let mut seen = BTreeSet::new();
-    members
-        .iter()
-        .map(|member| member.email.as_str())
-        .filter(|email| seen.insert(*email))
-        .collect()
 }
 
 /// `addresses` cut into runs whose import body stays within `limit` bytes.

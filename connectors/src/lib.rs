@@ -31,6 +31,7 @@ mod job;
 pub mod klaviyo;
 pub mod linkedin;
 pub mod mailchimp;
+mod members;
 pub mod meta;
 pub mod rate;
 pub mod retry;

@@ -33,6 +33,7 @@ use serde_json::{Map, Value, json};
 
 use crate::http::{self, Secret, quote};
 use crate::identifiers::{self, Invalid};
+use crate::members;
 use crate::settings::{self, HeaderSecret, Limit, Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
@@ -426,30 +427,13 @@ impl LinkedInConnector {
     /// The element of each member with at least one usable id, and an outcome holding a
     /// rejection for every member that has none.
     fn prepare<'a>(&self, batch: &'a Batch) -> (Vec<Prepared<'a>>, Outcome) {
-        let mut members = Vec::with_capacity(batch.members.len());
-        let mut outcome = Outcome::default();
-        for member in &batch.members {
-            match self.element(member) {
-                Ok(element) => members.push(Prepared {
-                    key: &member.key,
-                    element,
-                }),
-                Err(reason) => outcome.rejected.push(Rejection {
-                    key: member.key.clone(),
-                    reason,
-                }),
-            }
-        }
-        if !outcome.rejected.is_empty() {
-            tracing::debug!(
-                activation = %batch.activation,
-                change = batch.change.as_str(),
-                sequence = batch.sequence,
-                rejected = outcome.rejected.len(),
-                "members without a usable identifier are not sent to linkedin"
-            );
-        }
-        (members, outcome)
+        members::prepare(batch, "linkedin", "identifier", |member| {
+            let element = self.element(member)?;
+            Ok(Prepared {
+                key: &member.key,
+                element,
+            })
+        })
     }
 
     /// One member's element without its action; the reasons when no id is usable.

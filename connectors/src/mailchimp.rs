@@ -27,7 +27,7 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
 
 use crate::http::{self, Secret, quote};
-use crate::identifiers;
+use crate::members::{self, Addressed};
 use crate::settings::{self, Limit, Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Outcome, Rejection, SettingsError,
@@ -115,14 +115,6 @@ struct ActivationSettings {
     email_identifier: String,
 }
 
-/// One member ready to send.
-struct Prepared<'a> {
-    /// The member's profile key.
-    key: &'a str,
-    /// The trimmed, lower-cased address.
-    email: String,
-}
-
 impl MailchimpConnector {
     /// Builds the connector from its connection and activation settings and the resolved
     /// secrets (`api_key`), returning every problem found.
@@ -189,35 +181,16 @@ impl MailchimpConnector {
     }
 
     /// The members with a usable address, and an outcome rejecting those without one.
-    fn prepare<'a>(&self, batch: &'a Batch) -> (Vec<Prepared<'a>>, Outcome) {
-        let mut members = Vec::with_capacity(batch.members.len());
-        let mut outcome = Outcome::default();
-        for member in &batch.members {
-            let email = match member.identifiers.get(&self.email_identifier) {
-                Some(raw) => identifiers::email(raw),
-                None => Err(identifiers::Invalid::Missing),
-            };
-            match email {
-                Ok(email) => members.push(Prepared {
-                    key: &member.key,
-                    email,
-                }),
-                Err(invalid) => outcome.rejected.push(Rejection {
-                    key: member.key.clone(),
-                    reason: format!(
-                        "no usable e-mail address: `{}` {invalid}",
-                        self.email_identifier
-                    ),
-                }),
-            }
-        }
-        (members, outcome)
+    fn prepare<'a>(&self, batch: &'a Batch) -> (Vec<Addressed<'a>>, Outcome) {
+        members::prepare(batch, self.kind(), "e-mail address", |member| {
+            members::addressed(member, &self.email_identifier)
+        })
     }
 
     /// Sends `members` with `status` through batch subscribe, updating existing members.
     async fn batch_subscribe(
         &self,
-        members: &[Prepared<'_>],
+        members: &[Addressed<'_>],
         status: &str,
     ) -> Result<Outcome, DeliveryError> {
         let mut addresses: Vec<&str> = members.iter().map(|m| m.email.as_str()).collect();
@@ -284,7 +257,7 @@ impl MailchimpConnector {
     ///
     /// Mailchimp also answers 404 when the list itself does not exist, so the first 404 of a
     /// batch is followed by a `GET` on the list: a list that is not there fails the batch.
-    async fn archive(&self, members: &[Prepared<'_>]) -> Result<Outcome, DeliveryError> {
+    async fn archive(&self, members: &[Addressed<'_>]) -> Result<Outcome, DeliveryError> {
         let mut outcome = Outcome::default();
         let mut list_confirmed = false;
         for member in members {

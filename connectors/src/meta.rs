@@ -54,6 +54,7 @@ use sha2::{Digest, Sha256};
 
 use crate::http::{self, Secret, quote};
 use crate::identifiers::{self, Invalid};
+use crate::members;
 use crate::settings::{self, Limit, Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Member, Outcome, Rejection, Replace,
@@ -496,27 +497,9 @@ impl MetaConnector {
     /// The row of each member that has at least one usable identifier, with its key, and an
     /// outcome holding a rejection for every member that has none.
     fn prepare<'a>(&self, batch: &'a Batch) -> (Vec<(&'a str, Vec<String>)>, Outcome) {
-        let mut rows = Vec::with_capacity(batch.members.len());
-        let mut outcome = Outcome::default();
-        for member in &batch.members {
-            match self.row(member) {
-                Ok(row) => rows.push((member.key.as_str(), row)),
-                Err(reason) => outcome.rejected.push(Rejection {
-                    key: member.key.clone(),
-                    reason,
-                }),
-            }
-        }
-        if !outcome.rejected.is_empty() {
-            tracing::debug!(
-                activation = %batch.activation,
-                change = batch.change.as_str(),
-                sequence = batch.sequence,
-                rejected = outcome.rejected.len(),
-                "members without a usable identifier are not sent to meta"
-            );
-        }
-        (rows, outcome)
+        members::prepare(batch, "meta", "identifier", |member| {
+            Ok((member.key.as_str(), self.row(member)?))
+        })
     }
 
     /// One member's row in schema order, `""` for each identifier that is missing or invalid;

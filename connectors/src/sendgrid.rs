@@ -65,8 +65,8 @@ use reqwest::header::HeaderMap;
 use reqwest::{StatusCode, Url};
 
 use crate::http::{self, Secret, quote, redact, redact_addresses};
-use crate::identifiers;
 use crate::job::{self, ImportJob, Jobs, Polled, Polling, Settled, Wording, shown_status};
+use crate::members::{self, Addressed, distinct_addresses};
 use crate::settings::{self, HeaderSecret, Limit, Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Outcome, Rejection, SettingsError,
@@ -180,14 +180,6 @@ struct ActivationSettings {
     email_identifier: String,
 }
 
-/// One member ready to send.
-struct Prepared<'a> {
-    /// The member's profile key.
-    key: &'a str,
-    /// The trimmed, lower-cased address.
-    email: String,
-}
-
 /// The upserts of one add batch once SendGrid has queued all of them, kept so that an
 /// attempt of the same batch polls the same jobs rather than upserting again.
 #[derive(Clone)]
@@ -289,44 +281,20 @@ impl SendgridConnector {
     }
 
     /// The members with a usable address, and an outcome rejecting those without one.
-    fn prepare<'a>(&self, batch: &'a Batch) -> (Vec<Prepared<'a>>, Outcome) {
-        let mut members = Vec::with_capacity(batch.members.len());
-        let mut outcome = Outcome::default();
-        for member in &batch.members {
-            let email = match member.identifiers.get(&self.email_identifier) {
-                Some(raw) => identifiers::email(raw),
-                None => Err(identifiers::Invalid::Missing),
-            };
-            match email {
-                Ok(email) => members.push(Prepared {
-                    key: &member.key,
-                    email,
-                }),
-                Err(invalid) => outcome.rejected.push(Rejection {
-                    key: member.key.clone(),
-                    reason: format!(
-                        "no usable e-mail address: `{}` {invalid}",
-                        self.email_identifier
-                    ),
-                }),
-            }
-        }
-        if !outcome.rejected.is_empty() {
-            tracing::debug!(
-                activation = %batch.activation,
-                change = batch.change.as_str(),
-                sequence = batch.sequence,
-                rejected = outcome.rejected.len(),
-                "members without a usable e-mail address are not sent to sendgrid"
-            );
-        }
-        (members, outcome)
+    fn prepare<'a>(&self, batch: &'a Batch) -> (Vec<Addressed<'a>>, Outcome) {
+        members::prepare(batch, self.kind(), "e-mail address", |member| {
+            members::addressed(member, &self.email_identifier)
+        })
     }
 
     /// Upserts the members' contacts into the list, waits for the import jobs, and rejects
     /// the members SendGrid refused, at the upsert or in a job. An attempt of a batch whose
     /// upserts an earlier attempt queued polls those jobs instead of upserting again.
-    async fn add(&self, batch: &Batch, members: &[Prepared<'_>]) -> Result<Outcome, DeliveryError> {
+    async fn add(
+        &self,
+        batch: &Batch,
+        members: &[Addressed<'_>],
+    ) -> Result<Outcome, DeliveryError> {
         let identity = job::batch_identity(batch);
         let sent: Vec<String> = distinct_addresses(members)
             .into_iter()
@@ -643,7 +611,7 @@ impl SendgridConnector {
     /// Takes the members' contacts out of the list, looking their ids up 100 addresses at a
     /// time. A failure of a request fails the batch; sending it again looks the members up
     /// again, and those already taken out are no longer in the list.
-    async fn remove(&self, members: &[Prepared<'_>]) -> Result<Outcome, DeliveryError> {
+    async fn remove(&self, members: &[Addressed<'_>]) -> Result<Outcome, DeliveryError> {
         let addresses = distinct_addresses(members);
         let mut found: BTreeMap<&str, Found> = BTreeMap::new();
         for chunk in addresses.chunks(MAX_LOOKUP) {
@@ -1041,16 +1009,6 @@ fn read_errors_file(body: &[u8], addresses: &[String], known: &[&str]) -> BTreeM
 /// [`job::settle`]).
 fn settle(job: &ImportJob, errored: u64, named: BTreeMap<String, String>) -> Settled {
     job::settle(job, errored, named, IMPORT_JOB)
-}
-
-/// The members' addresses, each once, in order.
-fn distinct_addresses<'m>(members: &'m [Prepared<'_>]) -> Vec<&'m str> {
-    let mut seen = BTreeSet::new();
-    members
-        .iter()
-        .map(|member| member.email.as_str())
-        .filter(|email| seen.insert(*email))
-        .collect()
 }
 
 /// `addresses` cut into runs whose upsert body stays within `limit` bytes.
