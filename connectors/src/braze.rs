@@ -260,16 +260,9 @@ impl BrazeConnector {
             Membership::Attribute { .. } => &["users", "track"],
             Membership::SubscriptionGroup { .. } => &["v2", "subscription", "status", "set"],
         };
-        let mut url = connection.base_url;
-        url.path_segments_mut()
-            .expect("an http URL has path segments")
-            .pop_if_empty()
-            .extend(path);
-        url.set_query(None);
-        url.set_fragment(None);
         BrazeConnector {
             client: connection.client,
-            url,
+            url: http::endpoint(&connection.base_url, path),
             api_key: connection.api_key,
             batch_size: connection
                 .batch_size

@@ -442,19 +442,8 @@ impl GoogleAdsConnector {
     }
 
     fn new(connection: ConnectionSettings, activation: ActivationSettings) -> Self {
-        let mut version_url = connection.base_url;
-        version_url.set_query(None);
-        version_url.set_fragment(None);
-        version_url
-            .path_segments_mut()
-            .expect("an http URL has path segments")
-            .pop_if_empty()
-            .push(&connection.api_version);
-        let mut customer_url = version_url.clone();
-        customer_url
-            .path_segments_mut()
-            .expect("an http URL has path segments")
-            .extend(["customers", connection.customer_id.as_str()]);
+        let version_url = http::endpoint(&connection.base_url, &[&connection.api_version]);
+        let customer_url = http::endpoint(&version_url, &["customers", &connection.customer_id]);
         GoogleAdsConnector {
             client: connection.client,
             customer_url,

@@ -214,16 +214,7 @@ impl KlaviyoConnector {
     }
 
     fn new(connection: ConnectionSettings, activation: ActivationSettings) -> Self {
-        let endpoint = |segments: &[&str]| {
-            let mut url = connection.base_url.clone();
-            url.path_segments_mut()
-                .expect("an http URL has path segments")
-                .pop_if_empty()
-                .extend(segments);
-            url.set_query(None);
-            url.set_fragment(None);
-            url
-        };
+        let endpoint = |segments: &[&str]| http::endpoint(&connection.base_url, segments);
         let list_id = activation.list_id.as_str();
         KlaviyoConnector {
             import_url: endpoint(&["api", "profile-bulk-import-jobs"]),

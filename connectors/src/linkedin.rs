@@ -312,18 +312,13 @@ impl LinkedInConnector {
     }
 
     fn new(connection: ConnectionSettings, activation: ActivationSettings) -> Self {
-        let mut url = connection.base_url;
-        url.set_query(None);
-        url.set_fragment(None);
-        url.path_segments_mut()
-            .expect("an http URL has path segments")
-            .pop_if_empty()
-            .extend([
-                "rest",
-                "dmpSegments",
-                activation.segment_id.as_str(),
-                activation.segment_type.path(),
-            ]);
+        let path = [
+            "rest",
+            "dmpSegments",
+            activation.segment_id.as_str(),
+            activation.segment_type.path(),
+        ];
+        let url = http::endpoint(&connection.base_url, &path);
         LinkedInConnector {
             client: connection.client,
             url,

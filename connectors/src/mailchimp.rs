@@ -143,17 +143,9 @@ impl MailchimpConnector {
     }
 
     fn new(connection: ConnectionSettings, activation: ActivationSettings) -> Self {
-        let mut list_url = connection.base_url;
-        list_url
-            .path_segments_mut()
-            .expect("an http URL has path segments")
-            .pop_if_empty()
-            .extend(["lists", activation.list_id.as_str()]);
-        list_url.set_query(None);
-        list_url.set_fragment(None);
         MailchimpConnector {
             client: connection.client,
-            list_url,
+            list_url: http::endpoint(&connection.base_url, &["lists", &activation.list_id]),
             api_key: connection.api_key,
             remove_action: activation.remove_action,
             email_identifier: activation.email_identifier,

@@ -294,18 +294,8 @@ impl MetaConnector {
 
     fn new(connection: ConnectionSettings, activation: ActivationSettings) -> MetaConnector {
         let edge = |name: &str| {
-            let mut url = connection.base_url.clone();
-            url.path_segments_mut()
-                .expect("an http URL has path segments")
-                .pop_if_empty()
-                .extend([
-                    connection.api_version.as_str(),
-                    activation.audience_id.as_str(),
-                    name,
-                ]);
-            url.set_query(None);
-            url.set_fragment(None);
-            url
+            let path = [&connection.api_version, &activation.audience_id, name];
+            http::endpoint(&connection.base_url, &path)
         };
         MetaConnector {
             client: connection.client,

@@ -250,15 +250,8 @@ impl TiktokConnector {
     }
 
     fn new(connection: ConnectionSettings, activation: ActivationSettings) -> Self {
-        let mut mapping_url = connection.base_url;
-        mapping_url
-            .path_segments_mut()
-            .expect("an http URL has path segments")
-            .pop_if_empty()
-            // The trailing empty segment gives the trailing `/` TikTok's paths have.
-            .extend(["segment", "mapping", ""]);
-        mapping_url.set_query(None);
-        mapping_url.set_fragment(None);
+        // The trailing empty segment gives the trailing `/` TikTok's paths have.
+        let mapping_url = http::endpoint(&connection.base_url, &["segment", "mapping", ""]);
         TiktokConnector {
             client: connection.client,
             mapping_url,
