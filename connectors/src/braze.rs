@@ -45,7 +45,8 @@ use serde_json::{Value, json};
 
 use crate::http::{self, Secret, quote};
 use crate::identifiers::{self, Invalid};
-use crate::settings::{Place, Problems};
+use crate::members;
+use crate::settings::{self, HeaderSecret, Limit, Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
 };
@@ -65,10 +66,17 @@ const ACTIVATION_KEYS: &[&str] = &[
 const MAX_ATTRIBUTE_OBJECTS: usize = 75;
 /// The most users one subscription group entry takes.
 const MAX_SUBSCRIPTION_USERS: usize = 50;
-/// Seconds a request may take unless `timeout_seconds` says otherwise.
-const DEFAULT_TIMEOUT_SECONDS: i64 = 30;
-/// The largest `timeout_seconds` accepted.
-const MAX_TIMEOUT_SECONDS: i64 = 300;
+/// `batch_size`: the most attributes objects one `/users/track` request takes, and the
+/// default.
+const BATCH_SIZE: Limit = Limit {
+    default: MAX_ATTRIBUTE_OBJECTS as u64,
+    max: MAX_ATTRIBUTE_OBJECTS as u64,
+};
+/// `timeout_seconds`, seconds a request may take.
+const TIMEOUT_SECONDS: Limit = Limit {
+    default: 30,
+    max: 300,
+};
 /// How much of an answer is read at most; Braze's answers are small.
 const MAX_ANSWER_BYTES: usize = 1 << 20;
 
@@ -228,14 +236,14 @@ impl BrazeConnector {
         activation: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<Self, Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        let connection = read_connection(&mut problems, connection, secrets);
-        let activation = read_activation(&mut problems, activation);
-        problems.finish(|| {
-            let connection = connection.expect("connection settings when there are no problems");
-            let activation = activation.expect("activation settings when there are no problems");
-            BrazeConnector::new(connection, activation)
-        })
+        settings::build(
+            connection,
+            activation,
+            secrets,
+            read_connection,
+            read_activation,
+            Self::new,
+        )
     }
 
     /// Checks the connection settings alone, as when a connection is loaded before any
@@ -244,9 +252,7 @@ impl BrazeConnector {
         connection: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<(), Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        read_connection(&mut problems, connection, secrets);
-        problems.finish(|| ())
+        settings::check(connection, secrets, read_connection)
     }
 
     fn new(connection: ConnectionSettings, activation: ActivationSettings) -> Self {
@@ -254,16 +260,9 @@ impl BrazeConnector {
             Membership::Attribute { .. } => &["users", "track"],
             Membership::SubscriptionGroup { .. } => &["v2", "subscription", "status", "set"],
         };
-        let mut url = connection.base_url;
-        url.path_segments_mut()
-            .expect("an http URL has path segments")
-            .pop_if_empty()
-            .extend(path);
-        url.set_query(None);
-        url.set_fragment(None);
         BrazeConnector {
             client: connection.client,
-            url,
+            url: http::endpoint(&connection.base_url, path),
             api_key: connection.api_key,
             batch_size: connection
                 .batch_size
@@ -324,30 +323,13 @@ impl BrazeConnector {
 
     /// The members with a usable identifier, and an outcome rejecting those without one.
     fn prepare<'a>(&self, batch: &'a Batch) -> (Vec<Prepared<'a>>, Outcome) {
-        let mut members = Vec::with_capacity(batch.members.len());
-        let mut outcome = Outcome::default();
-        for member in &batch.members {
-            match self.identify(member) {
-                Ok(id) => members.push(Prepared {
-                    key: &member.key,
-                    id,
-                }),
-                Err(reason) => outcome.rejected.push(Rejection {
-                    key: member.key.clone(),
-                    reason,
-                }),
-            }
-        }
-        if !outcome.rejected.is_empty() {
-            tracing::debug!(
-                activation = %batch.activation,
-                change = batch.change.as_str(),
-                sequence = batch.sequence,
-                rejected = outcome.rejected.len(),
-                "members without a usable identifier are not sent to braze"
-            );
-        }
-        (members, outcome)
+        members::prepare(batch, "braze", "identifier", |member| {
+            let id = self.identify(member)?;
+            Ok(Prepared {
+                key: &member.key,
+                id,
+            })
+        })
     }
 
     /// The member's Braze identifier, or why it has none.
@@ -683,6 +665,14 @@ fn remaining_quota(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
+/// The REST API key, in `api_key_env`.
+const API_KEY: HeaderSecret = HeaderSecret {
+    name: "api_key",
+    holds: "a Braze REST API key",
+    called: "the API key",
+    prefix: None,
+};
+
 /// The checked connection settings, `None` when any is wrong (the problems say which).
 fn read_connection(
     problems: &mut Problems,
@@ -690,9 +680,7 @@ fn read_connection(
     secrets: &BTreeMap<String, String>,
 ) -> Option<ConnectionSettings> {
     problems.reject_unknown_keys(table, Place::Connection, CONNECTION_KEYS);
-    let api_key = problems
-        .secret(table, secrets, "api_key", "a Braze REST API key")
-        .and_then(|key| problems.header_safe("api_key_env", "the API key", key));
+    let api_key = problems.header_secret(table, secrets, API_KEY);
     let base_url = match table.contains_key("base_url") {
         true => problems.http_url(table, Place::Connection, "base_url"),
         false => {
@@ -704,35 +692,13 @@ fn read_connection(
             None
         }
     };
-    let max = i64::try_from(MAX_ATTRIBUTE_OBJECTS).expect("75 fits an i64");
-    let batch_size = problems
-        .integer(table, Place::Connection, "batch_size", 1..=max)
-        .unwrap_or(max);
-    let timeout_seconds = problems
-        .integer(
-            table,
-            Place::Connection,
-            "timeout_seconds",
-            1..=MAX_TIMEOUT_SECONDS,
-        )
-        .unwrap_or(DEFAULT_TIMEOUT_SECONDS);
-
-    let timeout = Duration::from_secs(u64::try_from(timeout_seconds).expect("within 1..=300"));
-    let client = match http::client(timeout) {
-        Ok(client) => Some(client),
-        Err(error) => {
-            problems.push(
-                "base_url",
-                format!("the HTTP client cannot be set up: {error}"),
-            );
-            None
-        }
-    };
+    let batch_size = problems.batch_size(table, BATCH_SIZE);
+    let client = problems.http_client(table, "base_url", TIMEOUT_SECONDS);
     Some(ConnectionSettings {
         client: client?,
         base_url: base_url?,
-        api_key: Secret(api_key?),
-        batch_size: usize::try_from(batch_size).expect("within 1..=75"),
+        api_key: api_key?,
+        batch_size,
     })
 }
 

@@ -19,15 +19,18 @@ use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use crate::settings::{Place, Problems};
+use crate::settings::{Limit, Place, Problems};
 use crate::{Batch, BoxFuture, Connector, DeliveryError, Member, Outcome, SettingsError};
 
 /// Connection keys the file connector knows.
 const CONNECTION_KEYS: &[&str] = &["directory", "format", "batch_size"];
 /// Activation keys the file connector knows.
 const ACTIVATION_KEYS: &[&str] = &["format"];
-/// Members per file unless `batch_size` says otherwise.
-const DEFAULT_BATCH_SIZE: usize = 100_000;
+/// `batch_size`, members per file.
+const BATCH_SIZE: Limit = Limit {
+    default: 100_000,
+    max: u64::MAX,
+};
 /// The column holding the profile key; identifiers may not take this name.
 const KEY_COLUMN: &str = "key";
 
@@ -99,17 +102,14 @@ impl FileConnector {
         }
         let connection_format = Format::parse(&mut problems, connection, Place::Connection);
         let activation_format = Format::parse(&mut problems, activation, Place::Activation);
-        let max = i64::try_from(usize::MAX).unwrap_or(i64::MAX);
-        let batch_size = problems.integer(connection, Place::Connection, "batch_size", 1..=max);
+        let batch_size = problems.batch_size(connection, BATCH_SIZE);
 
         problems.finish(|| FileConnector {
             directory: PathBuf::from(directory.unwrap_or_default()),
             format: activation_format
                 .or(connection_format)
                 .unwrap_or(Format::Csv),
-            batch_size: batch_size
-                .and_then(|size| usize::try_from(size).ok())
-                .unwrap_or(DEFAULT_BATCH_SIZE),
+            batch_size,
         })
     }
 

@@ -33,7 +33,6 @@
 //! its own `UserIdentifier` inside the member's one `UserData`.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::HeaderMap;
@@ -43,7 +42,9 @@ use tokio::time::Instant;
 
 use crate::http::{self, Secret, quote};
 use crate::identifiers::{self, Invalid};
-use crate::settings::{Place, Problems};
+use crate::job::{self, Jobs, Polled, Polling};
+use crate::members;
+use crate::settings::{self, HeaderSecret, Limit, Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
 };
@@ -81,26 +82,27 @@ const DEFAULT_BASE_URL: &str = "https://googleads.googleapis.com";
 const DEFAULT_TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
 /// The API version used unless `api_version` says otherwise.
 const DEFAULT_API_VERSION: &str = "v24";
-/// The most members one batch (one job) may hold.
-const MAX_BATCH_SIZE: i64 = 100_000;
-/// Members per batch unless `batch_size` says otherwise.
-const DEFAULT_BATCH_SIZE: i64 = 10_000;
-/// The most user identifiers one `addOperations` request may hold.
-const MAX_IDENTIFIERS_PER_REQUEST: i64 = 100_000;
-/// Identifiers per `addOperations` request unless set: the figure Google recommends.
-const DEFAULT_IDENTIFIERS_PER_REQUEST: i64 = 10_000;
-/// Seconds a request may take unless `timeout_seconds` says otherwise.
-const DEFAULT_TIMEOUT_SECONDS: i64 = 60;
-/// The largest `timeout_seconds` accepted.
-const MAX_TIMEOUT_SECONDS: i64 = 600;
-/// Seconds between two polls of a running job unless `poll_interval_seconds` says otherwise.
-const DEFAULT_POLL_INTERVAL_SECONDS: i64 = 30;
-/// The largest `poll_interval_seconds` accepted.
-const MAX_POLL_INTERVAL_SECONDS: i64 = 3600;
-/// Seconds one attempt waits for its job unless `job_wait_seconds` says otherwise.
-const DEFAULT_JOB_WAIT_SECONDS: i64 = 3600;
-/// The largest `job_wait_seconds` accepted: Google takes up to a day to process a job.
-const MAX_JOB_WAIT_SECONDS: i64 = 86_400;
+/// `batch_size`, members per batch: one job holds at most 100,000.
+const BATCH_SIZE: Limit = Limit {
+    default: 10_000,
+    max: 100_000,
+};
+/// `identifiers_per_request`, user identifiers per `addOperations` request: at most 100,000,
+/// by default the figure Google recommends.
+const IDENTIFIERS_PER_REQUEST: Limit = Limit {
+    default: 10_000,
+    max: 100_000,
+};
+/// `timeout_seconds`, seconds a request may take.
+const TIMEOUT_SECONDS: Limit = Limit {
+    default: 60,
+    max: 600,
+};
+/// Polling a running job every 30 s, for at most an hour an attempt, unless
+/// `poll_interval_seconds` and `job_wait_seconds` say otherwise. Google takes about ten
+/// minutes to 24 hours to process a job, which is why these defaults are longer than the
+/// `sendgrid` and `klaviyo` ones.
+const POLLING: Polling = Polling::seconds(30, 3600);
 /// How much of an answer is read at most; a partial failure of 100,000 operations fits.
 const MAX_ANSWER_BYTES: usize = 32 << 20;
 /// A token is renewed this long before Google said it expires.
@@ -277,9 +279,6 @@ struct CachedToken {
 struct KnownJob {
     /// `customers/{customer_id}/offlineUserDataJobs/{job_id}`.
     resource_name: String,
-    /// The keys of the members sent, in order, so a different batch under the same identity
-    /// is never taken for this one.
-    sent: Vec<String>,
     /// The members Google accepted into the job.
     accepted: Vec<String>,
     /// The members Google refused when they were added.
@@ -340,12 +339,11 @@ pub struct GoogleAdsConnector {
     batch_size: usize,
     /// Identifiers per `addOperations` request (`identifiers_per_request`).
     identifiers_per_request: usize,
-    /// `poll_interval_seconds`.
-    poll_interval: Duration,
-    /// `job_wait_seconds`.
-    job_wait: Duration,
-    /// Jobs holding every operation of a batch, by batch identity, until they are done.
-    jobs: Mutex<BTreeMap<String, KnownJob>>,
+    /// `poll_interval_seconds` and `job_wait_seconds`.
+    polling: Polling,
+    /// Jobs holding every operation of a batch, by batch identity, until they are done; each
+    /// with the keys of the members sent.
+    jobs: Jobs<KnownJob>,
 }
 
 /// The connection's settings, checked.
@@ -368,10 +366,8 @@ struct ConnectionSettings {
     batch_size: usize,
     /// `identifiers_per_request`.
     identifiers_per_request: usize,
-    /// `poll_interval_seconds`.
-    poll_interval: Duration,
-    /// `job_wait_seconds`.
-    job_wait: Duration,
+    /// `poll_interval_seconds` and `job_wait_seconds`.
+    polling: Polling,
 }
 
 /// The activation's settings, checked.
@@ -426,14 +422,14 @@ impl GoogleAdsConnector {
         activation: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<Self, Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        let connection = read_connection(&mut problems, connection, secrets);
-        let activation = read_activation(&mut problems, activation);
-        problems.finish(|| {
-            let connection = connection.expect("connection settings when there are no problems");
-            let activation = activation.expect("activation settings when there are no problems");
-            GoogleAdsConnector::new(connection, activation)
-        })
+        settings::build(
+            connection,
+            activation,
+            secrets,
+            read_connection,
+            read_activation,
+            Self::new,
+        )
     }
 
     /// Checks the connection settings alone, as when a connection is loaded before any
@@ -442,25 +438,12 @@ impl GoogleAdsConnector {
         connection: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<(), Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        read_connection(&mut problems, connection, secrets);
-        problems.finish(|| ())
+        settings::check(connection, secrets, read_connection)
     }
 
     fn new(connection: ConnectionSettings, activation: ActivationSettings) -> Self {
-        let mut version_url = connection.base_url;
-        version_url.set_query(None);
-        version_url.set_fragment(None);
-        version_url
-            .path_segments_mut()
-            .expect("an http URL has path segments")
-            .pop_if_empty()
-            .push(&connection.api_version);
-        let mut customer_url = version_url.clone();
-        customer_url
-            .path_segments_mut()
-            .expect("an http URL has path segments")
-            .extend(["customers", connection.customer_id.as_str()]);
+        let version_url = http::endpoint(&connection.base_url, &[&connection.api_version]);
+        let customer_url = http::endpoint(&version_url, &["customers", &connection.customer_id]);
         GoogleAdsConnector {
             client: connection.client,
             customer_url,
@@ -477,9 +460,8 @@ impl GoogleAdsConnector {
             fields: activation.fields,
             batch_size: connection.batch_size,
             identifiers_per_request: connection.identifiers_per_request,
-            poll_interval: connection.poll_interval,
-            job_wait: connection.job_wait,
-            jobs: Mutex::new(BTreeMap::new()),
+            polling: connection.polling,
+            jobs: Jobs::default(),
         }
     }
 
@@ -489,10 +471,10 @@ impl GoogleAdsConnector {
         if members.is_empty() {
             return Ok(outcome);
         }
-        let identity = batch_identity(batch);
+        let identity = job::batch_identity(batch);
         let sent: Vec<String> = members.iter().map(|m| m.key.to_owned()).collect();
 
-        let known = self.known_job(&identity, &sent);
+        let known = self.jobs.known(&identity, &sent);
         let job = match known {
             Some(job) => {
                 tracing::debug!(
@@ -506,32 +488,29 @@ impl GoogleAdsConnector {
                 if status? == JobStatus::Pending {
                     self.run_job(&job.resource_name)
                         .await
-                        .inspect_err(|error| self.forget_unless_retryable(&identity, error))?;
+                        .inspect_err(|error| self.jobs.forget_unless_retryable(&identity, error))?;
                 }
                 job
             }
             None => {
-                let job = self.fill_job(batch, &members, sent).await?;
+                let job = self.fill_job(batch, &members).await?;
                 if job.accepted.is_empty() {
                     // Google refused every operation; the empty job is never run.
                     outcome.rejected.extend(job.rejected);
                     return Ok(outcome);
                 }
-                self.jobs
-                    .lock()
-                    .expect("the job table is never poisoned")
-                    .insert(identity.clone(), job.clone());
+                self.jobs.remember(&identity, sent, job.clone());
                 self.run_job(&job.resource_name)
                     .await
-                    .inspect_err(|error| self.forget_unless_retryable(&identity, error))?;
+                    .inspect_err(|error| self.jobs.forget_unless_retryable(&identity, error))?;
                 job
             }
         };
 
         self.wait_for_job(&identity, &job.resource_name)
             .await
-            .inspect_err(|error| self.forget_unless_retryable(&identity, error))?;
-        self.forget_job(&identity);
+            .inspect_err(|error| self.jobs.forget_unless_retryable(&identity, error))?;
+        self.jobs.forget(&identity);
         tracing::debug!(
             activation = %batch.activation,
             change = batch.change.as_str(),
@@ -548,31 +527,14 @@ impl GoogleAdsConnector {
     /// The `UserData` of each member with at least one usable identifier, and an outcome
     /// holding a rejection for every member that has none.
     fn prepare<'a>(&self, batch: &'a Batch) -> (Vec<Prepared<'a>>, Outcome) {
-        let mut members = Vec::with_capacity(batch.members.len());
-        let mut outcome = Outcome::default();
-        for member in &batch.members {
-            match self.user_identifiers(member) {
-                Ok(identifiers) => members.push(Prepared {
-                    key: &member.key,
-                    identifiers: identifiers.len(),
-                    user_data: json!({ "userIdentifiers": identifiers }),
-                }),
-                Err(reason) => outcome.rejected.push(Rejection {
-                    key: member.key.clone(),
-                    reason,
-                }),
-            }
-        }
-        if !outcome.rejected.is_empty() {
-            tracing::debug!(
-                activation = %batch.activation,
-                change = batch.change.as_str(),
-                sequence = batch.sequence,
-                rejected = outcome.rejected.len(),
-                "members without a usable identifier are not sent to google ads"
-            );
-        }
-        (members, outcome)
+        members::prepare(batch, "google ads", "identifier", |member| {
+            let identifiers = self.user_identifiers(member)?;
+            Ok(Prepared {
+                key: &member.key,
+                identifiers: identifiers.len(),
+                user_data: json!({ "userIdentifiers": identifiers }),
+            })
+        })
     }
 
     /// One member's `UserIdentifier`s in wire order; the reasons when none is usable.
@@ -626,12 +588,10 @@ impl GoogleAdsConnector {
         &self,
         batch: &Batch,
         members: &[Prepared<'_>],
-        sent: Vec<String>,
     ) -> Result<KnownJob, DeliveryError> {
         let resource_name = self.create_job(batch.change).await?;
         let mut job = KnownJob {
             resource_name,
-            sent,
             accepted: Vec::new(),
             rejected: Vec::new(),
         };
@@ -722,37 +682,35 @@ impl GoogleAdsConnector {
         self.call(&url, &json!({})).await.map(|_| ())
     }
 
-    /// Polls the job until it is done or `job_wait` has passed.
+    /// Polls the job until it is done or `job_wait_seconds` have passed.
     async fn wait_for_job(&self, identity: &str, job: &str) -> Result<(), DeliveryError> {
-        let deadline = Instant::now() + self.job_wait;
-        loop {
-            let status = self.job_status(identity, job).await?;
-            match status {
-                JobStatus::Success => return Ok(()),
+        let poll = move || async move {
+            match self.job_status(identity, job).await? {
+                JobStatus::Success => Ok(Polled::Finished(())),
                 JobStatus::Failed(reason) => {
-                    self.forget_job(identity);
-                    return Err(DeliveryError::Permanent {
+                    self.jobs.forget(identity);
+                    Err(DeliveryError::Permanent {
                         message: format!("Google Ads job {job} failed: {reason}"),
-                    });
+                    })
                 }
-                JobStatus::Pending | JobStatus::Running => {}
+                status @ (JobStatus::Pending | JobStatus::Running) => {
+                    Ok(Polled::Unfinished(status))
+                }
             }
-            if Instant::now() + self.poll_interval > deadline {
-                return Err(DeliveryError::Retryable {
-                    message: format!(
-                        "Google Ads job {job} is still {} after {} s; the next attempt of the \
-                         batch waits for the same job",
-                        if status == JobStatus::Pending {
-                            "PENDING"
-                        } else {
-                            "RUNNING"
-                        },
-                        self.job_wait.as_secs()
-                    ),
-                });
-            }
-            tokio::time::sleep(self.poll_interval).await;
-        }
+        };
+        let unfinished = |status: JobStatus, waited: Duration| DeliveryError::Retryable {
+            message: format!(
+                "Google Ads job {job} is still {} after {} s; the next attempt of the batch \
+                 waits for the same job",
+                if status == JobStatus::Pending {
+                    "PENDING"
+                } else {
+                    "RUNNING"
+                },
+                waited.as_secs()
+            ),
+        };
+        job::wait(self.polling, poll, unfinished).await
     }
 
     /// The job's status, read through `googleAds:search`.
@@ -778,7 +736,7 @@ impl GoogleAdsConnector {
             )),
             other => {
                 // A job that cannot be found is not resumed; the next attempt makes another.
-                self.forget_job(identity);
+                self.jobs.forget(identity);
                 Err(DeliveryError::Retryable {
                     message: format!(
                         "{url} did not report the status of job {job} (found {})",
@@ -787,28 +745,6 @@ impl GoogleAdsConnector {
                 })
             }
         }
-    }
-
-    /// The job an earlier attempt of this batch filled, if any, and only if it was filled
-    /// with the same members.
-    fn known_job(&self, identity: &str, sent: &[String]) -> Option<KnownJob> {
-        let jobs = self.jobs.lock().expect("the job table is never poisoned");
-        jobs.get(identity).filter(|job| job.sent == sent).cloned()
-    }
-
-    /// Forgets the batch's job after a failure that sending again will not cure, so that a
-    /// later delivery of the batch starts afresh.
-    fn forget_unless_retryable(&self, identity: &str, error: &DeliveryError) {
-        if !error.is_retryable() {
-            self.forget_job(identity);
-        }
-    }
-
-    fn forget_job(&self, identity: &str) {
-        self.jobs
-            .lock()
-            .expect("the job table is never poisoned")
-            .remove(identity);
     }
 
     /// `{customer_url}/{method}`, such as `.../customers/123/googleAds:search`.
@@ -984,17 +920,6 @@ fn is_job_name(name: &str) -> bool {
     let digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
     matches!(parts.as_slice(), ["customers", customer, "offlineUserDataJobs", job]
         if digits(customer) && digits(job))
-}
-
-/// `run_id`, activation, change and sequence, the identity of a batch.
-fn batch_identity(batch: &Batch) -> String {
-    format!(
-        "{}\n{}\n{}\n{}",
-        batch.run_id,
-        batch.activation,
-        batch.change.as_str(),
-        batch.sequence
-    )
 }
 
 /// The reasons of the operations a `partialFailureError` refers to, by operation index.
@@ -1268,6 +1193,22 @@ fn read_customer_id(problems: &mut Problems, table: &toml::Table, key: &str) -> 
     }
 }
 
+/// The developer token, in `developer_token_env`.
+const DEVELOPER_TOKEN: HeaderSecret = HeaderSecret {
+    name: "developer_token",
+    holds: "a Google Ads developer token",
+    called: "the developer token",
+    prefix: None,
+};
+
+/// A fixed OAuth access token, in `access_token_env`.
+const ACCESS_TOKEN: HeaderSecret = HeaderSecret {
+    name: "access_token",
+    holds: "an OAuth access token",
+    called: "the access token",
+    prefix: None,
+};
+
 /// The checked connection settings, `None` when any is wrong (the problems say which).
 fn read_connection(
     problems: &mut Problems,
@@ -1275,16 +1216,7 @@ fn read_connection(
     secrets: &BTreeMap<String, String>,
 ) -> Option<ConnectionSettings> {
     problems.reject_unknown_keys(table, Place::Connection, CONNECTION_KEYS);
-    let developer_token = problems
-        .secret(
-            table,
-            secrets,
-            "developer_token",
-            "a Google Ads developer token",
-        )
-        .and_then(|token| {
-            problems.header_safe("developer_token_env", "the developer token", token)
-        });
+    let developer_token = problems.header_secret(table, secrets, DEVELOPER_TOKEN);
     let credentials = read_credentials(problems, table, secrets);
     let customer_id = match table.contains_key("customer_id") {
         true => read_customer_id(problems, table, "customer_id"),
@@ -1300,62 +1232,24 @@ fn read_connection(
         true => read_customer_id(problems, table, "login_customer_id").map(Some),
         false => Some(None),
     };
-    let base_url = match table.contains_key("base_url") {
-        true => problems.http_url(table, Place::Connection, "base_url"),
-        false => Some(Url::parse(DEFAULT_BASE_URL).expect("the default base URL parses")),
-    };
+    let base_url = problems.base_url(table, DEFAULT_BASE_URL);
     let api_version = read_api_version(problems, table);
-    let mut integer = |key: &str, max: i64, default: i64| {
-        let value = problems
-            .integer(table, Place::Connection, key, 1..=max)
-            .unwrap_or(default);
-        u64::try_from(value).expect("at least 1")
-    };
-    let batch_size = integer("batch_size", MAX_BATCH_SIZE, DEFAULT_BATCH_SIZE);
-    let identifiers_per_request = integer(
-        "identifiers_per_request",
-        MAX_IDENTIFIERS_PER_REQUEST,
-        DEFAULT_IDENTIFIERS_PER_REQUEST,
-    );
-    let timeout = integer(
-        "timeout_seconds",
-        MAX_TIMEOUT_SECONDS,
-        DEFAULT_TIMEOUT_SECONDS,
-    );
-    let poll_interval = integer(
-        "poll_interval_seconds",
-        MAX_POLL_INTERVAL_SECONDS,
-        DEFAULT_POLL_INTERVAL_SECONDS,
-    );
-    let job_wait = integer(
-        "job_wait_seconds",
-        MAX_JOB_WAIT_SECONDS,
-        DEFAULT_JOB_WAIT_SECONDS,
-    );
-
-    let client = match http::client(Duration::from_secs(timeout)) {
-        Ok(client) => Some(client),
-        Err(error) => {
-            problems.push(
-                "base_url",
-                format!("the HTTP client cannot be set up: {error}"),
-            );
-            None
-        }
-    };
+    let batch_size = problems.batch_size(table, BATCH_SIZE);
+    let identifiers_per_request =
+        problems.count(table, "identifiers_per_request", IDENTIFIERS_PER_REQUEST);
+    let client = problems.http_client(table, "base_url", TIMEOUT_SECONDS);
+    let polling = Polling::read(problems, table, POLLING);
     Some(ConnectionSettings {
         client: client?,
         base_url: base_url?,
         api_version: api_version?,
         customer_id: customer_id?,
         login_customer_id: login_customer_id?,
-        developer_token: Secret(developer_token?),
+        developer_token: developer_token?,
         credentials: credentials?,
-        batch_size: usize::try_from(batch_size).expect("within 1..=100000"),
-        identifiers_per_request: usize::try_from(identifiers_per_request)
-            .expect("within 1..=100000"),
-        poll_interval: Duration::from_secs(poll_interval),
-        job_wait: Duration::from_secs(job_wait),
+        batch_size,
+        identifiers_per_request: usize::try_from(identifiers_per_request).unwrap_or(usize::MAX),
+        polling,
     })
 }
 
@@ -1377,10 +1271,8 @@ fn read_credentials(
                 "only used with `refresh_token_env`; remove it or switch to the refresh token",
             );
         }
-        let token = problems
-            .secret(table, secrets, "access_token", "an OAuth access token")
-            .and_then(|token| problems.header_safe("access_token_env", "the access token", token));
-        return Some(Credentials::Fixed(Secret(token?)));
+        let token = problems.header_secret(table, secrets, ACCESS_TOKEN);
+        return Some(Credentials::Fixed(token?));
     }
     if fixed {
         problems.push(
@@ -1406,10 +1298,7 @@ fn read_credentials(
         "refresh_token",
         "an OAuth refresh token with the adwords scope",
     );
-    let token_url = match table.contains_key("token_url") {
-        true => problems.http_url(table, Place::Connection, "token_url"),
-        false => Some(Url::parse(DEFAULT_TOKEN_URL).expect("the default token URL parses")),
-    };
+    let token_url = problems.http_url_or(table, "token_url", DEFAULT_TOKEN_URL);
     Some(Credentials::Refreshed {
         token_url: token_url?,
         client_id: Secret(client_id?),
@@ -1444,28 +1333,12 @@ fn read_api_version(problems: &mut Problems, table: &toml::Table) -> Option<Stri
 /// The checked activation settings, `None` when any is wrong (the problems say which).
 fn read_activation(problems: &mut Problems, table: &toml::Table) -> Option<ActivationSettings> {
     problems.reject_unknown_keys(table, Place::Activation, ACTIVATION_KEYS);
-    let user_list_id = match table.get("user_list_id") {
-        None => {
-            problems.push(
-                "user_list_id",
-                "missing; set it to the Customer Match user list's numeric id",
-            );
-            None
-        }
-        Some(toml::Value::Integer(id)) if *id > 0 => Some(id.to_string()),
-        Some(toml::Value::String(id))
-            if !id.is_empty() && id.bytes().all(|byte| byte.is_ascii_digit()) =>
-        {
-            Some(id.clone())
-        }
-        Some(_) => {
-            problems.push(
-                "user_list_id",
-                "expected the Customer Match user list's numeric id, digits only",
-            );
-            None
-        }
-    };
+    let user_list_id = problems.numeric_id(
+        table,
+        "user_list_id",
+        "missing; set it to the Customer Match user list's numeric id",
+        "expected the Customer Match user list's numeric id, digits only",
+    );
     let ad_user_data = read_consent(problems, table, "ad_user_data");
     let ad_personalization = read_consent(problems, table, "ad_personalization");
     let fields = read_fields(problems, table);
@@ -1502,64 +1375,32 @@ fn read_consent(problems: &mut Problems, table: &toml::Table, key: &str) -> Opti
 
 /// `identifiers`, a table from field names to member identifiers, in wire order.
 fn read_fields(problems: &mut Problems, table: &toml::Table) -> Option<Vec<(Field, String)>> {
-    let Some(value) = table.get("identifiers") else {
+    let known: Vec<&str> = Field::ALL.iter().map(|field| field.name()).collect();
+    let unknown = format!("unknown Google Ads identifier; known: {}", known.join(", "));
+    let example = "{ email = \"email\" }";
+    let Some(mut fields) =
+        problems.identifier_table(table, "identifiers", example, Field::parse, &unknown)
+    else {
         return Some(vec![(Field::Email, "email".to_owned())]);
     };
-    let Some(entries) = value.as_table() else {
-        problems.push(
-            "identifiers",
-            format!(
-                "expected a table such as {{ email = \"email\" }}, found {}",
-                value.type_str()
-            ),
-        );
-        return None;
-    };
-    let known: Vec<&str> = Field::ALL.iter().map(|field| field.name()).collect();
-    let mut fields = Vec::new();
-    let mut ok = true;
-    for (name, identifier) in entries {
-        let field = Field::parse(name);
-        let identifier = identifier.as_str().filter(|text| !text.is_empty());
-        match (field, identifier) {
-            (Some(field), Some(identifier)) => fields.push((field, identifier.to_owned())),
-            (None, _) => {
-                ok = false;
-                problems.push(
-                    &format!("identifiers.{name}"),
-                    format!("unknown Google Ads identifier; known: {}", known.join(", ")),
-                );
-            }
-            (Some(_), None) => {
-                ok = false;
-                problems.push(
-                    &format!("identifiers.{name}"),
-                    "expected the name of a member identifier, as a non-empty string",
-                );
-            }
-        }
-    }
     let address = fields
+        .pairs
         .iter()
         .filter(|(field, _)| Field::ADDRESS.contains(field))
         .count();
     if address != 0 && address != Field::ADDRESS.len() {
-        ok = false;
+        fields.ok = false;
         problems.push(
             "identifiers",
             "Google matches an address only on first_name, last_name, country_code and \
              postal_code together; map all four or none",
         );
     }
-    if ok && fields.is_empty() {
-        problems.push(
-            "identifiers",
-            "empty; map at least `email`, `phone` or the four address fields",
-        );
-        return None;
-    }
-    fields.sort_by_key(|(field, _)| *field);
-    ok.then_some(fields)
+    fields.finish(
+        problems,
+        "identifiers",
+        "empty; map at least `email`, `phone` or the four address fields",
+    )
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! HTTP plumbing shared by the connectors that talk to a platform over HTTP.
 //!
-//! This module owns the client set-up (timeouts, no redirects), the reading of a `Retry-After`
+//! This module owns the client set-up (timeouts, no redirects), the endpoints below a
+//! configured `base_url`, the reading of a `Retry-After`
 //! header, the quoting of answers and transport errors into messages, and the blanking of
 //! personal data (addresses, phone numbers, the batch's identifier values) in quoted platform
 //! text. It does not decide what an answer means; each connector classifies its platform's
@@ -8,6 +9,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use reqwest::Url;
 use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
 
 use crate::{Batch, DeliveryError};
@@ -27,6 +29,20 @@ pub(crate) fn client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
         .timeout(timeout)
         .redirect(reqwest::redirect::Policy::none())
         .build()
+}
+
+/// The URL of `segments` below `base`: `base`'s path (without a trailing `/`) followed by
+/// each segment, escaped, with `base`'s query and fragment left out. An empty last segment
+/// gives a trailing `/`.
+pub(crate) fn endpoint(base: &Url, segments: &[&str]) -> Url {
+    let mut url = base.clone();
+    url.path_segments_mut()
+        .expect("an http URL has path segments")
+        .pop_if_empty()
+        .extend(segments);
+    url.set_query(None);
+    url.set_fragment(None);
+    url
 }
 
 /// A credential: its `Debug` output never shows the value.
@@ -298,6 +314,21 @@ mod tests {
             r#"{"message":"Invalid email <address>, phone <number>, name <member>, 12 rows"}"#
         );
         assert_eq!(redact_addresses("code 400 at 2030"), "code 400 at 2030");
+    }
+
+    #[test]
+    fn endpoints_follow_the_base_path_without_its_query() {
+        let base = Url::parse("https://api.example.com/v3/?key=x#top").unwrap();
+        let bare = Url::parse("https://api.example.com").unwrap();
+
+        assert_eq!(
+            endpoint(&base, &["lists", "a b", "members"]).as_str(),
+            "https://api.example.com/v3/lists/a%20b/members"
+        );
+        assert_eq!(
+            endpoint(&bare, &["segment", "mapping", ""]).as_str(),
+            "https://api.example.com/segment/mapping/"
+        );
     }
 
     #[test]

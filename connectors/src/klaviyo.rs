@@ -51,16 +51,15 @@
 //! messages and rejection reasons never quote an address.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
-use tokio::time::Instant;
 
 use crate::http::{self, Secret, quote, redact, redact_addresses};
-use crate::identifiers;
-use crate::settings::{Place, Problems};
+use crate::job::{self, ImportJob, Jobs, Polled, Polling, Settled, Wording, shown_status};
+use crate::members::{self, Addressed, distinct_addresses};
+use crate::settings::{self, HeaderSecret, Limit, Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Outcome, Rejection, SettingsError,
 };
@@ -83,11 +82,12 @@ const DEFAULT_BASE_URL: &str = "https://a.klaviyo.com";
 const DEFAULT_REVISION: &str = "2026-01-15";
 /// The JSON:API media type, for `Content-Type` and `Accept`.
 const JSON_API: &str = "application/vnd.api+json";
-/// The most profiles one import job takes.
-const MAX_MEMBERS: i64 = 10_000;
-/// The batch size unless `batch_size` says otherwise: a removal of this many members takes
-/// ten lookups and one removal request.
-const DEFAULT_BATCH_SIZE: i64 = 1_000;
+/// `batch_size`: one import job takes at most 10,000 profiles; by default a removal takes ten
+/// lookups and one removal request.
+const BATCH_SIZE: Limit = Limit {
+    default: 1_000,
+    max: 10_000,
+};
 /// The most bytes one import job request may carry; Klaviyo's limit is 5 MB.
 const MAX_IMPORT_BYTES: usize = 5_000_000;
 /// The most addresses one lookup asks for: the largest page of list profiles.
@@ -96,24 +96,26 @@ const MAX_LOOKUP: usize = 100;
 const MAX_RELATIONSHIPS: usize = 1_000;
 /// The most pages one lookup follows; with 100 addresses a page of 100 holds every match.
 const MAX_LOOKUP_PAGES: usize = 10;
-/// Seconds a request may take unless `timeout_seconds` says otherwise.
-const DEFAULT_TIMEOUT_SECONDS: i64 = 60;
-/// The largest `timeout_seconds` accepted.
-const MAX_TIMEOUT_SECONDS: i64 = 300;
+/// `timeout_seconds`, seconds a request may take.
+const TIMEOUT_SECONDS: Limit = Limit {
+    default: 60,
+    max: 300,
+};
 /// The member identifier holding the e-mail address unless `email_identifier` says otherwise.
 const DEFAULT_EMAIL_IDENTIFIER: &str = "email";
 /// How much of a successful answer is read at most; a page of 100 profiles is well under this.
 const MAX_ANSWER_BYTES: usize = 4 << 20;
 /// The most pages of a job's import errors read; errors past them count as not named.
 const MAX_IMPORT_ERROR_PAGES: usize = 100;
-/// Seconds between two polls of an import job unless `poll_interval_seconds` says otherwise.
-const DEFAULT_POLL_INTERVAL_SECONDS: i64 = 5;
-/// The largest `poll_interval_seconds` accepted.
-const MAX_POLL_INTERVAL_SECONDS: i64 = 3600;
-/// Seconds one attempt waits for its import jobs unless `job_wait_seconds` says otherwise.
-const DEFAULT_JOB_WAIT_SECONDS: i64 = 300;
-/// The largest `job_wait_seconds` accepted.
-const MAX_JOB_WAIT_SECONDS: i64 = 86_400;
+/// Polling an import job every 5 s, for at most 300 s an attempt, unless
+/// `poll_interval_seconds` and `job_wait_seconds` say otherwise.
+const POLLING: Polling = Polling::seconds(5, 300);
+/// How Klaviyo's import jobs are named in rejection reasons.
+const IMPORT_JOB: Wording = Wording {
+    platform: "Klaviyo",
+    items: "profiles",
+    counted_as: "failed",
+};
 
 /// Adds and removes members of one Klaviyo list.
 ///
@@ -153,13 +155,11 @@ pub struct KlaviyoConnector {
     email_identifier: String,
     /// Members per batch (`batch_size`).
     batch_size: usize,
-    /// `poll_interval_seconds`.
-    poll_interval: Duration,
-    /// `job_wait_seconds`.
-    job_wait: Duration,
+    /// `poll_interval_seconds` and `job_wait_seconds`.
+    polling: Polling,
     /// The import jobs holding every profile of a batch, by batch identity, until they are
     /// done.
-    jobs: Mutex<BTreeMap<String, QueuedAdd>>,
+    jobs: Jobs<Vec<ImportJob>>,
 }
 
 /// The connection's settings, checked.
@@ -174,10 +174,8 @@ struct ConnectionSettings {
     revision: String,
     /// `batch_size`.
     batch_size: usize,
-    /// `poll_interval_seconds`.
-    poll_interval: Duration,
-    /// `job_wait_seconds`.
-    job_wait: Duration,
+    /// `poll_interval_seconds` and `job_wait_seconds`.
+    polling: Polling,
 }
 
 /// The activation's settings, checked.
@@ -188,53 +186,6 @@ struct ActivationSettings {
     email_identifier: String,
 }
 
-/// One member ready to send.
-struct Prepared<'a> {
-    /// The member's profile key.
-    key: &'a str,
-    /// The trimmed, lower-cased address.
-    email: String,
-}
-
-/// The import jobs of one add batch once Klaviyo has accepted all of them, kept so that an
-/// attempt of the same batch polls the same jobs rather than importing again.
-#[derive(Clone)]
-struct QueuedAdd {
-    /// The addresses of the batch, in order, so a different batch under the same identity is
-    /// never taken for this one.
-    sent: Vec<String>,
-    /// The import jobs, each with the addresses it holds.
-    jobs: Vec<ImportJob>,
-}
-
-/// One import job Klaviyo accepted.
-#[derive(Clone)]
-struct ImportJob {
-    /// The job resource's `id`, from the 202.
-    id: String,
-    /// The addresses of its profiles, in the order sent.
-    addresses: Vec<String>,
-}
-
-// The addresses stay out of `Debug`, so that printing the connector shows no personal data.
-impl std::fmt::Debug for QueuedAdd {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QueuedAdd")
-            .field("sent", &self.sent.len())
-            .field("jobs", &self.jobs)
-            .finish_non_exhaustive()
-    }
-}
-
-impl std::fmt::Debug for ImportJob {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ImportJob")
-            .field("id", &self.id)
-            .field("addresses", &self.addresses.len())
-            .finish()
-    }
-}
-
 impl KlaviyoConnector {
     /// Builds the connector from its connection and activation settings and the resolved
     /// secrets (`api_key`), returning every problem found.
@@ -243,14 +194,14 @@ impl KlaviyoConnector {
         activation: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<Self, Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        let connection = read_connection(&mut problems, connection, secrets);
-        let activation = read_activation(&mut problems, activation);
-        problems.finish(|| {
-            let connection = connection.expect("connection settings when there are no problems");
-            let activation = activation.expect("activation settings when there are no problems");
-            KlaviyoConnector::new(connection, activation)
-        })
+        settings::build(
+            connection,
+            activation,
+            secrets,
+            read_connection,
+            read_activation,
+            Self::new,
+        )
     }
 
     /// Checks the connection settings alone, as when a connection is loaded before any
@@ -259,22 +210,11 @@ impl KlaviyoConnector {
         connection: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<(), Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        read_connection(&mut problems, connection, secrets);
-        problems.finish(|| ())
+        settings::check(connection, secrets, read_connection)
     }
 
     fn new(connection: ConnectionSettings, activation: ActivationSettings) -> Self {
-        let endpoint = |segments: &[&str]| {
-            let mut url = connection.base_url.clone();
-            url.path_segments_mut()
-                .expect("an http URL has path segments")
-                .pop_if_empty()
-                .extend(segments);
-            url.set_query(None);
-            url.set_fragment(None);
-            url
-        };
+        let endpoint = |segments: &[&str]| http::endpoint(&connection.base_url, segments);
         let list_id = activation.list_id.as_str();
         KlaviyoConnector {
             import_url: endpoint(&["api", "profile-bulk-import-jobs"]),
@@ -286,9 +226,8 @@ impl KlaviyoConnector {
             revision: connection.revision,
             email_identifier: activation.email_identifier,
             batch_size: connection.batch_size,
-            poll_interval: connection.poll_interval,
-            job_wait: connection.job_wait,
-            jobs: Mutex::new(BTreeMap::new()),
+            polling: connection.polling,
+            jobs: Jobs::default(),
         }
     }
 
@@ -320,38 +259,10 @@ impl KlaviyoConnector {
     }
 
     /// The members with a usable address, and an outcome rejecting those without one.
-    fn prepare<'a>(&self, batch: &'a Batch) -> (Vec<Prepared<'a>>, Outcome) {
-        let mut members = Vec::with_capacity(batch.members.len());
-        let mut outcome = Outcome::default();
-        for member in &batch.members {
-            let email = match member.identifiers.get(&self.email_identifier) {
-                Some(raw) => identifiers::email(raw),
-                None => Err(identifiers::Invalid::Missing),
-            };
-            match email {
-                Ok(email) => members.push(Prepared {
-                    key: &member.key,
-                    email,
-                }),
-                Err(invalid) => outcome.rejected.push(Rejection {
-                    key: member.key.clone(),
-                    reason: format!(
-                        "no usable e-mail address: `{}` {invalid}",
-                        self.email_identifier
-                    ),
-                }),
-            }
-        }
-        if !outcome.rejected.is_empty() {
-            tracing::debug!(
-                activation = %batch.activation,
-                change = batch.change.as_str(),
-                sequence = batch.sequence,
-                rejected = outcome.rejected.len(),
-                "members without a usable e-mail address are not sent to klaviyo"
-            );
-        }
-        (members, outcome)
+    fn prepare<'a>(&self, batch: &'a Batch) -> (Vec<Addressed<'a>>, Outcome) {
+        members::prepare(batch, self.kind(), "e-mail address", |member| {
+            members::addressed(member, &self.email_identifier)
+        })
     }
 
     /// Imports the profiles of `addresses` into the list, waits for the import jobs, and
@@ -362,46 +273,42 @@ impl KlaviyoConnector {
         batch: &Batch,
         addresses: &[&str],
     ) -> Result<BTreeMap<String, String>, DeliveryError> {
-        let identity = batch_identity(batch);
+        let identity = job::batch_identity(batch);
         let sent: Vec<String> = addresses.iter().map(|email| email.to_string()).collect();
-        let queued = match self.known_add(&identity, &sent) {
+        let queued = match self.jobs.known(&identity, &sent) {
             Some(queued) => {
                 tracing::debug!(
                     activation = %batch.activation,
                     change = batch.change.as_str(),
                     sequence = batch.sequence,
-                    jobs = queued.jobs.len(),
+                    jobs = queued.len(),
                     "polling the klaviyo import jobs of an earlier attempt"
                 );
                 queued
             }
             None => {
-                let queued = self.import_all(sent).await?;
-                self.jobs
-                    .lock()
-                    .expect("the job table is never poisoned")
-                    .insert(identity.clone(), queued.clone());
+                let queued = self.import_all(addresses).await?;
+                self.jobs.remember(&identity, sent, queued.clone());
                 queued
             }
         };
 
         let mut refused = BTreeMap::new();
-        for job in &queued.jobs {
+        for job in &queued {
             let in_job = self
                 .wait_for_job(batch, &identity, job)
                 .await
-                .inspect_err(|error| self.forget_unless_retryable(&identity, error))?;
+                .inspect_err(|error| self.jobs.forget_unless_retryable(&identity, error))?;
             refused.extend(in_job);
         }
-        self.forget_add(&identity);
+        self.jobs.forget(&identity);
         Ok(refused)
     }
 
-    /// Starts one import job per run of `sent` the byte limit allows.
-    async fn import_all(&self, sent: Vec<String>) -> Result<QueuedAdd, DeliveryError> {
-        let addresses: Vec<&str> = sent.iter().map(String::as_str).collect();
+    /// Starts one import job per run of `addresses` the byte limit allows.
+    async fn import_all(&self, addresses: &[&str]) -> Result<Vec<ImportJob>, DeliveryError> {
         let mut jobs = Vec::new();
-        for chunk in split_by_bytes(&addresses, MAX_IMPORT_BYTES) {
+        for chunk in split_by_bytes(addresses, MAX_IMPORT_BYTES) {
             let body = serde_json::json!({
                 "data": {
                     "type": "profile-bulk-import-job",
@@ -437,50 +344,48 @@ impl KlaviyoConnector {
                 addresses: chunk.iter().map(|email| email.to_string()).collect(),
             });
         }
-        Ok(QueuedAdd { sent, jobs })
+        Ok(jobs)
     }
 
-    /// Polls `job` until it is done or `job_wait` has passed, and returns the addresses it
-    /// refused, each with the reason.
+    /// Polls `job` until it is done or `job_wait_seconds` have passed, and returns the
+    /// addresses it refused, each with the reason.
     async fn wait_for_job(
         &self,
         batch: &Batch,
         identity: &str,
         job: &ImportJob,
     ) -> Result<BTreeMap<String, String>, DeliveryError> {
-        let deadline = Instant::now() + self.job_wait;
-        loop {
+        let poll = move || async move {
             let state = self.job_state(identity, &job.id).await?;
             match state.status.as_str() {
-                "complete" => return self.job_refusals(batch, job, &state).await,
+                "complete" => Ok(Polled::Finished(state)),
                 "cancelled" => {
                     // The next attempt imports again rather than polling a job that is over.
-                    self.forget_add(identity);
-                    return Err(DeliveryError::Retryable {
+                    self.jobs.forget(identity);
+                    Err(DeliveryError::Retryable {
                         message: format!(
                             "Klaviyo import job {} was cancelled; sending the batch again is \
                              safe, as an import merges into existing profiles and a list holds a \
                              profile once",
                             job.id
                         ),
-                    });
+                    })
                 }
-                _ => {}
+                _ => Ok(Polled::Unfinished(state.status)),
             }
-            if Instant::now() + self.poll_interval > deadline {
-                return Err(DeliveryError::Retryable {
-                    message: format!(
-                        "Klaviyo import job {} is still {} after {} s; sending the batch again \
-                         is safe, as an import merges into existing profiles and a list holds a \
-                         profile once, and the next attempt in this process polls the same job",
-                        job.id,
-                        shown_status(&state.status),
-                        self.job_wait.as_secs()
-                    ),
-                });
-            }
-            tokio::time::sleep(self.poll_interval).await;
-        }
+        };
+        let unfinished = |status: String, waited: Duration| DeliveryError::Retryable {
+            message: format!(
+                "Klaviyo import job {} is still {} after {} s; sending the batch again is safe, \
+                 as an import merges into existing profiles and a list holds a profile once, and \
+                 the next attempt in this process polls the same job",
+                job.id,
+                shown_status(&status),
+                waited.as_secs()
+            ),
+        };
+        let state = job::wait(self.polling, poll, unfinished).await?;
+        self.job_refusals(batch, job, &state).await
     }
 
     /// The attributes of the import job `id`.
@@ -497,7 +402,7 @@ impl KlaviyoConnector {
         }
         if status == StatusCode::NOT_FOUND {
             // A job that cannot be found is not polled again; the next attempt imports anew.
-            self.forget_add(identity);
+            self.jobs.forget(identity);
             return Err(DeliveryError::Retryable {
                 message: format!(
                     "{shown} answered {status}: Klaviyo does not know import job {id}; sending \
@@ -596,30 +501,6 @@ impl KlaviyoConnector {
             }
         }
         url
-    }
-
-    /// The jobs an earlier attempt of this batch started, if any, and only if it sent the
-    /// same addresses.
-    fn known_add(&self, identity: &str, sent: &[String]) -> Option<QueuedAdd> {
-        let jobs = self.jobs.lock().expect("the job table is never poisoned");
-        jobs.get(identity)
-            .filter(|queued| queued.sent == sent)
-            .cloned()
-    }
-
-    /// Forgets the batch's jobs after a failure that sending again will not cure, so that a
-    /// later delivery of the batch starts afresh.
-    fn forget_unless_retryable(&self, identity: &str, error: &DeliveryError) {
-        if !error.is_retryable() {
-            self.forget_add(identity);
-        }
-    }
-
-    fn forget_add(&self, identity: &str) {
-        self.jobs
-            .lock()
-            .expect("the job table is never poisoned")
-            .remove(identity);
     }
 
     /// Takes the profiles of `addresses` out of the list: up to 1,000 addresses are looked up
@@ -958,74 +839,10 @@ fn wait_in_words(text: &str) -> Option<Duration> {
     Some(Duration::from_secs(digits.parse().unwrap_or(u64::MAX)))
 }
 
-/// A job status fit for a message: Klaviyo's word when it is one, `unfinished` otherwise.
-fn shown_status(status: &str) -> &str {
-    let word = !status.is_empty()
-        && status.len() <= 32
-        && status
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if word { status } else { "unfinished" }
-}
-
-/// What a complete job's refusals come to.
-#[derive(Debug, PartialEq, Eq)]
-struct Settled {
-    /// The addresses refused, with the reason.
-    refused: BTreeMap<String, String>,
-    /// How many refused profiles are neither named nor rejected: their members count as
-    /// accepted, as which they are is not known.
-    unnamed: u64,
-}
-
-/// The refusals of `job`, which counted `failed` profiles and named those in `named`. When
-/// the profiles it did not name must all be among those counted, they are refused too;
-/// otherwise they are left accepted and the shortfall is reported.
-fn settle(job: &ImportJob, failed: u64, mut named: BTreeMap<String, String>) -> Settled {
-    let in_job: BTreeSet<&str> = job.addresses.iter().map(String::as_str).collect();
-    named.retain(|address, _| in_job.contains(address.as_str()));
-    let unnamed = failed.saturating_sub(named.len() as u64);
-    let rest: Vec<&String> = job
-        .addresses
-        .iter()
-        .filter(|address| !named.contains_key(address.as_str()))
-        .collect();
-    if unnamed == 0 || rest.is_empty() {
-        return Settled {
-            refused: named,
-            unnamed: 0,
-        };
-    }
-    if unnamed < rest.len() as u64 {
-        return Settled {
-            refused: named,
-            unnamed,
-        };
-    }
-    let reason = format!(
-        "Klaviyo's import job {} counted {failed} of its {} profiles as failed without naming \
-         them all; this one is among them",
-        job.id,
-        job.addresses.len()
-    );
-    for address in rest {
-        named.insert(address.clone(), reason.clone());
-    }
-    Settled {
-        refused: named,
-        unnamed: 0,
-    }
-}
-
-/// `run_id`, activation, change and sequence, the identity of a batch.
-fn batch_identity(batch: &Batch) -> String {
-    format!(
-        "{}\n{}\n{}\n{}",
-        batch.run_id,
-        batch.activation,
-        batch.change.as_str(),
-        batch.sequence
-    )
+/// The refusals of `job`, which counted `failed` profiles and named those in `named` (see
+/// [`job::settle`]).
+fn settle(job: &ImportJob, failed: u64, named: BTreeMap<String, String>) -> Settled {
+    job::settle(job, failed, named, IMPORT_JOB)
 }
 
 /// `url` without its query, which may hold addresses, for messages.
@@ -1033,16 +850,6 @@ fn shown(url: &Url) -> String {
     let mut shown = url.clone();
     shown.set_query(None);
     shown.to_string()
-}
-
-/// The addresses, each once, in order.
-fn distinct_addresses<'m>(members: &'m [Prepared<'_>]) -> Vec<&'m str> {
-    let mut seen = BTreeSet::new();
-    members
-        .iter()
-        .map(|member| member.email.as_str())
-        .filter(|email| seen.insert(*email))
-        .collect()
 }
 
 /// `addresses` cut into runs whose import body stays within `limit` bytes.
@@ -1128,6 +935,17 @@ fn is_revision(text: &str) -> bool {
             .all(|(part, len)| part.len() == len && part.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// The private API key, in `api_key_env`.
+const API_KEY: HeaderSecret = HeaderSecret {
+    name: "api_key",
+    holds: "a Klaviyo private API key",
+    called: "the API key",
+    prefix: Some((
+        "pk_",
+        "the key does not start with `pk_`; use a private API key, not the public site id",
+    )),
+};
+
 /// The checked connection settings, `None` when any is wrong (the problems say which).
 fn read_connection(
     problems: &mut Problems,
@@ -1135,24 +953,8 @@ fn read_connection(
     secrets: &BTreeMap<String, String>,
 ) -> Option<ConnectionSettings> {
     problems.reject_unknown_keys(table, Place::Connection, CONNECTION_KEYS);
-    let api_key = problems
-        .secret(table, secrets, "api_key", "a Klaviyo private API key")
-        .filter(|key| {
-            let shaped = key.starts_with("pk_");
-            if !shaped {
-                problems.push(
-                    "api_key_env",
-                    "the key does not start with `pk_`; use a private API key, not the public \
-                     site id",
-                );
-            }
-            shaped
-        })
-        .and_then(|key| problems.header_safe("api_key_env", "the API key", key));
-    let base_url = match table.contains_key("base_url") {
-        true => problems.http_url(table, Place::Connection, "base_url"),
-        false => Some(Url::parse(DEFAULT_BASE_URL).expect("the default base URL parses")),
-    };
+    let api_key = problems.header_secret(table, secrets, API_KEY);
+    let base_url = problems.base_url(table, DEFAULT_BASE_URL);
     let revision = match problems.string(table, Place::Connection, "revision") {
         Some(revision) if is_revision(&revision) => Some(revision),
         Some(revision) => {
@@ -1168,54 +970,16 @@ fn read_connection(
         None if table.contains_key("revision") => None,
         None => Some(DEFAULT_REVISION.to_owned()),
     };
-    let batch_size = problems
-        .integer(table, Place::Connection, "batch_size", 1..=MAX_MEMBERS)
-        .unwrap_or(DEFAULT_BATCH_SIZE);
-    let timeout_seconds = problems
-        .integer(
-            table,
-            Place::Connection,
-            "timeout_seconds",
-            1..=MAX_TIMEOUT_SECONDS,
-        )
-        .unwrap_or(DEFAULT_TIMEOUT_SECONDS);
-    let poll_interval_seconds = problems
-        .integer(
-            table,
-            Place::Connection,
-            "poll_interval_seconds",
-            1..=MAX_POLL_INTERVAL_SECONDS,
-        )
-        .unwrap_or(DEFAULT_POLL_INTERVAL_SECONDS);
-    let job_wait_seconds = problems
-        .integer(
-            table,
-            Place::Connection,
-            "job_wait_seconds",
-            1..=MAX_JOB_WAIT_SECONDS,
-        )
-        .unwrap_or(DEFAULT_JOB_WAIT_SECONDS);
-
-    let seconds = |value: i64| Duration::from_secs(u64::try_from(value).expect("at least 1"));
-    let timeout = seconds(timeout_seconds);
-    let client = match http::client(timeout) {
-        Ok(client) => Some(client),
-        Err(error) => {
-            problems.push(
-                "base_url",
-                format!("the HTTP client cannot be set up: {error}"),
-            );
-            None
-        }
-    };
+    let batch_size = problems.batch_size(table, BATCH_SIZE);
+    let client = problems.http_client(table, "base_url", TIMEOUT_SECONDS);
+    let polling = Polling::read(problems, table, POLLING);
     Some(ConnectionSettings {
         client: client?,
         base_url: base_url?,
-        api_key: Secret(api_key?),
+        api_key: api_key?,
         revision: revision?,
-        batch_size: usize::try_from(batch_size).expect("within 1..=10000"),
-        poll_interval: seconds(poll_interval_seconds),
-        job_wait: seconds(job_wait_seconds),
+        batch_size,
+        polling,
     })
 }
 

@@ -25,7 +25,7 @@
 //! organization URN, in clear.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use reqwest::header::HeaderMap;
 use reqwest::{StatusCode, Url};
@@ -33,7 +33,8 @@ use serde_json::{Map, Value, json};
 
 use crate::http::{self, Secret, quote};
 use crate::identifiers::{self, Invalid};
-use crate::settings::{Place, Problems};
+use crate::members;
+use crate::settings::{self, HeaderSecret, Limit, Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
 };
@@ -54,15 +55,17 @@ const DEFAULT_BASE_URL: &str = "https://api.linkedin.com";
 const DEFAULT_LINKEDIN_VERSION: &str = "202610";
 /// The Rest.li protocol version LinkedIn's versioned API requires.
 const RESTLI_PROTOCOL_VERSION: &str = "2.0.0";
-/// Members per request unless `batch_size` says otherwise. LinkedIn documents no ceiling for
-/// a batch; this is a size integrations commonly use.
-const DEFAULT_BATCH_SIZE: i64 = 1_000;
-/// The largest `batch_size` accepted.
-const MAX_BATCH_SIZE: i64 = 5_000;
-/// Seconds a request may take unless `timeout_seconds` says otherwise.
-const DEFAULT_TIMEOUT_SECONDS: i64 = 60;
-/// The largest `timeout_seconds` accepted.
-const MAX_TIMEOUT_SECONDS: i64 = 600;
+/// `batch_size`, members per request. LinkedIn documents no ceiling for a batch; the default
+/// is a size integrations commonly use.
+const BATCH_SIZE: Limit = Limit {
+    default: 1_000,
+    max: 5_000,
+};
+/// `timeout_seconds`, seconds a request may take.
+const TIMEOUT_SECONDS: Limit = Limit {
+    default: 60,
+    max: 600,
+};
 /// How much of an answer is read at most; per-element statuses of 5000 elements fit.
 const MAX_ANSWER_BYTES: usize = 8 << 20;
 
@@ -289,14 +292,14 @@ impl LinkedInConnector {
         activation: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<Self, Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        let connection = read_connection(&mut problems, connection, secrets);
-        let activation = read_activation(&mut problems, activation);
-        problems.finish(|| {
-            let connection = connection.expect("connection settings when there are no problems");
-            let activation = activation.expect("activation settings when there are no problems");
-            LinkedInConnector::new(connection, activation)
-        })
+        settings::build(
+            connection,
+            activation,
+            secrets,
+            read_connection,
+            read_activation,
+            Self::new,
+        )
     }
 
     /// Checks the connection settings alone, as when a connection is loaded before any
@@ -305,24 +308,17 @@ impl LinkedInConnector {
         connection: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<(), Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        read_connection(&mut problems, connection, secrets);
-        problems.finish(|| ())
+        settings::check(connection, secrets, read_connection)
     }
 
     fn new(connection: ConnectionSettings, activation: ActivationSettings) -> Self {
-        let mut url = connection.base_url;
-        url.set_query(None);
-        url.set_fragment(None);
-        url.path_segments_mut()
-            .expect("an http URL has path segments")
-            .pop_if_empty()
-            .extend([
-                "rest",
-                "dmpSegments",
-                activation.segment_id.as_str(),
-                activation.segment_type.path(),
-            ]);
+        let path = [
+            "rest",
+            "dmpSegments",
+            activation.segment_id.as_str(),
+            activation.segment_type.path(),
+        ];
+        let url = http::endpoint(&connection.base_url, &path);
         LinkedInConnector {
             client: connection.client,
             url,
@@ -426,30 +422,13 @@ impl LinkedInConnector {
     /// The element of each member with at least one usable id, and an outcome holding a
     /// rejection for every member that has none.
     fn prepare<'a>(&self, batch: &'a Batch) -> (Vec<Prepared<'a>>, Outcome) {
-        let mut members = Vec::with_capacity(batch.members.len());
-        let mut outcome = Outcome::default();
-        for member in &batch.members {
-            match self.element(member) {
-                Ok(element) => members.push(Prepared {
-                    key: &member.key,
-                    element,
-                }),
-                Err(reason) => outcome.rejected.push(Rejection {
-                    key: member.key.clone(),
-                    reason,
-                }),
-            }
-        }
-        if !outcome.rejected.is_empty() {
-            tracing::debug!(
-                activation = %batch.activation,
-                change = batch.change.as_str(),
-                sequence = batch.sequence,
-                rejected = outcome.rejected.len(),
-                "members without a usable identifier are not sent to linkedin"
-            );
-        }
-        (members, outcome)
+        members::prepare(batch, "linkedin", "identifier", |member| {
+            let element = self.element(member)?;
+            Ok(Prepared {
+                key: &member.key,
+                element,
+            })
+        })
     }
 
     /// One member's element without its action; the reasons when no id is usable.
@@ -623,6 +602,14 @@ fn classify_failure(
     }
 }
 
+/// The access token, in `access_token_env`.
+const ACCESS_TOKEN: HeaderSecret = HeaderSecret {
+    name: "access_token",
+    holds: "a LinkedIn access token with the rw_dmp_segments scope",
+    called: "the access token",
+    prefix: None,
+};
+
 /// The checked connection settings, `None` when any is wrong (the problems say which).
 fn read_connection(
     problems: &mut Problems,
@@ -630,48 +617,17 @@ fn read_connection(
     secrets: &BTreeMap<String, String>,
 ) -> Option<ConnectionSettings> {
     problems.reject_unknown_keys(table, Place::Connection, CONNECTION_KEYS);
-    let access_token = problems
-        .secret(
-            table,
-            secrets,
-            "access_token",
-            "a LinkedIn access token with the rw_dmp_segments scope",
-        )
-        .and_then(|token| problems.header_safe("access_token_env", "the access token", token));
-    let base_url = match table.contains_key("base_url") {
-        true => problems.http_url(table, Place::Connection, "base_url"),
-        false => Some(Url::parse(DEFAULT_BASE_URL).expect("the default base URL parses")),
-    };
+    let access_token = problems.header_secret(table, secrets, ACCESS_TOKEN);
+    let base_url = problems.base_url(table, DEFAULT_BASE_URL);
     let linkedin_version = read_linkedin_version(problems, table);
-    let batch_size = problems
-        .integer(table, Place::Connection, "batch_size", 1..=MAX_BATCH_SIZE)
-        .unwrap_or(DEFAULT_BATCH_SIZE);
-    let timeout_seconds = problems
-        .integer(
-            table,
-            Place::Connection,
-            "timeout_seconds",
-            1..=MAX_TIMEOUT_SECONDS,
-        )
-        .unwrap_or(DEFAULT_TIMEOUT_SECONDS);
-
-    let timeout = Duration::from_secs(u64::try_from(timeout_seconds).expect("within 1..=600"));
-    let client = match http::client(timeout) {
-        Ok(client) => Some(client),
-        Err(error) => {
-            problems.push(
-                "base_url",
-                format!("the HTTP client cannot be set up: {error}"),
-            );
-            None
-        }
-    };
+    let batch_size = problems.batch_size(table, BATCH_SIZE);
+    let client = problems.http_client(table, "base_url", TIMEOUT_SECONDS);
     Some(ConnectionSettings {
         client: client?,
         base_url: base_url?,
-        access_token: Secret(access_token?),
+        access_token: access_token?,
         linkedin_version: linkedin_version?,
-        batch_size: usize::try_from(batch_size).expect("within 1..=5000"),
+        batch_size,
     })
 }
 
@@ -704,28 +660,12 @@ fn read_linkedin_version(problems: &mut Problems, table: &toml::Table) -> Option
 /// The checked activation settings, `None` when any is wrong (the problems say which).
 fn read_activation(problems: &mut Problems, table: &toml::Table) -> Option<ActivationSettings> {
     problems.reject_unknown_keys(table, Place::Activation, ACTIVATION_KEYS);
-    let segment_id = match table.get("segment_id") {
-        None => {
-            problems.push(
-                "segment_id",
-                "missing; set it to the DMP segment's numeric id",
-            );
-            None
-        }
-        Some(toml::Value::Integer(id)) if *id > 0 => Some(id.to_string()),
-        Some(toml::Value::String(id))
-            if !id.is_empty() && id.bytes().all(|byte| byte.is_ascii_digit()) =>
-        {
-            Some(id.clone())
-        }
-        Some(_) => {
-            problems.push(
-                "segment_id",
-                "expected the DMP segment's numeric id, digits only",
-            );
-            None
-        }
-    };
+    let segment_id = problems.numeric_id(
+        table,
+        "segment_id",
+        "missing; set it to the DMP segment's numeric id",
+        "expected the DMP segment's numeric id, digits only",
+    );
     let segment_type = match problems
         .string(table, Place::Activation, "segment_type")
         .as_deref()
@@ -754,56 +694,27 @@ fn read_fields(
     table: &toml::Table,
     kind: SegmentType,
 ) -> Option<Vec<(Field, String)>> {
-    let Some(value) = table.get("identifiers") else {
+    let known = kind.fields();
+    let names: Vec<&str> = known.iter().map(|field| field.name()).collect();
+    let unknown = format!(
+        "not a field of a {} segment; known: {}",
+        match kind {
+            SegmentType::User => "user",
+            SegmentType::Company => "company",
+        },
+        names.join(", ")
+    );
+    let parse = |name: &str| known.iter().find(|field| field.name() == name).copied();
+    let example = "{ email = \"email\" }";
+    let Some(fields) = problems.identifier_table(table, "identifiers", example, parse, &unknown)
+    else {
         let default = match kind {
             SegmentType::User => (Field::Email, "email"),
             SegmentType::Company => (Field::WebsiteDomain, "website"),
         };
         return Some(vec![(default.0, default.1.to_owned())]);
     };
-    let Some(entries) = value.as_table() else {
-        problems.push(
-            "identifiers",
-            format!(
-                "expected a table such as {{ email = \"email\" }}, found {}",
-                value.type_str()
-            ),
-        );
-        return None;
-    };
-    let known = kind.fields();
-    let names: Vec<&str> = known.iter().map(|field| field.name()).collect();
-    let mut fields = Vec::new();
-    let mut ok = true;
-    for (name, identifier) in entries {
-        let field = known.iter().find(|field| field.name() == name);
-        let identifier = identifier.as_str().filter(|text| !text.is_empty());
-        match (field, identifier) {
-            (Some(field), Some(identifier)) => fields.push((*field, identifier.to_owned())),
-            (None, _) => {
-                ok = false;
-                problems.push(
-                    &format!("identifiers.{name}"),
-                    format!(
-                        "not a field of a {} segment; known: {}",
-                        match kind {
-                            SegmentType::User => "user",
-                            SegmentType::Company => "company",
-                        },
-                        names.join(", ")
-                    ),
-                );
-            }
-            (Some(_), None) => {
-                ok = false;
-                problems.push(
-                    &format!("identifiers.{name}"),
-                    "expected the name of a member identifier, as a non-empty string",
-                );
-            }
-        }
-    }
-    if ok && !fields.iter().any(|(field, _)| field.identifies()) {
+    if fields.ok && !fields.pairs.iter().any(|(field, _)| field.identifies()) {
         let ids: Vec<&str> = known
             .iter()
             .filter(|field| field.identifies())
@@ -815,8 +726,7 @@ fn read_fields(
         );
         return None;
     }
-    fields.sort_by_key(|(field, _)| *field);
-    ok.then_some(fields)
+    fields.ok.then_some(fields.pairs)
 }
 
 #[cfg(test)]

@@ -20,15 +20,15 @@
 //! is computed from. Rejection reasons and error messages never quote an address.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use md5::{Digest, Md5};
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
 
 use crate::http::{self, Secret, quote};
-use crate::identifiers;
-use crate::settings::{Place, Problems};
+use crate::members::{self, Addressed};
+use crate::settings::{self, Limit, Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Outcome, Rejection, SettingsError,
 };
@@ -37,12 +37,17 @@ use crate::{
 const CONNECTION_KEYS: &[&str] = &["api_key_env", "base_url", "batch_size", "timeout_seconds"];
 /// Activation keys the Mailchimp connector knows.
 const ACTIVATION_KEYS: &[&str] = &["list_id", "remove_action", "email_identifier"];
-/// The most members one batch-subscribe request takes, and the default batch size.
-const MAX_MEMBERS: i64 = 500;
-/// Seconds a request may take unless `timeout_seconds` says otherwise.
-const DEFAULT_TIMEOUT_SECONDS: i64 = 60;
-/// The largest `timeout_seconds` accepted: Mailchimp itself gives up after 120 seconds.
-const MAX_TIMEOUT_SECONDS: i64 = 120;
+/// `batch_size`: the most members one batch-subscribe request takes, and the default.
+const BATCH_SIZE: Limit = Limit {
+    default: 500,
+    max: 500,
+};
+/// `timeout_seconds`, seconds a request may take; at most 120, after which Mailchimp itself
+/// gives up.
+const TIMEOUT_SECONDS: Limit = Limit {
+    default: 60,
+    max: 120,
+};
 /// The member identifier holding the e-mail address unless `email_identifier` says otherwise.
 const DEFAULT_EMAIL_IDENTIFIER: &str = "email";
 /// The user name sent with the API key; Mailchimp ignores it.
@@ -110,14 +115,6 @@ struct ActivationSettings {
     email_identifier: String,
 }
 
-/// One member ready to send.
-struct Prepared<'a> {
-    /// The member's profile key.
-    key: &'a str,
-    /// The trimmed, lower-cased address.
-    email: String,
-}
-
 impl MailchimpConnector {
     /// Builds the connector from its connection and activation settings and the resolved
     /// secrets (`api_key`), returning every problem found.
@@ -126,14 +123,14 @@ impl MailchimpConnector {
         activation: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<Self, Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        let connection = read_connection(&mut problems, connection, secrets);
-        let activation = read_activation(&mut problems, activation);
-        problems.finish(|| {
-            let connection = connection.expect("connection settings when there are no problems");
-            let activation = activation.expect("activation settings when there are no problems");
-            MailchimpConnector::new(connection, activation)
-        })
+        settings::build(
+            connection,
+            activation,
+            secrets,
+            read_connection,
+            read_activation,
+            Self::new,
+        )
     }
 
     /// Checks the connection settings alone, as when a connection is loaded before any
@@ -142,23 +139,13 @@ impl MailchimpConnector {
         connection: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<(), Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        read_connection(&mut problems, connection, secrets);
-        problems.finish(|| ())
+        settings::check(connection, secrets, read_connection)
     }
 
     fn new(connection: ConnectionSettings, activation: ActivationSettings) -> Self {
-        let mut list_url = connection.base_url;
-        list_url
-            .path_segments_mut()
-            .expect("an http URL has path segments")
-            .pop_if_empty()
-            .extend(["lists", activation.list_id.as_str()]);
-        list_url.set_query(None);
-        list_url.set_fragment(None);
         MailchimpConnector {
             client: connection.client,
-            list_url,
+            list_url: http::endpoint(&connection.base_url, &["lists", &activation.list_id]),
             api_key: connection.api_key,
             remove_action: activation.remove_action,
             email_identifier: activation.email_identifier,
@@ -186,35 +173,16 @@ impl MailchimpConnector {
     }
 
     /// The members with a usable address, and an outcome rejecting those without one.
-    fn prepare<'a>(&self, batch: &'a Batch) -> (Vec<Prepared<'a>>, Outcome) {
-        let mut members = Vec::with_capacity(batch.members.len());
-        let mut outcome = Outcome::default();
-        for member in &batch.members {
-            let email = match member.identifiers.get(&self.email_identifier) {
-                Some(raw) => identifiers::email(raw),
-                None => Err(identifiers::Invalid::Missing),
-            };
-            match email {
-                Ok(email) => members.push(Prepared {
-                    key: &member.key,
-                    email,
-                }),
-                Err(invalid) => outcome.rejected.push(Rejection {
-                    key: member.key.clone(),
-                    reason: format!(
-                        "no usable e-mail address: `{}` {invalid}",
-                        self.email_identifier
-                    ),
-                }),
-            }
-        }
-        (members, outcome)
+    fn prepare<'a>(&self, batch: &'a Batch) -> (Vec<Addressed<'a>>, Outcome) {
+        members::prepare(batch, self.kind(), "e-mail address", |member| {
+            members::addressed(member, &self.email_identifier)
+        })
     }
 
     /// Sends `members` with `status` through batch subscribe, updating existing members.
     async fn batch_subscribe(
         &self,
-        members: &[Prepared<'_>],
+        members: &[Addressed<'_>],
         status: &str,
     ) -> Result<Outcome, DeliveryError> {
         let mut addresses: Vec<&str> = members.iter().map(|m| m.email.as_str()).collect();
@@ -281,7 +249,7 @@ impl MailchimpConnector {
     ///
     /// Mailchimp also answers 404 when the list itself does not exist, so the first 404 of a
     /// batch is followed by a `GET` on the list: a list that is not there fails the batch.
-    async fn archive(&self, members: &[Prepared<'_>]) -> Result<Outcome, DeliveryError> {
+    async fn archive(&self, members: &[Addressed<'_>]) -> Result<Outcome, DeliveryError> {
         let mut outcome = Outcome::default();
         let mut list_confirmed = false;
         for member in members {
@@ -558,35 +526,14 @@ fn read_connection(
                 .expect("a data centre of letters and digits makes a valid host")
         }),
     };
-    let batch_size = problems
-        .integer(table, Place::Connection, "batch_size", 1..=MAX_MEMBERS)
-        .unwrap_or(MAX_MEMBERS);
-    let timeout_seconds = problems
-        .integer(
-            table,
-            Place::Connection,
-            "timeout_seconds",
-            1..=MAX_TIMEOUT_SECONDS,
-        )
-        .unwrap_or(DEFAULT_TIMEOUT_SECONDS);
-
-    let timeout = Duration::from_secs(u64::try_from(timeout_seconds).expect("within 1..=120"));
-    let client = match http::client(timeout) {
-        Ok(client) => Some(client),
-        Err(error) => {
-            problems.push(
-                "base_url",
-                format!("the HTTP client cannot be set up: {error}"),
-            );
-            None
-        }
-    };
+    let batch_size = problems.batch_size(table, BATCH_SIZE);
+    let client = problems.http_client(table, "base_url", TIMEOUT_SECONDS);
     dc?;
     Some(ConnectionSettings {
         client: client?,
         base_url: base_url?,
         api_key: Secret(api_key?),
-        batch_size: usize::try_from(batch_size).expect("within 1..=500"),
+        batch_size,
     })
 }
 

@@ -54,7 +54,8 @@ use sha2::{Digest, Sha256};
 
 use crate::http::{self, Secret, quote};
 use crate::identifiers::{self, Invalid};
-use crate::settings::{Place, Problems};
+use crate::members;
+use crate::settings::{self, Limit, Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Member, Outcome, Rejection, Replace,
     SettingsError,
@@ -78,12 +79,16 @@ const DEFAULT_API_VERSION: &str = "v25.0";
 const MAX_ANSWER_BYTES: usize = 1 << 20;
 /// The audience below which Meta refuses removals, as observed; activations may override it.
 const MIN_AUDIENCE_SIZE: u64 = 100;
-/// The most rows Meta takes in one request, and the default batch size.
-const MAX_ROWS: i64 = 10_000;
-/// Seconds a request may take unless `timeout_seconds` says otherwise.
-const DEFAULT_TIMEOUT_SECONDS: i64 = 60;
-/// The largest `timeout_seconds` accepted.
-const MAX_TIMEOUT_SECONDS: i64 = 3600;
+/// `batch_size`: the most rows Meta takes in one request, and the default.
+const BATCH_SIZE: Limit = Limit {
+    default: 10_000,
+    max: 10_000,
+};
+/// `timeout_seconds`, seconds a request may take.
+const TIMEOUT_SECONDS: Limit = Limit {
+    default: 60,
+    max: 3600,
+};
 /// The schema used when an activation sets none: hashed e-mail from the `email` identifier.
 const DEFAULT_SCHEMA: &[(SchemaKey, &str)] = &[(SchemaKey::Email, "email")];
 
@@ -268,14 +273,14 @@ impl MetaConnector {
         activation: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<Self, Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        let connection = read_connection(&mut problems, connection, secrets);
-        let activation = read_activation(&mut problems, activation);
-        problems.finish(|| {
-            let connection = connection.expect("connection settings when there are no problems");
-            let activation = activation.expect("activation settings when there are no problems");
-            MetaConnector::new(connection, activation)
-        })
+        settings::build(
+            connection,
+            activation,
+            secrets,
+            read_connection,
+            read_activation,
+            Self::new,
+        )
     }
 
     /// Checks the connection settings alone, as when a connection is loaded before any
@@ -284,25 +289,13 @@ impl MetaConnector {
         connection: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<(), Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        read_connection(&mut problems, connection, secrets);
-        problems.finish(|| ())
+        settings::check(connection, secrets, read_connection)
     }
 
     fn new(connection: ConnectionSettings, activation: ActivationSettings) -> MetaConnector {
         let edge = |name: &str| {
-            let mut url = connection.base_url.clone();
-            url.path_segments_mut()
-                .expect("an http URL has path segments")
-                .pop_if_empty()
-                .extend([
-                    connection.api_version.as_str(),
-                    activation.audience_id.as_str(),
-                    name,
-                ]);
-            url.set_query(None);
-            url.set_fragment(None);
-            url
+            let path = [&connection.api_version, &activation.audience_id, name];
+            http::endpoint(&connection.base_url, &path)
         };
         MetaConnector {
             client: connection.client,
@@ -494,27 +487,9 @@ impl MetaConnector {
     /// The row of each member that has at least one usable identifier, with its key, and an
     /// outcome holding a rejection for every member that has none.
     fn prepare<'a>(&self, batch: &'a Batch) -> (Vec<(&'a str, Vec<String>)>, Outcome) {
-        let mut rows = Vec::with_capacity(batch.members.len());
-        let mut outcome = Outcome::default();
-        for member in &batch.members {
-            match self.row(member) {
-                Ok(row) => rows.push((member.key.as_str(), row)),
-                Err(reason) => outcome.rejected.push(Rejection {
-                    key: member.key.clone(),
-                    reason,
-                }),
-            }
-        }
-        if !outcome.rejected.is_empty() {
-            tracing::debug!(
-                activation = %batch.activation,
-                change = batch.change.as_str(),
-                sequence = batch.sequence,
-                rejected = outcome.rejected.len(),
-                "members without a usable identifier are not sent to meta"
-            );
-        }
-        (rows, outcome)
+        members::prepare(batch, "meta", "identifier", |member| {
+            Ok((member.key.as_str(), self.row(member)?))
+        })
     }
 
     /// One member's row in schema order, `""` for each identifier that is missing or invalid;
@@ -880,40 +855,16 @@ fn read_connection(
         "access_token",
         "a Meta access token with ads_management permission",
     );
-    let base_url = match table.contains_key("base_url") {
-        true => problems.http_url(table, Place::Connection, "base_url"),
-        false => Some(Url::parse(DEFAULT_BASE_URL).expect("the default base URL parses")),
-    };
+    let base_url = problems.base_url(table, DEFAULT_BASE_URL);
     let api_version = read_api_version(problems, table);
-    let batch_size = problems
-        .integer(table, Place::Connection, "batch_size", 1..=MAX_ROWS)
-        .unwrap_or(MAX_ROWS);
-    let timeout_seconds = problems
-        .integer(
-            table,
-            Place::Connection,
-            "timeout_seconds",
-            1..=MAX_TIMEOUT_SECONDS,
-        )
-        .unwrap_or(DEFAULT_TIMEOUT_SECONDS);
-
-    let timeout = Duration::from_secs(u64::try_from(timeout_seconds).expect("within 1..=3600"));
-    let client = match http::client(timeout) {
-        Ok(client) => Some(client),
-        Err(error) => {
-            problems.push(
-                "base_url",
-                format!("the HTTP client cannot be set up: {error}"),
-            );
-            None
-        }
-    };
+    let batch_size = problems.batch_size(table, BATCH_SIZE);
+    let client = problems.http_client(table, "base_url", TIMEOUT_SECONDS);
     Some(ConnectionSettings {
         client: client?,
         base_url: base_url?,
         api_version: api_version?,
         access_token: Secret(access_token?),
-        batch_size: usize::try_from(batch_size).expect("within 1..=10000"),
+        batch_size,
     })
 }
 
@@ -947,28 +898,12 @@ fn read_api_version(problems: &mut Problems, table: &toml::Table) -> Option<Stri
 /// The checked activation settings, `None` when any is wrong (the problems say which).
 fn read_activation(problems: &mut Problems, table: &toml::Table) -> Option<ActivationSettings> {
     problems.reject_unknown_keys(table, Place::Activation, ACTIVATION_KEYS);
-    let audience_id = match table.get("audience_id") {
-        None => {
-            problems.push(
-                "audience_id",
-                "missing; set it to the Custom Audience's numeric id",
-            );
-            None
-        }
-        Some(toml::Value::Integer(id)) if *id > 0 => Some(id.to_string()),
-        Some(toml::Value::String(id))
-            if !id.is_empty() && id.bytes().all(|byte| byte.is_ascii_digit()) =>
-        {
-            Some(id.clone())
-        }
-        Some(_) => {
-            problems.push(
-                "audience_id",
-                "expected the Custom Audience's numeric id, digits only",
-            );
-            None
-        }
-    };
+    let audience_id = problems.numeric_id(
+        table,
+        "audience_id",
+        "missing; set it to the Custom Audience's numeric id",
+        "expected the Custom Audience's numeric id, digits only",
+    );
     let schema = read_schema(problems, table);
     Some(ActivationSettings {
         audience_id: audience_id?,
@@ -978,7 +913,12 @@ fn read_activation(problems: &mut Problems, table: &toml::Table) -> Option<Activ
 
 /// `schema`, a table from Meta schema keys to member identifiers, in wire order.
 fn read_schema(problems: &mut Problems, table: &toml::Table) -> Option<Vec<(SchemaKey, String)>> {
-    let Some(value) = table.get("schema") else {
+    let known: Vec<&str> = SchemaKey::ALL.iter().map(|key| key.name()).collect();
+    let unknown = format!("unknown Meta schema key; known keys: {}", known.join(", "));
+    let example = "{ EMAIL = \"email\" }";
+    let Some(schema) =
+        problems.identifier_table(table, "schema", example, SchemaKey::parse, &unknown)
+    else {
         return Some(
             DEFAULT_SCHEMA
                 .iter()
@@ -986,49 +926,11 @@ fn read_schema(problems: &mut Problems, table: &toml::Table) -> Option<Vec<(Sche
                 .collect(),
         );
     };
-    let Some(entries) = value.as_table() else {
-        problems.push(
-            "schema",
-            format!(
-                "expected a table such as {{ EMAIL = \"email\" }}, found {}",
-                value.type_str()
-            ),
-        );
-        return None;
-    };
-    let known: Vec<&str> = SchemaKey::ALL.iter().map(|key| key.name()).collect();
-    let mut schema = Vec::new();
-    let mut ok = true;
-    for (name, identifier) in entries {
-        let key = SchemaKey::parse(name);
-        let identifier = identifier.as_str().filter(|text| !text.is_empty());
-        match (key, identifier) {
-            (Some(key), Some(identifier)) => schema.push((key, identifier.to_owned())),
-            (None, _) => {
-                ok = false;
-                problems.push(
-                    &format!("schema.{name}"),
-                    format!("unknown Meta schema key; known keys: {}", known.join(", ")),
-                );
-            }
-            (Some(_), None) => {
-                ok = false;
-                problems.push(
-                    &format!("schema.{name}"),
-                    "expected the name of a member identifier, as a non-empty string",
-                );
-            }
-        }
-    }
-    if ok && schema.is_empty() {
-        problems.push(
-            "schema",
-            "empty; map at least one Meta schema key to an identifier",
-        );
-        return None;
-    }
-    schema.sort_by_key(|(key, _)| *key);
-    ok.then_some(schema)
+    schema.finish(
+        problems,
+        "schema",
+        "empty; map at least one Meta schema key to an identifier",
+    )
 }
 
 #[cfg(test)]

@@ -59,16 +59,15 @@
 //! lower-cased; rejection reasons and error messages never quote an address.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reqwest::header::HeaderMap;
 use reqwest::{StatusCode, Url};
-use tokio::time::Instant;
 
 use crate::http::{self, Secret, quote, redact, redact_addresses};
-use crate::identifiers;
-use crate::settings::{Place, Problems};
+use crate::job::{self, ImportJob, Jobs, Polled, Polling, Settled, Wording, shown_status};
+use crate::members::{self, Addressed, distinct_addresses};
+use crate::settings::{self, HeaderSecret, Limit, Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Outcome, Rejection, SettingsError,
 };
@@ -86,33 +85,36 @@ const CONNECTION_KEYS: &[&str] = &[
 const ACTIVATION_KEYS: &[&str] = &["list_id", "email_identifier"];
 /// The SendGrid API host (EU-pinned accounts use `https://api.eu.sendgrid.com`).
 const DEFAULT_BASE_URL: &str = "https://api.sendgrid.com";
-/// The most contacts one upsert takes.
-const MAX_MEMBERS: i64 = 30_000;
-/// The batch size unless `batch_size` says otherwise: a removal of this many members takes
-/// 100 lookups, an add one upsert.
-const DEFAULT_BATCH_SIZE: i64 = 10_000;
+/// `batch_size`: one upsert takes at most 30,000 contacts; by default a removal takes 100
+/// lookups, an add one upsert.
+const BATCH_SIZE: Limit = Limit {
+    default: 10_000,
+    max: 30_000,
+};
 /// The most bytes of JSON one upsert may carry; SendGrid's limit is 6 MB.
 const MAX_UPSERT_BYTES: usize = 6_000_000;
 /// The most addresses one lookup takes; also the most contact ids sent in one removal.
 const MAX_LOOKUP: usize = 100;
-/// Seconds a request may take unless `timeout_seconds` says otherwise.
-const DEFAULT_TIMEOUT_SECONDS: i64 = 60;
-/// The largest `timeout_seconds` accepted.
-const MAX_TIMEOUT_SECONDS: i64 = 300;
+/// `timeout_seconds`, seconds a request may take.
+const TIMEOUT_SECONDS: Limit = Limit {
+    default: 60,
+    max: 300,
+};
 /// The member identifier holding the e-mail address unless `email_identifier` says otherwise.
 const DEFAULT_EMAIL_IDENTIFIER: &str = "email";
 /// How much of a successful answer is read at most; a 100-address lookup is well under this.
 const MAX_ANSWER_BYTES: usize = 4 << 20;
 /// How much of an import job's errors file is read at most; rows past it count as not named.
 const MAX_ERRORS_FILE_BYTES: usize = 32 << 20;
-/// Seconds between two polls of an import job unless `poll_interval_seconds` says otherwise.
-const DEFAULT_POLL_INTERVAL_SECONDS: i64 = 5;
-/// The largest `poll_interval_seconds` accepted.
-const MAX_POLL_INTERVAL_SECONDS: i64 = 3600;
-/// Seconds one attempt waits for its import jobs unless `job_wait_seconds` says otherwise.
-const DEFAULT_JOB_WAIT_SECONDS: i64 = 300;
-/// The largest `job_wait_seconds` accepted.
-const MAX_JOB_WAIT_SECONDS: i64 = 86_400;
+/// Polling an import job every 5 s, for at most 300 s an attempt, unless
+/// `poll_interval_seconds` and `job_wait_seconds` say otherwise.
+const POLLING: Polling = Polling::seconds(5, 300);
+/// How SendGrid's import jobs are named in rejection reasons.
+const IMPORT_JOB: Wording = Wording {
+    platform: "SendGrid",
+    items: "contacts",
+    counted_as: "errored",
+};
 
 /// Adds and removes members of one SendGrid Marketing Campaigns list.
 ///
@@ -149,13 +151,11 @@ pub struct SendgridConnector {
     email_identifier: String,
     /// Members per batch (`batch_size`).
     batch_size: usize,
-    /// `poll_interval_seconds`.
-    poll_interval: Duration,
-    /// `job_wait_seconds`.
-    job_wait: Duration,
+    /// `poll_interval_seconds` and `job_wait_seconds`.
+    polling: Polling,
     /// The import jobs holding every upsert of a batch, by batch identity, until they are
     /// done.
-    jobs: Mutex<BTreeMap<String, QueuedAdd>>,
+    jobs: Jobs<QueuedAdd>,
 }
 
 /// The connection's settings, checked.
@@ -168,10 +168,8 @@ struct ConnectionSettings {
     api_key: Secret,
     /// `batch_size`.
     batch_size: usize,
-    /// `poll_interval_seconds`.
-    poll_interval: Duration,
-    /// `job_wait_seconds`.
-    job_wait: Duration,
+    /// `poll_interval_seconds` and `job_wait_seconds`.
+    polling: Polling,
 }
 
 /// The activation's settings, checked.
@@ -182,52 +180,22 @@ struct ActivationSettings {
     email_identifier: String,
 }
 
-/// One member ready to send.
-struct Prepared<'a> {
-    /// The member's profile key.
-    key: &'a str,
-    /// The trimmed, lower-cased address.
-    email: String,
-}
-
 /// The upserts of one add batch once SendGrid has queued all of them, kept so that an
 /// attempt of the same batch polls the same jobs rather than upserting again.
 #[derive(Clone)]
 struct QueuedAdd {
-    /// The addresses of the batch, in order, so a different batch under the same identity is
-    /// never taken for this one.
-    sent: Vec<String>,
     /// The addresses a validation refusal named, with the reason; they are in no job.
     refused: BTreeMap<String, String>,
     /// The import jobs, each with the addresses it holds.
     jobs: Vec<ImportJob>,
 }
 
-/// One import job SendGrid queued.
-#[derive(Clone)]
-struct ImportJob {
-    /// The `job_id` of the 202.
-    id: String,
-    /// The addresses upserted by it, in order.
-    addresses: Vec<String>,
-}
-
 // The addresses stay out of `Debug`, so that printing the connector shows no personal data.
 impl std::fmt::Debug for QueuedAdd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QueuedAdd")
-            .field("sent", &self.sent.len())
             .field("jobs", &self.jobs)
             .finish_non_exhaustive()
-    }
-}
-
-impl std::fmt::Debug for ImportJob {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ImportJob")
-            .field("id", &self.id)
-            .field("addresses", &self.addresses.len())
-            .finish()
     }
 }
 
@@ -250,14 +218,14 @@ impl SendgridConnector {
         activation: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<Self, Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        let connection = read_connection(&mut problems, connection, secrets);
-        let activation = read_activation(&mut problems, activation);
-        problems.finish(|| {
-            let connection = connection.expect("connection settings when there are no problems");
-            let activation = activation.expect("activation settings when there are no problems");
-            SendgridConnector::new(connection, activation)
-        })
+        settings::build(
+            connection,
+            activation,
+            secrets,
+            read_connection,
+            read_activation,
+            Self::new,
+        )
     }
 
     /// Checks the connection settings alone, as when a connection is loaded before any
@@ -266,22 +234,11 @@ impl SendgridConnector {
         connection: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<(), Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        read_connection(&mut problems, connection, secrets);
-        problems.finish(|| ())
+        settings::check(connection, secrets, read_connection)
     }
 
     fn new(connection: ConnectionSettings, activation: ActivationSettings) -> Self {
-        let endpoint = |segments: &[&str]| {
-            let mut url = connection.base_url.clone();
-            url.path_segments_mut()
-                .expect("an http URL has path segments")
-                .pop_if_empty()
-                .extend(segments);
-            url.set_query(None);
-            url.set_fragment(None);
-            url
-        };
+        let endpoint = |segments: &[&str]| http::endpoint(&connection.base_url, segments);
         let list_id = activation.list_id.as_str();
         SendgridConnector {
             contacts_url: endpoint(&["v3", "marketing", "contacts"]),
@@ -293,9 +250,8 @@ impl SendgridConnector {
             api_key: connection.api_key,
             email_identifier: activation.email_identifier,
             batch_size: connection.batch_size,
-            poll_interval: connection.poll_interval,
-            job_wait: connection.job_wait,
-            jobs: Mutex::new(BTreeMap::new()),
+            polling: connection.polling,
+            jobs: Jobs::default(),
         }
     }
 
@@ -316,50 +272,26 @@ impl SendgridConnector {
     }
 
     /// The members with a usable address, and an outcome rejecting those without one.
-    fn prepare<'a>(&self, batch: &'a Batch) -> (Vec<Prepared<'a>>, Outcome) {
-        let mut members = Vec::with_capacity(batch.members.len());
-        let mut outcome = Outcome::default();
-        for member in &batch.members {
-            let email = match member.identifiers.get(&self.email_identifier) {
-                Some(raw) => identifiers::email(raw),
-                None => Err(identifiers::Invalid::Missing),
-            };
-            match email {
-                Ok(email) => members.push(Prepared {
-                    key: &member.key,
-                    email,
-                }),
-                Err(invalid) => outcome.rejected.push(Rejection {
-                    key: member.key.clone(),
-                    reason: format!(
-                        "no usable e-mail address: `{}` {invalid}",
-                        self.email_identifier
-                    ),
-                }),
-            }
-        }
-        if !outcome.rejected.is_empty() {
-            tracing::debug!(
-                activation = %batch.activation,
-                change = batch.change.as_str(),
-                sequence = batch.sequence,
-                rejected = outcome.rejected.len(),
-                "members without a usable e-mail address are not sent to sendgrid"
-            );
-        }
-        (members, outcome)
+    fn prepare<'a>(&self, batch: &'a Batch) -> (Vec<Addressed<'a>>, Outcome) {
+        members::prepare(batch, self.kind(), "e-mail address", |member| {
+            members::addressed(member, &self.email_identifier)
+        })
     }
 
     /// Upserts the members' contacts into the list, waits for the import jobs, and rejects
     /// the members SendGrid refused, at the upsert or in a job. An attempt of a batch whose
     /// upserts an earlier attempt queued polls those jobs instead of upserting again.
-    async fn add(&self, batch: &Batch, members: &[Prepared<'_>]) -> Result<Outcome, DeliveryError> {
-        let identity = batch_identity(batch);
+    async fn add(
+        &self,
+        batch: &Batch,
+        members: &[Addressed<'_>],
+    ) -> Result<Outcome, DeliveryError> {
+        let identity = job::batch_identity(batch);
         let sent: Vec<String> = distinct_addresses(members)
             .into_iter()
             .map(str::to_owned)
             .collect();
-        let queued = match self.known_add(&identity, &sent) {
+        let queued = match self.jobs.known(&identity, &sent) {
             Some(queued) => {
                 tracing::debug!(
                     activation = %batch.activation,
@@ -371,11 +303,8 @@ impl SendgridConnector {
                 queued
             }
             None => {
-                let queued = self.upsert_all(sent).await?;
-                self.jobs
-                    .lock()
-                    .expect("the job table is never poisoned")
-                    .insert(identity.clone(), queued.clone());
+                let queued = self.upsert_all(&sent).await?;
+                self.jobs.remember(&identity, sent, queued.clone());
                 queued
             }
         };
@@ -385,10 +314,10 @@ impl SendgridConnector {
             let in_job = self
                 .wait_for_job(batch, &identity, job)
                 .await
-                .inspect_err(|error| self.forget_unless_retryable(&identity, error))?;
+                .inspect_err(|error| self.jobs.forget_unless_retryable(&identity, error))?;
             refused.extend(in_job);
         }
-        self.forget_add(&identity);
+        self.jobs.forget(&identity);
 
         let mut outcome = Outcome::default();
         for member in members {
@@ -405,7 +334,7 @@ impl SendgridConnector {
 
     /// Upserts `sent` into the list, in as many requests as the byte limit needs, and drops
     /// the addresses a validation refusal names before sending the rest again.
-    async fn upsert_all(&self, sent: Vec<String>) -> Result<QueuedAdd, DeliveryError> {
+    async fn upsert_all(&self, sent: &[String]) -> Result<QueuedAdd, DeliveryError> {
         let addresses: Vec<&str> = sent.iter().map(String::as_str).collect();
         let mut refused: BTreeMap<String, String> = BTreeMap::new();
         let mut jobs = Vec::new();
@@ -429,29 +358,24 @@ impl SendgridConnector {
                 }
             }
         }
-        Ok(QueuedAdd {
-            sent,
-            refused,
-            jobs,
-        })
+        Ok(QueuedAdd { refused, jobs })
     }
 
-    /// Polls `job` until it has finished or `job_wait` has passed, and returns the addresses
-    /// it refused, each with the reason.
+    /// Polls `job` until it has finished or `job_wait_seconds` have passed, and returns the
+    /// addresses it refused, each with the reason.
     async fn wait_for_job(
         &self,
         batch: &Batch,
         identity: &str,
         job: &ImportJob,
     ) -> Result<BTreeMap<String, String>, DeliveryError> {
-        let deadline = Instant::now() + self.job_wait;
-        loop {
+        let poll = move || async move {
             let status = self.job_status(identity, &job.id).await?;
             match status.status.as_str() {
-                "completed" | "errored" => return self.job_refusals(batch, job, &status).await,
+                "completed" | "errored" => Ok(Polled::Finished(status)),
                 "failed" => {
                     // The next attempt upserts again rather than polling a job that is over.
-                    self.forget_add(identity);
+                    self.jobs.forget(identity);
                     let results = status.results.unwrap_or_default();
                     let counts = match results.requested_count {
                         0 => String::new(),
@@ -462,30 +386,29 @@ impl SendgridConnector {
                             )
                         }
                     };
-                    return Err(DeliveryError::Retryable {
+                    Err(DeliveryError::Retryable {
                         message: format!(
                             "SendGrid import job {} failed{counts}; sending the batch again is \
                              safe, as upserts and list adds are idempotent",
                             job.id
                         ),
-                    });
+                    })
                 }
-                _ => {}
+                _ => Ok(Polled::Unfinished(status.status)),
             }
-            if Instant::now() + self.poll_interval > deadline {
-                return Err(DeliveryError::Retryable {
-                    message: format!(
-                        "SendGrid import job {} is still {} after {} s; sending the batch again \
-                         is safe, as upserts and list adds are idempotent, and the next attempt \
-                         in this process polls the same job",
-                        job.id,
-                        shown_status(&status.status),
-                        self.job_wait.as_secs()
-                    ),
-                });
-            }
-            tokio::time::sleep(self.poll_interval).await;
-        }
+        };
+        let unfinished = |status: String, waited: Duration| DeliveryError::Retryable {
+            message: format!(
+                "SendGrid import job {} is still {} after {} s; sending the batch again is safe, \
+                 as upserts and list adds are idempotent, and the next attempt in this process \
+                 polls the same job",
+                job.id,
+                shown_status(&status),
+                waited.as_secs()
+            ),
+        };
+        let status = job::wait(self.polling, poll, unfinished).await?;
+        self.job_refusals(batch, job, &status).await
     }
 
     /// The status of the import job `id`.
@@ -513,7 +436,7 @@ impl SendgridConnector {
         }
         if status == StatusCode::NOT_FOUND {
             // A job that cannot be found is not polled again; the next attempt upserts anew.
-            self.forget_add(identity);
+            self.jobs.forget(identity);
             return Err(DeliveryError::Retryable {
                 message: format!(
                     "{shown} answered {status}: SendGrid does not know import job {id}; sending \
@@ -636,30 +559,6 @@ impl SendgridConnector {
         Ok(BTreeMap::new())
     }
 
-    /// The upserts an earlier attempt of this batch queued, if any, and only if it sent the
-    /// same addresses.
-    fn known_add(&self, identity: &str, sent: &[String]) -> Option<QueuedAdd> {
-        let jobs = self.jobs.lock().expect("the job table is never poisoned");
-        jobs.get(identity)
-            .filter(|queued| queued.sent == sent)
-            .cloned()
-    }
-
-    /// Forgets the batch's jobs after a failure that sending again will not cure, so that a
-    /// later delivery of the batch starts afresh.
-    fn forget_unless_retryable(&self, identity: &str, error: &DeliveryError) {
-        if !error.is_retryable() {
-            self.forget_add(identity);
-        }
-    }
-
-    fn forget_add(&self, identity: &str) {
-        self.jobs
-            .lock()
-            .expect("the job table is never poisoned")
-            .remove(identity);
-    }
-
     /// One upsert of `addresses` into the list.
     async fn upsert(&self, addresses: &[&str]) -> Result<Upserted, DeliveryError> {
         let body = serde_json::json!({
@@ -703,7 +602,7 @@ impl SendgridConnector {
     /// Takes the members' contacts out of the list, looking their ids up 100 addresses at a
     /// time. A failure of a request fails the batch; sending it again looks the members up
     /// again, and those already taken out are no longer in the list.
-    async fn remove(&self, members: &[Prepared<'_>]) -> Result<Outcome, DeliveryError> {
+    async fn remove(&self, members: &[Addressed<'_>]) -> Result<Outcome, DeliveryError> {
         let addresses = distinct_addresses(members);
         let mut found: BTreeMap<&str, Found> = BTreeMap::new();
         for chunk in addresses.chunks(MAX_LOOKUP) {
@@ -1041,16 +940,6 @@ fn refused_rows(body: &[u8], array: &str, sent: &[&str]) -> Vec<(usize, String)>
         .collect()
 }
 
-/// A job status fit for a message: SendGrid's word when it is one, `unfinished` otherwise.
-fn shown_status(status: &str) -> &str {
-    let word = !status.is_empty()
-        && status.len() <= 32
-        && status
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if word { status } else { "unfinished" }
-}
-
 /// The addresses of a job its errors file names, each with the reason.
 ///
 /// The file's layout is not documented. It is read as CSV: a row holding exactly one of the
@@ -1107,74 +996,10 @@ fn read_errors_file(body: &[u8], addresses: &[String], known: &[&str]) -> BTreeM
     named
 }
 
-/// What a finished job's refusals come to.
-#[derive(Debug, PartialEq, Eq)]
-struct Settled {
-    /// The addresses refused, with the reason.
-    refused: BTreeMap<String, String>,
-    /// How many refused contacts are neither named nor rejected: their members count as
-    /// accepted, as which they are is not known.
-    unnamed: u64,
-}
-
-/// The refusals of `job`, which counted `errored` contacts and named those in `named`. When
-/// the contacts it did not name must all be among those counted, they are refused too;
-/// otherwise they are left accepted and the shortfall is reported.
-fn settle(job: &ImportJob, errored: u64, mut named: BTreeMap<String, String>) -> Settled {
-    let in_job: BTreeSet<&str> = job.addresses.iter().map(String::as_str).collect();
-    named.retain(|address, _| in_job.contains(address.as_str()));
-    let unnamed = errored.saturating_sub(named.len() as u64);
-    let rest: Vec<&String> = job
-        .addresses
-        .iter()
-        .filter(|address| !named.contains_key(address.as_str()))
-        .collect();
-    if unnamed == 0 || rest.is_empty() {
-        return Settled {
-            refused: named,
-            unnamed: 0,
-        };
-    }
-    if unnamed < rest.len() as u64 {
-        return Settled {
-            refused: named,
-            unnamed,
-        };
-    }
-    let reason = format!(
-        "SendGrid's import job {} counted {errored} of its {} contacts as errored without \
-         naming them all; this one is among them",
-        job.id,
-        job.addresses.len()
-    );
-    for address in rest {
-        named.insert(address.clone(), reason.clone());
-    }
-    Settled {
-        refused: named,
-        unnamed: 0,
-    }
-}
-
-/// `run_id`, activation, change and sequence, the identity of a batch.
-fn batch_identity(batch: &Batch) -> String {
-    format!(
-        "{}\n{}\n{}\n{}",
-        batch.run_id,
-        batch.activation,
-        batch.change.as_str(),
-        batch.sequence
-    )
-}
-
-/// The members' addresses, each once, in order.
-fn distinct_addresses<'m>(members: &'m [Prepared<'_>]) -> Vec<&'m str> {
-    let mut seen = BTreeSet::new();
-    members
-        .iter()
-        .map(|member| member.email.as_str())
-        .filter(|email| seen.insert(*email))
-        .collect()
+/// The refusals of `job`, which counted `errored` contacts and named those in `named` (see
+/// [`job::settle`]).
+fn settle(job: &ImportJob, errored: u64, named: BTreeMap<String, String>) -> Settled {
+    job::settle(job, errored, named, IMPORT_JOB)
 }
 
 /// `addresses` cut into runs whose upsert body stays within `limit` bytes.
@@ -1260,6 +1085,17 @@ fn is_uuid(text: &str) -> bool {
             .all(|(group, len)| group.len() == len && group.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
+/// The API key, in `api_key_env`.
+const API_KEY: HeaderSecret = HeaderSecret {
+    name: "api_key",
+    holds: "a SendGrid API key",
+    called: "the API key",
+    prefix: Some((
+        "SG.",
+        "the API key does not start with `SG.`; copy the whole key from SendGrid",
+    )),
+};
+
 /// The checked connection settings, `None` when any is wrong (the problems say which).
 fn read_connection(
     problems: &mut Problems,
@@ -1267,70 +1103,17 @@ fn read_connection(
     secrets: &BTreeMap<String, String>,
 ) -> Option<ConnectionSettings> {
     problems.reject_unknown_keys(table, Place::Connection, CONNECTION_KEYS);
-    let api_key = problems
-        .secret(table, secrets, "api_key", "a SendGrid API key")
-        .filter(|key| {
-            let shaped = key.starts_with("SG.");
-            if !shaped {
-                problems.push(
-                    "api_key_env",
-                    "the API key does not start with `SG.`; copy the whole key from SendGrid",
-                );
-            }
-            shaped
-        })
-        .and_then(|key| problems.header_safe("api_key_env", "the API key", key));
-    let base_url = match table.contains_key("base_url") {
-        true => problems.http_url(table, Place::Connection, "base_url"),
-        false => Some(Url::parse(DEFAULT_BASE_URL).expect("the default base URL parses")),
-    };
-    let batch_size = problems
-        .integer(table, Place::Connection, "batch_size", 1..=MAX_MEMBERS)
-        .unwrap_or(DEFAULT_BATCH_SIZE);
-    let timeout_seconds = problems
-        .integer(
-            table,
-            Place::Connection,
-            "timeout_seconds",
-            1..=MAX_TIMEOUT_SECONDS,
-        )
-        .unwrap_or(DEFAULT_TIMEOUT_SECONDS);
-    let poll_interval_seconds = problems
-        .integer(
-            table,
-            Place::Connection,
-            "poll_interval_seconds",
-            1..=MAX_POLL_INTERVAL_SECONDS,
-        )
-        .unwrap_or(DEFAULT_POLL_INTERVAL_SECONDS);
-    let job_wait_seconds = problems
-        .integer(
-            table,
-            Place::Connection,
-            "job_wait_seconds",
-            1..=MAX_JOB_WAIT_SECONDS,
-        )
-        .unwrap_or(DEFAULT_JOB_WAIT_SECONDS);
-
-    let seconds = |value: i64| Duration::from_secs(u64::try_from(value).expect("at least 1"));
-    let timeout = seconds(timeout_seconds);
-    let client = match http::client(timeout) {
-        Ok(client) => Some(client),
-        Err(error) => {
-            problems.push(
-                "base_url",
-                format!("the HTTP client cannot be set up: {error}"),
-            );
-            None
-        }
-    };
+    let api_key = problems.header_secret(table, secrets, API_KEY);
+    let base_url = problems.base_url(table, DEFAULT_BASE_URL);
+    let batch_size = problems.batch_size(table, BATCH_SIZE);
+    let client = problems.http_client(table, "base_url", TIMEOUT_SECONDS);
+    let polling = Polling::read(problems, table, POLLING);
     Some(ConnectionSettings {
         client: client?,
         base_url: base_url?,
-        api_key: Secret(api_key?),
-        batch_size: usize::try_from(batch_size).expect("within 1..=30000"),
-        poll_interval: seconds(poll_interval_seconds),
-        job_wait: seconds(job_wait_seconds),
+        api_key: api_key?,
+        batch_size,
+        polling,
     })
 }
 

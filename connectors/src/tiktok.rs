@@ -25,7 +25,7 @@
 //! result: a request it accepts accepts every member sent.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::{StatusCode, Url};
@@ -33,10 +33,9 @@ use serde_json::{Value, json};
 
 use crate::http::{self, Secret, quote};
 use crate::identifiers::{self, Invalid};
-use crate::settings::{Place, Problems};
-use crate::{
-    Batch, BoxFuture, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
-};
+use crate::members;
+use crate::settings::{self, Limit, Place, Problems};
+use crate::{Batch, BoxFuture, Change, Connector, DeliveryError, Member, Outcome, SettingsError};
 
 /// Connection keys the TikTok connector knows.
 const CONNECTION_KEYS: &[&str] = &[
@@ -52,14 +51,16 @@ const CONNECTION_KEYS: &[&str] = &[
 const ACTIVATION_KEYS: &[&str] = &["audience_id", "schema", "phone_format"];
 /// The Business API root.
 const DEFAULT_BASE_URL: &str = "https://business-api.tiktok.com/open_api/v1.3";
-/// Members per request unless `batch_size` says otherwise.
-const DEFAULT_BATCH_SIZE: i64 = 1000;
-/// The largest `batch_size` accepted.
-const MAX_BATCH_SIZE: i64 = 10_000;
-/// Seconds a request may take unless `timeout_seconds` says otherwise.
-const DEFAULT_TIMEOUT_SECONDS: i64 = 60;
-/// The largest `timeout_seconds` accepted.
-const MAX_TIMEOUT_SECONDS: i64 = 600;
+/// `batch_size`, members per request.
+const BATCH_SIZE: Limit = Limit {
+    default: 1000,
+    max: 10_000,
+};
+/// `timeout_seconds`, seconds a request may take.
+const TIMEOUT_SECONDS: Limit = Limit {
+    default: 60,
+    max: 600,
+};
 /// How much of an answer is read at most; TikTok's answers to this endpoint are small.
 const MAX_ANSWER_BYTES: usize = 1 << 20;
 /// Body codes taken for throttling unless `throttle_codes` says otherwise: 40100 (requests
@@ -229,14 +230,14 @@ impl TiktokConnector {
         activation: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<Self, Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        let connection = read_connection(&mut problems, connection, secrets);
-        let activation = read_activation(&mut problems, activation);
-        problems.finish(|| {
-            let connection = connection.expect("connection settings when there are no problems");
-            let activation = activation.expect("activation settings when there are no problems");
-            TiktokConnector::new(connection, activation)
-        })
+        settings::build(
+            connection,
+            activation,
+            secrets,
+            read_connection,
+            read_activation,
+            Self::new,
+        )
     }
 
     /// Checks the connection settings alone, as when a connection is loaded before any
@@ -245,21 +246,12 @@ impl TiktokConnector {
         connection: &toml::Table,
         secrets: &BTreeMap<String, String>,
     ) -> Result<(), Vec<SettingsError>> {
-        let mut problems = Problems::default();
-        read_connection(&mut problems, connection, secrets);
-        problems.finish(|| ())
+        settings::check(connection, secrets, read_connection)
     }
 
     fn new(connection: ConnectionSettings, activation: ActivationSettings) -> Self {
-        let mut mapping_url = connection.base_url;
-        mapping_url
-            .path_segments_mut()
-            .expect("an http URL has path segments")
-            .pop_if_empty()
-            // The trailing empty segment gives the trailing `/` TikTok's paths have.
-            .extend(["segment", "mapping", ""]);
-        mapping_url.set_query(None);
-        mapping_url.set_fragment(None);
+        // The trailing empty segment gives the trailing `/` TikTok's paths have.
+        let mapping_url = http::endpoint(&connection.base_url, &["segment", "mapping", ""]);
         TiktokConnector {
             client: connection.client,
             mapping_url,
@@ -331,27 +323,9 @@ impl TiktokConnector {
     /// The row of each member that has at least one usable identifier, with its key, and an
     /// outcome holding a rejection for every member that has none.
     fn prepare<'a>(&self, batch: &'a Batch) -> (Vec<Row<'a>>, Outcome) {
-        let mut rows = Vec::with_capacity(batch.members.len());
-        let mut outcome = Outcome::default();
-        for member in &batch.members {
-            match self.row(member) {
-                Ok(row) => rows.push((member.key.as_str(), row)),
-                Err(reason) => outcome.rejected.push(Rejection {
-                    key: member.key.clone(),
-                    reason,
-                }),
-            }
-        }
-        if !outcome.rejected.is_empty() {
-            tracing::debug!(
-                activation = %batch.activation,
-                change = batch.change.as_str(),
-                sequence = batch.sequence,
-                rejected = outcome.rejected.len(),
-                "members without a usable identifier are not sent to tiktok"
-            );
-        }
-        (rows, outcome)
+        members::prepare(batch, "tiktok", "identifier", |member| {
+            Ok((member.key.as_str(), self.row(member)?))
+        })
     }
 
     /// One member's digests in schema order, `None` for each identifier that is missing or
@@ -524,35 +498,12 @@ fn read_connection(
         "advertiser_id",
         "the advertiser account's id",
     );
-    let base_url = match table.contains_key("base_url") {
-        true => problems.http_url(table, Place::Connection, "base_url"),
-        false => Some(Url::parse(DEFAULT_BASE_URL).expect("the default base URL parses")),
-    };
-    let batch_size = problems
-        .integer(table, Place::Connection, "batch_size", 1..=MAX_BATCH_SIZE)
-        .unwrap_or(DEFAULT_BATCH_SIZE);
-    let timeout_seconds = problems
-        .integer(
-            table,
-            Place::Connection,
-            "timeout_seconds",
-            1..=MAX_TIMEOUT_SECONDS,
-        )
-        .unwrap_or(DEFAULT_TIMEOUT_SECONDS);
+    let base_url = problems.base_url(table, DEFAULT_BASE_URL);
+    let batch_size = problems.batch_size(table, BATCH_SIZE);
+    let client = problems.http_client(table, "base_url", TIMEOUT_SECONDS);
     let throttle_codes = read_codes(problems, table, "throttle_codes", DEFAULT_THROTTLE_CODES);
     let auth_codes = read_codes(problems, table, "auth_codes", DEFAULT_AUTH_CODES);
 
-    let timeout = Duration::from_secs(u64::try_from(timeout_seconds).expect("within 1..=600"));
-    let client = match http::client(timeout) {
-        Ok(client) => Some(client),
-        Err(error) => {
-            problems.push(
-                "base_url",
-                format!("the HTTP client cannot be set up: {error}"),
-            );
-            None
-        }
-    };
     Some(ConnectionSettings {
         client: client?,
         base_url: base_url?,
@@ -560,7 +511,7 @@ fn read_connection(
         advertiser_id: advertiser_id?,
         throttle_codes: throttle_codes?,
         auth_codes: auth_codes?,
-        batch_size: usize::try_from(batch_size).expect("within 1..=10000"),
+        batch_size,
     })
 }
 
@@ -572,25 +523,9 @@ fn read_digits(
     key: &str,
     what: &str,
 ) -> Option<String> {
-    match table.get(key) {
-        None => {
-            problems.push(key, format!("missing; set it to {what}"));
-            None
-        }
-        Some(toml::Value::Integer(id)) if *id > 0 => Some(id.to_string()),
-        Some(toml::Value::String(id))
-            if !id.is_empty() && id.bytes().all(|byte| byte.is_ascii_digit()) =>
-        {
-            Some(id.clone())
-        }
-        Some(_) => {
-            problems.push(
-                key,
-                format!("expected {what}, digits only, in the {}", place.describe()),
-            );
-            None
-        }
-    }
+    let missing = format!("missing; set it to {what}");
+    let wrong = format!("expected {what}, digits only, in the {}", place.describe());
+    problems.numeric_id(table, key, &missing, &wrong)
 }
 
 /// A list of body codes at `key` of the connection settings, or `default`.
@@ -652,7 +587,14 @@ fn read_activation(problems: &mut Problems, table: &toml::Table) -> Option<Activ
 
 /// `schema`, a table from TikTok identifier types to member identifiers, in wire order.
 fn read_schema(problems: &mut Problems, table: &toml::Table) -> Option<Vec<(IdType, String)>> {
-    let Some(value) = table.get("schema") else {
+    let known: Vec<&str> = IdType::ALL.iter().map(|kind| kind.name()).collect();
+    let unknown = format!(
+        "unknown TikTok identifier type; known types: {}",
+        known.join(", ")
+    );
+    let example = "{ EMAIL_SHA256 = \"email\" }";
+    let Some(schema) = problems.identifier_table(table, "schema", example, IdType::parse, &unknown)
+    else {
         return Some(
             DEFAULT_SCHEMA
                 .iter()
@@ -660,52 +602,11 @@ fn read_schema(problems: &mut Problems, table: &toml::Table) -> Option<Vec<(IdTy
                 .collect(),
         );
     };
-    let Some(entries) = value.as_table() else {
-        problems.push(
-            "schema",
-            format!(
-                "expected a table such as {{ EMAIL_SHA256 = \"email\" }}, found {}",
-                value.type_str()
-            ),
-        );
-        return None;
-    };
-    let known: Vec<&str> = IdType::ALL.iter().map(|kind| kind.name()).collect();
-    let mut schema = Vec::new();
-    let mut ok = true;
-    for (name, identifier) in entries {
-        let kind = IdType::parse(name);
-        let identifier = identifier.as_str().filter(|text| !text.is_empty());
-        match (kind, identifier) {
-            (Some(kind), Some(identifier)) => schema.push((kind, identifier.to_owned())),
-            (None, _) => {
-                ok = false;
-                problems.push(
-                    &format!("schema.{name}"),
-                    format!(
-                        "unknown TikTok identifier type; known types: {}",
-                        known.join(", ")
-                    ),
-                );
-            }
-            (Some(_), None) => {
-                ok = false;
-                problems.push(
-                    &format!("schema.{name}"),
-                    "expected the name of a member identifier, as a non-empty string",
-                );
-            }
-        }
-    }
-    if ok && schema.is_empty() {
-        problems.push(
-            "schema",
-            "empty; map at least one TikTok identifier type to an identifier",
-        );
-        return None;
-    }
-    schema.sort_by_key(|(kind, _)| *kind);
-    ok.then_some(schema)
+    schema.finish(
+        problems,
+        "schema",
+        "empty; map at least one TikTok identifier type to an identifier",
+    )
 }
 
 #[cfg(test)]

@@ -23,13 +23,13 @@
 //! whose last batch never comes must change nothing, and a new session starts from batch 0.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use reqwest::header::{AUTHORIZATION, HeaderName, HeaderValue, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
 
 use crate::http::{self, quote, requested_wait};
-use crate::settings::{Place, Problems};
+use crate::settings::{Limit, Place, Problems};
 use crate::{
     Batch, BoxFuture, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
 };
@@ -38,14 +38,16 @@ use crate::{
 const CONNECTION_KEYS: &[&str] = &["url", "token_env", "batch_size", "timeout_seconds"];
 /// Activation keys the webhook connector knows.
 const ACTIVATION_KEYS: &[&str] = &["url"];
-/// Members per request unless `batch_size` says otherwise.
-const DEFAULT_BATCH_SIZE: i64 = 1000;
-/// The largest `batch_size` accepted.
-const MAX_BATCH_SIZE: i64 = 10_000;
-/// Seconds a request may take unless `timeout_seconds` says otherwise.
-const DEFAULT_TIMEOUT_SECONDS: i64 = 30;
-/// The largest `timeout_seconds` accepted.
-const MAX_TIMEOUT_SECONDS: i64 = 3600;
+/// `batch_size`, members per request.
+const BATCH_SIZE: Limit = Limit {
+    default: 1000,
+    max: 10_000,
+};
+/// `timeout_seconds`, seconds a request may take.
+const TIMEOUT_SECONDS: Limit = Limit {
+    default: 30,
+    max: 3600,
+};
 /// How much of a 2xx answer is read at most; 10,000 rejections with reasons fit well under it.
 const MAX_ANSWER_BYTES: usize = 16 << 20;
 /// The header carrying the batch identity, so a platform can drop a repeated request.
@@ -88,33 +90,8 @@ impl WebhookConnector {
         let connection_url = parse_url(&mut problems, connection, Place::Connection);
         let activation_url = parse_url(&mut problems, activation, Place::Activation);
         let authorization = read_authorization(&mut problems, connection, secrets);
-        let batch_size = problems
-            .integer(
-                connection,
-                Place::Connection,
-                "batch_size",
-                1..=MAX_BATCH_SIZE,
-            )
-            .unwrap_or(DEFAULT_BATCH_SIZE);
-        let timeout_seconds = problems
-            .integer(
-                connection,
-                Place::Connection,
-                "timeout_seconds",
-                1..=MAX_TIMEOUT_SECONDS,
-            )
-            .unwrap_or(DEFAULT_TIMEOUT_SECONDS);
-
-        let timeout = Duration::from_secs(
-            u64::try_from(timeout_seconds).expect("timeout_seconds within 1..=3600"),
-        );
-        let client = match http::client(timeout) {
-            Ok(client) => Some(client),
-            Err(error) => {
-                problems.push("url", format!("the HTTP client cannot be set up: {error}"));
-                None
-            }
-        };
+        let batch_size = problems.batch_size(connection, BATCH_SIZE);
+        let client = problems.http_client(connection, "url", TIMEOUT_SECONDS);
 
         problems.finish(|| WebhookConnector {
             client: client.expect("a client when there are no problems"),
@@ -122,7 +99,7 @@ impl WebhookConnector {
                 .or(connection_url)
                 .expect("a url when there are no problems"),
             authorization,
-            batch_size: usize::try_from(batch_size).expect("batch_size within 1..=10000"),
+            batch_size,
         })
     }
 

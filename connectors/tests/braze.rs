@@ -8,10 +8,9 @@
 //! (external id, e-mail, phone, array attributes, subscription states). Faults queued on it
 //! answer the next requests the way Braze fails.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::num::NonZeroU32;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -19,11 +18,16 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use segmentd_connectors::braze::BrazeConnector;
 use segmentd_connectors::{
-    Batch, Change, Connector, DeliveryError, Member, Outcome, Rejection, RetryPolicy,
-    SettingsError, deliver_with_retries,
+    Batch, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
 };
 use serde_json::{Value, json};
 use tokio::time::Instant;
+
+mod common;
+use common::{
+    Fake, accepted, deliver_retrying, header, html, member, strings as ids, unix_now,
+    with_retry_after,
+};
 
 const KEY: &str = "b7d3c6a0-5f1e-4e2a-9c1b-2d8f7e6a5b4c";
 const ATTRIBUTE: &str = "segments";
@@ -81,13 +85,14 @@ struct Profile {
     subscriptions: BTreeMap<String, String>,
 }
 
-/// The fake API and the user profiles it holds, by external id.
-struct Braze {
+/// The fake REST API: its profiles, the faults queued and the requests received.
+type Braze = Fake<Account, Received, Fault>;
+
+/// The user profiles the fake holds, by external id, and the identifiers it refuses.
+struct Account {
     profiles: Mutex<BTreeMap<String, Profile>>,
     /// Identifiers whose attributes object the fake refuses with a non-fatal error.
     refused: Mutex<BTreeSet<String>>,
-    faults: Mutex<VecDeque<Fault>>,
-    received: Mutex<Vec<Received>>,
 }
 
 impl Braze {
@@ -122,23 +127,11 @@ impl Braze {
     fn profile(&self, external_id: &str) -> Profile {
         self.profiles.lock().unwrap()[external_id].clone()
     }
-
-    fn received(&self) -> Vec<Received> {
-        self.received.lock().unwrap().clone()
-    }
-
-    fn fail_next(&self, faults: impl IntoIterator<Item = Fault>) {
-        self.faults.lock().unwrap().extend(faults);
-    }
 }
 
 /// Adds the `X-RateLimit-*` headers Braze sends on every answer.
 fn with_rate_limit_headers(mut response: Response, remaining: u64, reset_in: u64) -> Response {
-    let reset = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + reset_in;
+    let reset = unix_now() + reset_in;
     let headers = response.headers_mut();
     headers.insert("x-ratelimit-limit", RATE_LIMIT.into());
     headers.insert("x-ratelimit-remaining", remaining.into());
@@ -165,23 +158,13 @@ fn refusal(fault: Option<&Fault>, headers: &HeaderMap) -> Option<Response> {
             if let Some(reset_in) = reset_in {
                 response = with_rate_limit_headers(response, 0, *reset_in);
             }
-            if let Some(value) = retry_after {
-                response
-                    .headers_mut()
-                    .insert("retry-after", value.parse().unwrap());
-            }
-            return Some(response);
+            return Some(with_retry_after(response, *retry_after));
         }
         Some(Fault::Unavailable) => return Some(fatal(503, "Service Unavailable")),
         Some(Fault::HtmlPage(status)) => {
             let page = "<html><head><title>502 Bad Gateway</title></head>\
                         <body><center><h1>502 Bad Gateway</h1></center></body></html>";
-            let mut response = page.into_response();
-            *response.status_mut() = StatusCode::from_u16(*status).unwrap();
-            response
-                .headers_mut()
-                .insert("content-type", "text/html".parse().unwrap());
-            return Some(response);
+            return Some(html(*status, page, "text/html"));
         }
         Some(Fault::RevokedKey) => return Some(fatal(401, "Invalid API Key")),
         Some(Fault::MissingPermission) => {
@@ -199,7 +182,7 @@ fn refusal(fault: Option<&Fault>, headers: &HeaderMap) -> Option<Response> {
         Some(Fault::Slow(_) | Fault::Queued | Fault::UnplacedError) | None => {}
     }
     let expected = format!("Bearer {KEY}");
-    let authorization = headers.get("authorization").and_then(|v| v.to_str().ok());
+    let authorization = header(headers, "authorization");
     (authorization != Some(expected.as_str())).then(|| fatal(401, "Invalid API Key"))
 }
 
@@ -212,11 +195,9 @@ async fn record_and_delay(
     fault: Option<Fault>,
     response: Response,
 ) -> Response {
-    braze.received.lock().unwrap().push(Received {
+    braze.record(Received {
         uri: uri.to_string(),
-        authorization: headers
-            .get("authorization")
-            .map(|value| value.to_str().unwrap().to_owned()),
+        authorization: header(headers, "authorization").map(str::to_owned),
         body: String::from_utf8_lossy(body).into_owned(),
         status: response.status().as_u16(),
     });
@@ -253,7 +234,7 @@ async fn users_track(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let fault = braze.faults.lock().unwrap().pop_front();
+    let fault = braze.next_fault();
     let response = refusal(fault.as_ref(), &headers)
         .unwrap_or_else(|| finish(fault.as_ref(), track(&braze, &body)));
     record_and_delay(&braze, &uri, &headers, &body, fault, response).await
@@ -381,7 +362,7 @@ async fn subscription_status_set(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let fault = braze.faults.lock().unwrap().pop_front();
+    let fault = braze.next_fault();
     let response = refusal(fault.as_ref(), &headers)
         .unwrap_or_else(|| finish(fault.as_ref(), subscribe(&braze, &body)));
     record_and_delay(&braze, &uri, &headers, &body, fault, response).await
@@ -460,27 +441,24 @@ async fn start_braze() -> (Arc<Braze>, String) {
         ("u2".to_owned(), profile("bob", "+447700900002")),
         ("u3".to_owned(), profile("cat", "+447700900003")),
     ]);
-    let braze = Arc::new(Braze {
-        profiles: Mutex::new(profiles),
-        refused: Mutex::new(BTreeSet::new()),
-        faults: Mutex::new(VecDeque::new()),
-        received: Mutex::new(Vec::new()),
-    });
-    let router = axum::Router::new()
+    let routes = axum::Router::new()
         .route("/users/track", axum::routing::post(users_track))
         .route(
             "/v2/subscription/status/set",
             axum::routing::post(subscription_status_set),
-        )
-        .with_state(Arc::clone(&braze));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    (braze, url)
+        );
+    common::start(
+        Braze::new(Account {
+            profiles: Mutex::new(profiles),
+            refused: Mutex::new(BTreeSet::new()),
+        }),
+        routes,
+    )
+    .await
 }
 
 fn secrets(key: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([("api_key".to_owned(), key.to_owned())])
+    common::secrets(&[("api_key", key)])
 }
 
 fn connection(base_url: &str) -> toml::Table {
@@ -529,25 +507,8 @@ fn group_by_phone(base_url: &str) -> BrazeConnector {
     connector(base_url, activation)
 }
 
-fn member(key: &str, identifiers: &[(&str, &str)]) -> Member {
-    Member {
-        key: key.into(),
-        identifiers: identifiers
-            .iter()
-            .map(|(name, value)| (name.to_string(), value.to_string()))
-            .collect(),
-    }
-}
-
 fn batch(change: Change, members: Vec<Member>) -> Batch {
-    Batch {
-        run_id: 42,
-        activation: "vip/braze".into(),
-        change,
-        sequence: 0,
-        members,
-        replace: None,
-    }
+    common::batch("vip/braze", change, members)
 }
 
 fn three_members() -> Vec<Member> {
@@ -556,27 +517,6 @@ fn three_members() -> Vec<Member> {
         member("2", &[("external_id", "u2")]),
         member("3", &[("external_id", "u3")]),
     ]
-}
-
-fn quick_policy(max_attempts: u32) -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: NonZeroU32::new(max_attempts).unwrap(),
-        initial_delay: Duration::from_millis(20),
-        max_delay: Duration::from_millis(100),
-        max_total_time: Duration::from_secs(30),
-        max_retry_after: Duration::from_secs(5),
-    }
-}
-
-fn accepted(keys: &[&str]) -> Outcome {
-    Outcome {
-        accepted: keys.iter().map(|key| key.to_string()).collect(),
-        rejected: vec![],
-    }
-}
-
-fn ids(ids: &[&str]) -> Vec<String> {
-    ids.iter().map(|id| id.to_string()).collect()
 }
 
 #[tokio::test]
@@ -850,10 +790,10 @@ async fn a_429_with_retry_after_is_waited_out_and_one_without_leaves_the_wait_op
     ]);
     let started = Instant::now();
 
-    let outcome = deliver_with_retries(
+    let outcome = deliver_retrying(
         &by_external_id(&url),
         &batch(Change::Add, three_members()),
-        &quick_policy(2),
+        2,
     )
     .await;
 
@@ -884,12 +824,7 @@ async fn a_429_with_a_rate_limit_reset_waits_until_the_reset_then_lands() {
     let direct = connector
         .deliver(&batch(Change::Add, three_members()))
         .await;
-    let retried = deliver_with_retries(
-        &connector,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let retried = deliver_retrying(&connector, &batch(Change::Add, three_members()), 3).await;
 
     let Err(DeliveryError::RateLimited {
         wait: Some(wait), ..
@@ -918,12 +853,7 @@ async fn a_429_with_a_rate_limit_reset_beyond_any_clock_leaves_the_wait_open_the
     let direct = connector
         .deliver(&batch(Change::Add, three_members()))
         .await;
-    let retried = deliver_with_retries(
-        &connector,
-        &batch(Change::Add, three_members()),
-        &quick_policy(2),
-    )
-    .await;
+    let retried = deliver_retrying(&connector, &batch(Change::Add, three_members()), 2).await;
 
     let Err(DeliveryError::RateLimited { wait, .. }) = direct else {
         panic!("expected a rate limit, got {direct:?}");
@@ -953,19 +883,9 @@ async fn server_errors_and_html_pages_are_retried_up_to_max_attempts() {
     let connector = by_external_id(&url);
 
     braze.fail_next([Fault::HtmlPage(502)]);
-    let recovered = deliver_with_retries(
-        &connector,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let recovered = deliver_retrying(&connector, &batch(Change::Add, three_members()), 3).await;
     braze.fail_next([Fault::Unavailable, Fault::Unavailable, Fault::Unavailable]);
-    let exhausted = deliver_with_retries(
-        &connector,
-        &batch(Change::Remove, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let exhausted = deliver_retrying(&connector, &batch(Change::Remove, three_members()), 3).await;
 
     assert_eq!(recovered, Ok(accepted(&["1", "2", "3"])));
     assert_eq!(
@@ -986,10 +906,10 @@ async fn an_html_page_with_a_client_error_is_permanent() {
     let (braze, url) = start_braze().await;
     braze.fail_next([Fault::HtmlPage(400)]);
 
-    let outcome = deliver_with_retries(
+    let outcome = deliver_retrying(
         &by_external_id(&url),
         &batch(Change::Add, three_members()),
-        &quick_policy(3),
+        3,
     )
     .await;
 
@@ -1014,12 +934,7 @@ async fn an_answer_slower_than_the_timeout_is_retried_and_the_value_is_held_once
     let direct = connector
         .deliver(&batch(Change::Add, three_members()))
         .await;
-    let retried = deliver_with_retries(
-        &connector,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let retried = deliver_retrying(&connector, &batch(Change::Add, three_members()), 3).await;
 
     let DeliveryError::Retryable { message } = direct.unwrap_err() else {
         panic!("a timeout is retryable");
@@ -1039,10 +954,10 @@ async fn a_revoked_key_is_an_auth_failure_sent_once() {
     let (braze, url) = start_braze().await;
     braze.fail_next([Fault::RevokedKey]);
 
-    let outcome = deliver_with_retries(
+    let outcome = deliver_retrying(
         &by_external_id(&url),
         &batch(Change::Add, three_members()),
-        &quick_policy(5),
+        5,
     )
     .await;
 
@@ -1148,10 +1063,7 @@ fn braze_settings_report_every_problem_by_key() {
     let errors =
         BrazeConnector::from_settings(&connection, &activation, &BTreeMap::new()).unwrap_err();
 
-    let error = |field: &str, message: &str| SettingsError {
-        field: field.into(),
-        message: message.into(),
-    };
+    let error = common::problem;
     assert_eq!(
         errors,
         [
@@ -1299,7 +1211,7 @@ async fn an_error_that_names_no_member_is_retried_instead_of_accepting_the_batch
     let added = batch(Change::Add, three_members());
 
     let first = connector.deliver(&added).await;
-    let retried = deliver_with_retries(&connector, &added, &quick_policy(3)).await;
+    let retried = deliver_retrying(&connector, &added, 3).await;
 
     assert_eq!(
         first,

@@ -4,17 +4,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use segmentd_connectors::file::FileConnector;
-use segmentd_connectors::{
-    Batch, Change, Connector, DeliveryError, Member, Outcome, SettingsError,
-};
+use segmentd_connectors::{Batch, Change, Connector, DeliveryError, Member, Outcome};
 
-/// A settings table from key-value pairs.
-fn settings<const N: usize>(pairs: [(&str, toml::Value); N]) -> toml::Table {
-    pairs
-        .into_iter()
-        .map(|(key, value)| (key.to_owned(), value))
-        .collect()
-}
+mod common;
+use common::{member, problem as error, settings};
 
 fn connector(directory: &Path, format: &str) -> FileConnector {
     let connection = settings([
@@ -24,31 +17,18 @@ fn connector(directory: &Path, format: &str) -> FileConnector {
     FileConnector::from_settings(&connection, &toml::Table::new()).unwrap()
 }
 
-fn member(key: &str, identifiers: &[(&str, &str)]) -> Member {
-    Member {
-        key: key.into(),
-        identifiers: identifiers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    }
-}
-
 /// Two members: the first with a name holding a comma and quotes, the second without a name.
 fn batch() -> Batch {
+    let members = vec![
+        member(
+            "1",
+            &[("name", r#"Smith, "Jo""#), ("email", "a@example.com")],
+        ),
+        member("2", &[("email", "b@example.com")]),
+    ];
     Batch {
-        run_id: 42,
-        activation: "vip/newsletter".into(),
-        change: Change::Add,
         sequence: 3,
-        members: vec![
-            member(
-                "1",
-                &[("name", r#"Smith, "Jo""#), ("email", "a@example.com")],
-            ),
-            member("2", &[("email", "b@example.com")]),
-        ],
-        replace: None,
+        ..common::batch("vip/newsletter", Change::Add, members)
     }
 }
 
@@ -212,13 +192,6 @@ fn file_batch_size_defaults_to_100000_and_can_be_set() {
 
     assert_eq!(default.max_batch_size(), 100_000);
     assert_eq!(set.max_batch_size(), 500);
-}
-
-fn error(field: &str, message: &str) -> SettingsError {
-    SettingsError {
-        field: field.into(),
-        message: message.into(),
-    }
 }
 
 #[test]

@@ -11,8 +11,7 @@
 //! requests the way Google fails: quota errors, 429s, 5xx, an HTML page, a slow answer, an
 //! expired token, concurrent modification, a foreign list, a failed job.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::num::NonZeroU32;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,11 +21,15 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use segmentd_connectors::google_ads::GoogleAdsConnector;
 use segmentd_connectors::{
-    Batch, Change, Connector, DeliveryError, Member, Outcome, Rejection, RetryPolicy,
-    SettingsError, deliver_with_retries,
+    Batch, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
 };
 use serde_json::{Value, json};
 use tokio::time::Instant;
+
+mod common;
+use common::{
+    Fake, accepted, deliver_retrying, form_decode, header, member, three_members, with_retry_after,
+};
 
 // Digests computed outside this code with `printf '%s' <text> | sha256sum`.
 /// `ann@example.com`
@@ -121,13 +124,16 @@ struct Received {
     status: u16,
 }
 
-/// The fake Google Ads API and the one user list it holds.
+/// The fake Google Ads API: its account, the faults queued, each on its endpoint, and the
+/// requests received.
+type Ads = Fake<Account, Received, (Step, Fault)>;
+
+/// The one user list the fake's account holds, its jobs and its tokens.
 #[derive(Default)]
-struct Ads {
+struct Account {
     /// The user list: canonical JSON of each user identifier it holds.
     list: Mutex<BTreeSet<String>>,
     jobs: Mutex<BTreeMap<u64, Job>>,
-    faults: Mutex<BTreeMap<Step, VecDeque<Fault>>>,
     /// Values the fake refuses as malformed, through partial failure.
     refused: Mutex<BTreeSet<String>>,
     /// Polls a run job answers `RUNNING` before it succeeds.
@@ -141,7 +147,6 @@ struct Ads {
     issued: Mutex<u32>,
     /// The `expires_in` the token endpoint answers, 3599 unless set.
     token_lifetime: Mutex<Option<u64>>,
-    received: Mutex<Vec<Received>>,
 }
 
 impl Ads {
@@ -162,10 +167,6 @@ impl Ads {
             .collect()
     }
 
-    fn received(&self) -> Vec<Received> {
-        self.received.lock().unwrap().clone()
-    }
-
     fn steps(&self) -> Vec<(Step, u16)> {
         self.received()
             .iter()
@@ -177,13 +178,9 @@ impl Ads {
         self.jobs.lock().unwrap().values().cloned().collect()
     }
 
-    fn fail_next(&self, step: Step, faults: impl IntoIterator<Item = Fault>) {
-        self.faults
-            .lock()
-            .unwrap()
-            .entry(step)
-            .or_default()
-            .extend(faults);
+    /// Queues `faults` to answer the next requests to `step`.
+    fn fail_at(&self, step: Step, faults: impl IntoIterator<Item = Fault>) {
+        self.fail_next(faults.into_iter().map(|fault| (step, fault)));
     }
 }
 
@@ -221,11 +218,8 @@ async fn handle(
         Step::Search
     };
     let fault = ads
-        .faults
-        .lock()
-        .unwrap()
-        .get_mut(&step)
-        .and_then(VecDeque::pop_front);
+        .next_fault_where(|(at, _)| *at == step)
+        .map(|(_, fault)| fault);
     let delay = match fault {
         Some(Fault::Slow(delay)) => delay,
         _ => Duration::ZERO,
@@ -234,7 +228,7 @@ async fn handle(
         Step::Token => token(&ads, &body, fault),
         _ => api(&ads, step, &path, &headers, &body, fault),
     };
-    ads.received.lock().unwrap().push(Received {
+    ads.record(Received {
         step,
         path,
         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
@@ -254,7 +248,7 @@ fn token(ads: &Ads, body: &[u8], fault: Option<Fault>) -> Response {
     let form: BTreeMap<String, String> = String::from_utf8_lossy(body)
         .split('&')
         .filter_map(|pair| pair.split_once('='))
-        .map(|(key, value)| (decode(key), decode(value)))
+        .map(|(key, value)| (form_decode(key), form_decode(value)))
         .collect();
     let expected = [
         ("client_id", CLIENT_ID),
@@ -280,26 +274,6 @@ fn token(ads: &Ads, body: &[u8], fault: Option<Fault>) -> Response {
         "token_type": "Bearer",
     }))
     .into_response()
-}
-
-/// `application/x-www-form-urlencoded` decoding of one key or value.
-fn decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
-                out.push(u8::from_str_radix(hex, 16).unwrap());
-                i += 2;
-            }
-            byte => out.push(byte),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).unwrap()
 }
 
 fn api(
@@ -336,13 +310,7 @@ fn api(
             return (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
         }
         Some(Fault::TooManyRequests(retry_after)) => {
-            let mut response = StatusCode::TOO_MANY_REQUESTS.into_response();
-            if let Some(value) = retry_after {
-                response
-                    .headers_mut()
-                    .insert("retry-after", value.parse().unwrap());
-            }
-            return response;
+            return with_retry_after(StatusCode::TOO_MANY_REQUESTS.into_response(), retry_after);
         }
         Some(Fault::Unavailable) => {
             let body = json!({"error": {
@@ -463,10 +431,6 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
     header(headers, "authorization")?
         .strip_prefix("Bearer ")
         .map(str::to_owned)
-}
-
-fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    headers.get(name)?.to_str().ok()
 }
 
 /// The job id of `offlineUserDataJobs/{id}:{method}`.
@@ -788,22 +752,17 @@ fn search(ads: &Ads, request: &Value) -> Response {
 
 /// Starts the fake on a loopback port; returns it with its base URL.
 async fn start_ads() -> (Arc<Ads>, String) {
-    let ads = Arc::new(Ads::default());
+    let ads = Ads::default();
     *ads.max_identifiers.lock().unwrap() = MAX_IDENTIFIERS;
     ads.tokens.lock().unwrap().insert(ACCESS_TOKEN.to_owned());
-    let router = axum::Router::new()
-        .fallback(axum::routing::post(handle))
-        .with_state(Arc::clone(&ads));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    (ads, url)
+    let routes = axum::Router::new().fallback(axum::routing::post(handle));
+    common::start(ads, routes).await
 }
 
 fn secrets() -> BTreeMap<String, String> {
-    BTreeMap::from([
-        ("developer_token".to_owned(), DEVELOPER_TOKEN.to_owned()),
-        ("access_token".to_owned(), ACCESS_TOKEN.to_owned()),
+    common::secrets(&[
+        ("developer_token", DEVELOPER_TOKEN),
+        ("access_token", ACCESS_TOKEN),
     ])
 }
 
@@ -859,50 +818,8 @@ fn all_identifiers(base_url: &str) -> GoogleAdsConnector {
     connector_with(connection(base_url), activation)
 }
 
-fn member(key: &str, identifiers: &[(&str, &str)]) -> Member {
-    Member {
-        key: key.into(),
-        identifiers: identifiers
-            .iter()
-            .map(|(name, value)| (name.to_string(), value.to_string()))
-            .collect(),
-    }
-}
-
 fn batch(change: Change, members: Vec<Member>) -> Batch {
-    Batch {
-        run_id: 42,
-        activation: "vip/google".into(),
-        change,
-        sequence: 0,
-        members,
-        replace: None,
-    }
-}
-
-fn three_members() -> Vec<Member> {
-    vec![
-        member("1", &[("email", "ann@example.com")]),
-        member("2", &[("email", "bob@example.com")]),
-        member("3", &[("email", "cat@example.com")]),
-    ]
-}
-
-fn quick_policy(max_attempts: u32) -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: NonZeroU32::new(max_attempts).unwrap(),
-        initial_delay: Duration::from_millis(20),
-        max_delay: Duration::from_millis(100),
-        max_total_time: Duration::from_secs(30),
-        max_retry_after: Duration::from_secs(5),
-    }
-}
-
-fn accepted(keys: &[&str]) -> Outcome {
-    Outcome {
-        accepted: keys.iter().map(|key| key.to_string()).collect(),
-        rejected: vec![],
-    }
+    common::batch("vip/google", change, members)
 }
 
 fn emails(hashes: &[&str]) -> Vec<String> {
@@ -1214,7 +1131,7 @@ async fn a_job_whose_every_operation_is_refused_is_never_run() {
 #[tokio::test]
 async fn resource_exhausted_with_a_retry_delay_asks_for_that_wait_and_is_then_retried() {
     let (ads, url) = start_ads().await;
-    ads.fail_next(
+    ads.fail_at(
         Create,
         [Fault::ResourceExhausted {
             retry_delay: Some("1s"),
@@ -1223,12 +1140,7 @@ async fn resource_exhausted_with_a_retry_delay_asks_for_that_wait_and_is_then_re
     let google = email_only(&url);
     let started = Instant::now();
 
-    let outcome = deliver_with_retries(
-        &google,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let outcome = deliver_retrying(&google, &batch(Change::Add, three_members()), 3).await;
 
     assert_eq!(outcome, Ok(accepted(&["1", "2", "3"])));
     assert!(started.elapsed() >= Duration::from_secs(1));
@@ -1239,7 +1151,7 @@ async fn resource_exhausted_with_a_retry_delay_asks_for_that_wait_and_is_then_re
 #[tokio::test]
 async fn resource_exhausted_without_a_delay_is_rate_limited_with_the_wait_left_open() {
     let (ads, url) = start_ads().await;
-    ads.fail_next(Add, [Fault::ResourceExhausted { retry_delay: None }]);
+    ads.fail_at(Add, [Fault::ResourceExhausted { retry_delay: None }]);
 
     let error = email_only(&url)
         .deliver(&batch(Change::Add, three_members()))
@@ -1262,7 +1174,7 @@ async fn resource_exhausted_without_a_delay_is_rate_limited_with_the_wait_left_o
 #[tokio::test]
 async fn a_bare_429_with_retry_after_is_waited_out_and_one_without_leaves_the_wait_open() {
     let (ads, url) = start_ads().await;
-    ads.fail_next(
+    ads.fail_at(
         Create,
         [
             Fault::TooManyRequests(Some("1")),
@@ -1272,12 +1184,7 @@ async fn a_bare_429_with_retry_after_is_waited_out_and_one_without_leaves_the_wa
     let google = email_only(&url);
     let started = Instant::now();
 
-    let first = deliver_with_retries(
-        &google,
-        &batch(Change::Add, three_members()),
-        &quick_policy(2),
-    )
-    .await;
+    let first = deliver_retrying(&google, &batch(Change::Add, three_members()), 2).await;
     let elapsed = started.elapsed();
 
     assert_eq!(
@@ -1297,17 +1204,13 @@ async fn a_bare_429_with_retry_after_is_waited_out_and_one_without_leaves_the_wa
 #[tokio::test]
 async fn a_service_that_stays_unavailable_gets_exactly_max_attempts_requests() {
     let (ads, url) = start_ads().await;
-    ads.fail_next(
+    ads.fail_at(
         Create,
         [Fault::Unavailable, Fault::Unavailable, Fault::Unavailable],
     );
 
-    let outcome = deliver_with_retries(
-        &email_only(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let outcome =
+        deliver_retrying(&email_only(&url), &batch(Change::Add, three_members()), 3).await;
 
     assert_eq!(
         outcome,
@@ -1327,20 +1230,10 @@ async fn an_html_502_page_is_retried_and_an_html_404_page_is_not() {
     let (ads, url) = start_ads().await;
     let google = email_only(&url);
 
-    ads.fail_next(Run, [Fault::HtmlPage(502)]);
-    let retried = deliver_with_retries(
-        &google,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
-    ads.fail_next(Create, [Fault::HtmlPage(404)]);
-    let not_found = deliver_with_retries(
-        &google,
-        &batch(Change::Remove, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    ads.fail_at(Run, [Fault::HtmlPage(502)]);
+    let retried = deliver_retrying(&google, &batch(Change::Add, three_members()), 3).await;
+    ads.fail_at(Create, [Fault::HtmlPage(404)]);
+    let not_found = deliver_retrying(&google, &batch(Change::Remove, three_members()), 3).await;
 
     assert_eq!(retried, Ok(accepted(&["1", "2", "3"])));
     assert_eq!(
@@ -1358,16 +1251,11 @@ async fn an_html_502_page_is_retried_and_an_html_404_page_is_not() {
 #[tokio::test]
 async fn a_run_answered_after_the_timeout_is_resumed_and_not_sent_as_a_second_job() {
     let (ads, url) = start_ads().await;
-    ads.fail_next(Run, [Fault::Slow(Duration::from_millis(1500))]);
+    ads.fail_at(Run, [Fault::Slow(Duration::from_millis(1500))]);
     let google = email_only(&url);
 
     let direct = google.deliver(&batch(Change::Add, three_members())).await;
-    let retried = deliver_with_retries(
-        &google,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let retried = deliver_retrying(&google, &batch(Change::Add, three_members()), 3).await;
 
     let DeliveryError::Retryable { message } = direct.unwrap_err() else {
         panic!("a timeout is retryable");
@@ -1397,14 +1285,10 @@ async fn a_run_answered_after_the_timeout_is_resumed_and_not_sent_as_a_second_jo
 #[tokio::test]
 async fn operations_answered_after_the_timeout_go_again_into_a_new_job_without_doubling() {
     let (ads, url) = start_ads().await;
-    ads.fail_next(Add, [Fault::Slow(Duration::from_millis(1500))]);
+    ads.fail_at(Add, [Fault::Slow(Duration::from_millis(1500))]);
 
-    let outcome = deliver_with_retries(
-        &email_only(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let outcome =
+        deliver_retrying(&email_only(&url), &batch(Change::Add, three_members()), 3).await;
 
     assert_eq!(outcome, Ok(accepted(&["1", "2", "3"])));
     let jobs = ads.jobs();
@@ -1478,12 +1362,8 @@ async fn a_failed_job_is_a_permanent_failure_and_changes_nothing() {
     let (ads, url) = start_ads().await;
     *ads.jobs_fail.lock().unwrap() = true;
 
-    let outcome = deliver_with_retries(
-        &email_only(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let outcome =
+        deliver_retrying(&email_only(&url), &batch(Change::Add, three_members()), 3).await;
 
     assert_eq!(
         outcome,
@@ -1498,14 +1378,10 @@ async fn a_failed_job_is_a_permanent_failure_and_changes_nothing() {
 #[tokio::test]
 async fn concurrent_modification_is_retried_until_the_operations_land() {
     let (ads, url) = start_ads().await;
-    ads.fail_next(Add, [Fault::ConcurrentModification]);
+    ads.fail_at(Add, [Fault::ConcurrentModification]);
 
-    let outcome = deliver_with_retries(
-        &email_only(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let outcome =
+        deliver_retrying(&email_only(&url), &batch(Change::Add, three_members()), 3).await;
 
     assert_eq!(outcome, Ok(accepted(&["1", "2", "3"])));
     assert_eq!(ads.steps()[1], (Add, 409));
@@ -1515,14 +1391,10 @@ async fn concurrent_modification_is_retried_until_the_operations_land() {
 #[tokio::test]
 async fn a_list_of_another_account_is_a_permanent_failure_sent_once() {
     let (ads, url) = start_ads().await;
-    ads.fail_next(Create, [Fault::PermissionDenied]);
+    ads.fail_at(Create, [Fault::PermissionDenied]);
 
-    let outcome = deliver_with_retries(
-        &email_only(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let outcome =
+        deliver_retrying(&email_only(&url), &batch(Change::Add, three_members()), 3).await;
 
     let Err(DeliveryError::Permanent { message }) = outcome else {
         panic!("expected a permanent failure, got {outcome:?}");
@@ -1537,14 +1409,10 @@ async fn a_list_of_another_account_is_a_permanent_failure_sent_once() {
 #[tokio::test]
 async fn an_expired_fixed_token_is_an_auth_failure_sent_once() {
     let (ads, url) = start_ads().await;
-    ads.fail_next(Create, [Fault::ExpiredToken]);
+    ads.fail_at(Create, [Fault::ExpiredToken]);
 
-    let outcome = deliver_with_retries(
-        &email_only(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(5),
-    )
-    .await;
+    let outcome =
+        deliver_retrying(&email_only(&url), &batch(Change::Add, three_members()), 5).await;
 
     assert_eq!(
         outcome,
@@ -1637,15 +1505,10 @@ async fn a_token_said_to_last_longer_than_any_clock_is_used_and_the_batches_land
 #[tokio::test]
 async fn an_expired_refreshed_token_is_renewed_and_the_batch_lands() {
     let (ads, url) = start_ads().await;
-    ads.fail_next(Add, [Fault::ExpiredToken]);
+    ads.fail_at(Add, [Fault::ExpiredToken]);
     let google = connector_with(refreshing_connection(&url), activation());
 
-    let outcome = deliver_with_retries(
-        &google,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let outcome = deliver_retrying(&google, &batch(Change::Add, three_members()), 3).await;
 
     assert_eq!(outcome, Ok(accepted(&["1", "2", "3"])));
     assert_eq!(
@@ -1667,15 +1530,10 @@ async fn an_expired_refreshed_token_is_renewed_and_the_batch_lands() {
 #[tokio::test]
 async fn a_revoked_refresh_token_is_an_auth_failure_sent_once() {
     let (ads, url) = start_ads().await;
-    ads.fail_next(Token, [Fault::InvalidGrant]);
+    ads.fail_at(Token, [Fault::InvalidGrant]);
     let google = connector_with(refreshing_connection(&url), activation());
 
-    let outcome = deliver_with_retries(
-        &google,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let outcome = deliver_retrying(&google, &batch(Change::Add, three_members()), 3).await;
 
     assert_eq!(
         outcome,
@@ -1734,10 +1592,7 @@ fn google_ads_settings_report_every_problem_by_key() {
     let errors =
         GoogleAdsConnector::from_settings(&connection, &activation, &BTreeMap::new()).unwrap_err();
 
-    let error = |field: &str, message: &str| SettingsError {
-        field: field.into(),
-        message: message.into(),
-    };
+    let error = common::problem;
     assert_eq!(
         errors,
         [

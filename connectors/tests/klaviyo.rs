@@ -18,8 +18,7 @@
 //! two shapes, so these are assumptions), or, when set to, `cancelled` with nothing applied.
 //! Faults queued on it answer the next requests the way Klaviyo fails.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::num::NonZeroU32;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,11 +28,16 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use segmentd_connectors::klaviyo::KlaviyoConnector;
 use segmentd_connectors::{
-    Batch, Change, Connector, DeliveryError, Member, Outcome, Rejection, RetryPolicy,
-    SettingsError, deliver_with_retries,
+    Batch, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
 };
 use serde_json::{Value, json};
 use tokio::time::Instant;
+
+mod common;
+use common::{
+    Fake, accepted, deliver_retrying, email_member as member, form_decode, header, html_page,
+    with_retry_after,
+};
 
 const KEY: &str = "pk_0123456789abcdef0123456789abcdef01";
 const REVISION: &str = "2026-01-15";
@@ -94,9 +98,12 @@ struct Job {
     errors: Vec<(usize, String, String)>,
 }
 
-/// The fake API and its one account.
+/// The fake API: its one account, the faults queued and the requests received.
+type Klaviyo = Fake<Account, Received, Fault>;
+
+/// The profiles, lists and import jobs of the fake's one account.
 #[derive(Default)]
-struct Klaviyo {
+struct Account {
     /// Profile ids by lower-cased address.
     profiles: Mutex<BTreeMap<String, String>>,
     /// Profile ids in each list.
@@ -109,8 +116,6 @@ struct Klaviyo {
     jobs_cancelled: Mutex<bool>,
     /// Import errors per page, unless zero (Klaviyo's default of 20).
     errors_page_size: Mutex<usize>,
-    faults: Mutex<VecDeque<Fault>>,
-    received: Mutex<Vec<Received>>,
 }
 
 impl Klaviyo {
@@ -134,10 +139,6 @@ impl Klaviyo {
         self.members_of(LIST_ID)
     }
 
-    fn received(&self) -> Vec<Received> {
-        self.received.lock().unwrap().clone()
-    }
-
     /// `METHOD path -> status` of every request received.
     fn calls(&self) -> Vec<String> {
         self.received()
@@ -147,10 +148,6 @@ impl Klaviyo {
                 format!("{} {path} -> {}", r.method, r.status)
             })
             .collect()
-    }
-
-    fn fail_next(&self, faults: impl IntoIterator<Item = Fault>) {
-        self.faults.lock().unwrap().extend(faults);
     }
 
     /// The id of the profile with `email`, created if new.
@@ -251,13 +248,8 @@ fn refusal(fault: Option<&Fault>, headers: &HeaderMap, has_body: bool) -> Option
             retry_after,
             detail,
         }) => {
-            let mut response = error(429, "throttled", "Request was throttled.", detail, None);
-            if let Some(value) = retry_after {
-                response
-                    .headers_mut()
-                    .insert("retry-after", value.parse().unwrap());
-            }
-            return Some(response);
+            let response = error(429, "throttled", "Request was throttled.", detail, None);
+            return Some(with_retry_after(response, *retry_after));
         }
         Some(Fault::Unavailable) => {
             return Some(error(
@@ -268,11 +260,7 @@ fn refusal(fault: Option<&Fault>, headers: &HeaderMap, has_body: bool) -> Option
                 None,
             ));
         }
-        Some(Fault::HtmlPage(status)) => {
-            let mut response = "<html><body><h1>Bad Gateway</h1></body></html>".into_response();
-            *response.status_mut() = StatusCode::from_u16(*status).unwrap();
-            return Some(response);
-        }
+        Some(Fault::HtmlPage(status)) => return Some(html_page(*status)),
         Some(Fault::RevokedKey) => return Some(not_authenticated()),
         Some(Fault::MissingScope) => {
             return Some(error(
@@ -285,11 +273,10 @@ fn refusal(fault: Option<&Fault>, headers: &HeaderMap, has_body: bool) -> Option
         }
         Some(Fault::Slow(_)) | None => {}
     }
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if header("authorization") != Some(&format!("Klaviyo-API-Key {KEY}")) {
+    if header(headers, "authorization") != Some(&format!("Klaviyo-API-Key {KEY}")) {
         return Some(not_authenticated());
     }
-    match header("revision") {
+    match header(headers, "revision") {
         Some(REVISION) => {}
         None => {
             return Some(error(
@@ -310,7 +297,7 @@ fn refusal(fault: Option<&Fault>, headers: &HeaderMap, has_body: bool) -> Option
             ));
         }
     }
-    if has_body && header("content-type") != Some(JSON_API) {
+    if has_body && header(headers, "content-type") != Some(JSON_API) {
         return Some(error(
             415,
             "unsupported_media_type",
@@ -344,7 +331,7 @@ async fn finish(
 ) -> Response {
     let (parts, answer) = response.into_parts();
     let answer = axum::body::to_bytes(answer, usize::MAX).await.unwrap();
-    klaviyo.received.lock().unwrap().push(Received {
+    klaviyo.record(Received {
         method,
         uri: uri.to_string(),
         headers: headers.clone(),
@@ -372,7 +359,7 @@ async fn import_profiles(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let fault = klaviyo.faults.lock().unwrap().pop_front();
+    let fault = klaviyo.next_fault();
     let response =
         refusal(fault.as_ref(), &headers, true).unwrap_or_else(|| import(&klaviyo, &body));
     finish(
@@ -502,7 +489,7 @@ async fn import_job(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let fault = klaviyo.faults.lock().unwrap().pop_front();
+    let fault = klaviyo.next_fault();
     let response =
         refusal(fault.as_ref(), &headers, false).unwrap_or_else(|| poll_job(&klaviyo, &id));
     finish(
@@ -546,9 +533,9 @@ async fn import_errors(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let fault = klaviyo.faults.lock().unwrap().pop_front();
+    let fault = klaviyo.next_fault();
     let response = refusal(fault.as_ref(), &headers, false).unwrap_or_else(|| {
-        let host = headers.get("host").unwrap().to_str().unwrap();
+        let host = header(&headers, "host").unwrap();
         errors_page(&klaviyo, &id, &query, host)
     });
     finish(
@@ -627,7 +614,7 @@ async fn list_profiles(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let fault = klaviyo.faults.lock().unwrap().pop_front();
+    let fault = klaviyo.next_fault();
     let response = refusal(fault.as_ref(), &headers, false)
         .unwrap_or_else(|| page(&klaviyo, &list_id, &query));
     finish(
@@ -711,7 +698,7 @@ async fn remove_relationships(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let fault = klaviyo.faults.lock().unwrap().pop_front();
+    let fault = klaviyo.next_fault();
     let response = refusal(fault.as_ref(), &headers, true)
         .unwrap_or_else(|| unrelate(&klaviyo, &list_id, &body));
     finish(
@@ -780,8 +767,7 @@ fn unrelate(klaviyo: &Klaviyo, list_id: &str, body: &[u8]) -> Response {
 
 /// Starts the fake on a loopback port; returns it with its API host.
 async fn start_klaviyo() -> (Arc<Klaviyo>, String) {
-    let klaviyo = Arc::new(Klaviyo::default());
-    let router = axum::Router::new()
+    let routes = axum::Router::new()
         .route(
             "/api/profile-bulk-import-jobs",
             axum::routing::post(import_profiles),
@@ -801,16 +787,12 @@ async fn start_klaviyo() -> (Arc<Klaviyo>, String) {
         .route(
             "/api/lists/{list_id}/relationships/profiles",
             axum::routing::delete(remove_relationships),
-        )
-        .with_state(Arc::clone(&klaviyo));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    (klaviyo, url)
+        );
+    common::start(Klaviyo::default(), routes).await
 }
 
 fn secrets(key: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([("api_key".to_owned(), key.to_owned())])
+    common::secrets(&[("api_key", key)])
 }
 
 fn connection(base_url: &str) -> toml::Table {
@@ -828,22 +810,8 @@ fn connector(base_url: &str) -> KlaviyoConnector {
     KlaviyoConnector::from_settings(&connection(base_url), &activation, &secrets(KEY)).unwrap()
 }
 
-fn member(key: &str, email: &str) -> Member {
-    Member {
-        key: key.into(),
-        identifiers: BTreeMap::from([("email".into(), email.into())]),
-    }
-}
-
 fn batch(change: Change, members: Vec<Member>) -> Batch {
-    Batch {
-        run_id: 42,
-        activation: "vip/klaviyo".into(),
-        change,
-        sequence: 0,
-        members,
-        replace: None,
-    }
+    common::batch("vip/klaviyo", change, members)
 }
 
 fn three_members() -> Vec<Member> {
@@ -852,23 +820,6 @@ fn three_members() -> Vec<Member> {
         member("2", " Bob@Example.com "),
         member("3", "cat@example.com"),
     ]
-}
-
-fn quick_policy(max_attempts: u32) -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: NonZeroU32::new(max_attempts).unwrap(),
-        initial_delay: Duration::from_millis(20),
-        max_delay: Duration::from_millis(100),
-        max_total_time: Duration::from_secs(30),
-        max_retry_after: Duration::from_secs(5),
-    }
-}
-
-fn accepted(keys: &[&str]) -> Outcome {
-    Outcome {
-        accepted: keys.iter().map(|key| key.to_string()).collect(),
-        rejected: vec![],
-    }
 }
 
 fn addresses(emails: &[&str]) -> BTreeSet<String> {
@@ -955,7 +906,7 @@ async fn requests_carry_the_key_the_revision_the_media_type_and_profile_ids() {
         .1
         .split('&')
         .map(|pair| pair.split_once('=').unwrap())
-        .map(|(key, value)| (decode(key), decode(value)))
+        .map(|(key, value)| (form_decode(key), form_decode(value)))
         .collect();
     assert_eq!(
         lookup,
@@ -980,24 +931,6 @@ async fn requests_carry_the_key_the_revision_the_media_type_and_profile_ids() {
     assert_eq!(received[3].headers.get("content-type").unwrap(), JSON_API);
     assert!(klaviyo.audience().is_empty());
     assert!(!format!("{connector:?}").contains("0123456789abcdef"));
-}
-
-/// `application/x-www-form-urlencoded` decoding of one query component.
-fn decode(text: &str) -> String {
-    let bytes = text.replace('+', " ").into_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
-            out.push(u8::from_str_radix(hex, 16).unwrap());
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).unwrap()
 }
 
 #[tokio::test]
@@ -1303,12 +1236,7 @@ async fn a_cancelled_import_job_fails_the_batch_as_retryable_and_the_retry_impor
     let (klaviyo, url) = start_klaviyo().await;
     *klaviyo.jobs_cancelled.lock().unwrap() = true;
 
-    let outcome = deliver_with_retries(
-        &connector(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(2),
-    )
-    .await;
+    let outcome = deliver_retrying(&connector(&url), &batch(Change::Add, three_members()), 2).await;
 
     let job = &klaviyo.job_ids()[1];
     assert_eq!(
@@ -1347,12 +1275,7 @@ async fn a_429_with_retry_after_is_waited_out_and_a_bare_one_leaves_the_wait_ope
     ]);
     let started = Instant::now();
 
-    let outcome = deliver_with_retries(
-        &connector(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(2),
-    )
-    .await;
+    let outcome = deliver_retrying(&connector(&url), &batch(Change::Add, three_members()), 2).await;
 
     let elapsed = started.elapsed();
     assert_eq!(
@@ -1380,10 +1303,10 @@ async fn a_429_without_retry_after_waits_as_long_as_its_detail_says_then_removes
     }]);
     let started = Instant::now();
 
-    let outcome = deliver_with_retries(
+    let outcome = deliver_retrying(
         &connector(&url),
         &batch(Change::Remove, vec![member("1", "ann@example.com")]),
-        &quick_policy(2),
+        2,
     )
     .await;
 
@@ -1406,12 +1329,7 @@ async fn a_revoked_key_is_an_auth_failure_sent_once() {
     let (klaviyo, url) = start_klaviyo().await;
     klaviyo.fail_next([Fault::RevokedKey]);
 
-    let outcome = deliver_with_retries(
-        &connector(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(5),
-    )
-    .await;
+    let outcome = deliver_retrying(&connector(&url), &batch(Change::Add, three_members()), 5).await;
 
     assert_eq!(
         outcome,
@@ -1472,12 +1390,7 @@ async fn an_unknown_revision_is_a_permanent_failure() {
     let activation = toml::toml! { list_id = "Y6nRLr" };
     let connector = KlaviyoConnector::from_settings(&settings, &activation, &secrets(KEY)).unwrap();
 
-    let outcome = deliver_with_retries(
-        &connector,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let outcome = deliver_retrying(&connector, &batch(Change::Add, three_members()), 3).await;
 
     assert_eq!(
         outcome,
@@ -1497,19 +1410,9 @@ async fn server_errors_and_html_pages_are_retried_up_to_max_attempts() {
     let connector = connector(&url);
 
     klaviyo.fail_next([Fault::HtmlPage(502)]);
-    let recovered = deliver_with_retries(
-        &connector,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let recovered = deliver_retrying(&connector, &batch(Change::Add, three_members()), 3).await;
     klaviyo.fail_next([Fault::Unavailable, Fault::Unavailable, Fault::Unavailable]);
-    let exhausted = deliver_with_retries(
-        &connector,
-        &batch(Change::Remove, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let exhausted = deliver_retrying(&connector, &batch(Change::Remove, three_members()), 3).await;
 
     assert_eq!(recovered, Ok(accepted(&["1", "2", "3"])));
     assert_eq!(
@@ -1566,12 +1469,7 @@ async fn an_answer_slower_than_the_timeout_is_retried_and_changes_nothing_twice(
     let direct = connector
         .deliver(&batch(Change::Remove, leaving.clone()))
         .await;
-    let retried = deliver_with_retries(
-        &connector,
-        &batch(Change::Remove, leaving),
-        &quick_policy(3),
-    )
-    .await;
+    let retried = deliver_retrying(&connector, &batch(Change::Remove, leaving), 3).await;
 
     let DeliveryError::Retryable { message } = direct.unwrap_err() else {
         panic!("a timeout is retryable");
@@ -1607,10 +1505,7 @@ fn klaviyo_settings_report_every_problem_by_key() {
     let errors =
         KlaviyoConnector::from_settings(&connection, &activation, &secrets("AbC123")).unwrap_err();
 
-    let error = |field: &str, message: &str| SettingsError {
-        field: field.into(),
-        message: message.into(),
-    };
+    let error = common::problem;
     assert_eq!(
         errors,
         [

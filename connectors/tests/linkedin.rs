@@ -9,8 +9,7 @@
 //! the next requests the way LinkedIn fails: 429 with and without `Retry-After`, 5xx, an HTML
 //! page, a slow answer, an expired token, a missing permission, a throttled element.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::num::NonZeroU32;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,11 +19,15 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use segmentd_connectors::linkedin::LinkedInConnector;
 use segmentd_connectors::{
-    Batch, Change, Connector, DeliveryError, Member, Outcome, Rejection, RetryPolicy,
-    SettingsError, deliver_with_retries,
+    Batch, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
 };
 use serde_json::{Value, json};
 use tokio::time::Instant;
+
+mod common;
+use common::{
+    Fake, accepted, deliver_retrying, header, html, member, three_members, with_retry_after,
+};
 
 // Digests computed outside this code with `printf '%s' <text> | sha256sum` (or `sha512sum`).
 /// `ann@example.com`
@@ -91,15 +94,16 @@ struct Received {
     status: u16,
 }
 
-/// The fake LinkedIn API and the one segment it holds.
+/// The fake LinkedIn API: its segment, the faults queued and the requests received.
+type LinkedIn = Fake<Account, Received, Fault>;
+
+/// The one segment the fake holds, and the values it refuses.
 #[derive(Default)]
-struct LinkedIn {
+struct Account {
     /// The segment: `idType=idValue` for users, `field=value` for companies.
     segment: Mutex<BTreeSet<String>>,
-    faults: Mutex<VecDeque<Fault>>,
     /// Id values the fake refuses, with a 400 for their element.
     refused: Mutex<BTreeSet<String>>,
-    received: Mutex<Vec<Received>>,
 }
 
 impl LinkedIn {
@@ -107,16 +111,8 @@ impl LinkedIn {
         self.segment.lock().unwrap().iter().cloned().collect()
     }
 
-    fn received(&self) -> Vec<Received> {
-        self.received.lock().unwrap().clone()
-    }
-
     fn statuses(&self) -> Vec<u16> {
         self.received().iter().map(|r| r.status).collect()
-    }
-
-    fn fail_next(&self, faults: impl IntoIterator<Item = Fault>) {
-        self.faults.lock().unwrap().extend(faults);
     }
 }
 
@@ -138,13 +134,13 @@ async fn batch_create(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let fault = linkedin.faults.lock().unwrap().pop_front();
+    let fault = linkedin.next_fault();
     let delay = match fault {
         Some(Fault::Slow(delay)) => delay,
         _ => Duration::ZERO,
     };
     let response = answer(&linkedin, &segment_id, &kind, &headers, &body, fault);
-    linkedin.received.lock().unwrap().push(Received {
+    linkedin.record(Received {
         uri: uri.to_string(),
         headers,
         body: String::from_utf8_lossy(&body).into_owned(),
@@ -166,17 +162,15 @@ fn answer(
     let mut throttled_element = None;
     match fault {
         Some(Fault::TooManyRequests(retry_after)) => {
-            let mut response = error(
-                429,
-                "TOO_MANY_REQUESTS",
-                101,
-                "Resource level throttle MEMBER MINUTE limit for calls to this resource is reached.",
+            let response = with_retry_after(
+                error(
+                    429,
+                    "TOO_MANY_REQUESTS",
+                    101,
+                    "Resource level throttle MEMBER MINUTE limit for calls to this resource is reached.",
+                ),
+                retry_after,
             );
-            if let Some(value) = retry_after {
-                response
-                    .headers_mut()
-                    .insert("retry-after", value.parse().unwrap());
-            }
             return response;
         }
         Some(Fault::Unavailable) => {
@@ -185,12 +179,7 @@ fn answer(
         Some(Fault::HtmlPage(status)) => {
             let page = "<!DOCTYPE html><html><head><title>LinkedIn</title></head>\
                         <body>Something went wrong.</body></html>";
-            let mut response = page.into_response();
-            *response.status_mut() = StatusCode::from_u16(status).unwrap();
-            response
-                .headers_mut()
-                .insert("content-type", "text/html; charset=utf-8".parse().unwrap());
-            return response;
+            return html(status, page, "text/html; charset=utf-8");
         }
         Some(Fault::ExpiredToken) => {
             return error(
@@ -221,11 +210,10 @@ fn answer(
         _ => None,
     };
 
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if header("authorization") != Some(&format!("Bearer {TOKEN}")) {
+    if header(headers, "authorization") != Some(&format!("Bearer {TOKEN}")) {
         return error(401, "INVALID_ACCESS_TOKEN", 65600, "Invalid access token");
     }
-    if header("linkedin-version") != Some(VERSION) {
+    if header(headers, "linkedin-version") != Some(VERSION) {
         return error(
             426,
             "NONEXISTENT_VERSION",
@@ -233,8 +221,8 @@ fn answer(
             "Requested version is not active",
         );
     }
-    if header("x-restli-protocol-version") != Some("2.0.0")
-        || header("x-restli-method") != Some("BATCH_CREATE")
+    if header(headers, "x-restli-protocol-version") != Some("2.0.0")
+        || header(headers, "x-restli-method") != Some("BATCH_CREATE")
     {
         return error(
             400,
@@ -371,21 +359,15 @@ fn company_ids(element: &Value) -> Result<Vec<String>, &'static str> {
 
 /// Starts the fake on a loopback port; returns it with its base URL.
 async fn start_linkedin() -> (Arc<LinkedIn>, String) {
-    let linkedin = Arc::new(LinkedIn::default());
-    let router = axum::Router::new()
-        .route(
-            "/rest/dmpSegments/{segment_id}/{kind}",
-            axum::routing::post(batch_create),
-        )
-        .with_state(Arc::clone(&linkedin));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    (linkedin, url)
+    let routes = axum::Router::new().route(
+        "/rest/dmpSegments/{segment_id}/{kind}",
+        axum::routing::post(batch_create),
+    );
+    common::start(LinkedIn::default(), routes).await
 }
 
 fn secrets() -> BTreeMap<String, String> {
-    BTreeMap::from([("access_token".to_owned(), TOKEN.to_owned())])
+    common::secrets(&[("access_token", TOKEN)])
 }
 
 fn connection(base_url: &str) -> toml::Table {
@@ -406,50 +388,8 @@ fn email_only(base_url: &str) -> LinkedInConnector {
     connector(base_url, toml::toml! { segment_id = 4711 })
 }
 
-fn member(key: &str, identifiers: &[(&str, &str)]) -> Member {
-    Member {
-        key: key.into(),
-        identifiers: identifiers
-            .iter()
-            .map(|(name, value)| (name.to_string(), value.to_string()))
-            .collect(),
-    }
-}
-
 fn batch(change: Change, members: Vec<Member>) -> Batch {
-    Batch {
-        run_id: 42,
-        activation: "vip/linkedin".into(),
-        change,
-        sequence: 0,
-        members,
-        replace: None,
-    }
-}
-
-fn three_members() -> Vec<Member> {
-    vec![
-        member("1", &[("email", "ann@example.com")]),
-        member("2", &[("email", "bob@example.com")]),
-        member("3", &[("email", "cat@example.com")]),
-    ]
-}
-
-fn quick_policy(max_attempts: u32) -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: NonZeroU32::new(max_attempts).unwrap(),
-        initial_delay: Duration::from_millis(20),
-        max_delay: Duration::from_millis(100),
-        max_total_time: Duration::from_secs(30),
-        max_retry_after: Duration::from_secs(5),
-    }
-}
-
-fn accepted(keys: &[&str]) -> Outcome {
-    Outcome {
-        accepted: keys.iter().map(|key| key.to_string()).collect(),
-        rejected: vec![],
-    }
+    common::batch("vip/linkedin", change, members)
 }
 
 fn emails(hashes: &[&str]) -> Vec<String> {
@@ -673,12 +613,8 @@ async fn a_throttled_element_sends_the_batch_again_and_it_lands_once() {
     let (linkedin, url) = start_linkedin().await;
     linkedin.fail_next([Fault::ElementThrottled(1)]);
 
-    let outcome = deliver_with_retries(
-        &email_only(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let outcome =
+        deliver_retrying(&email_only(&url), &batch(Change::Add, three_members()), 3).await;
 
     assert_eq!(outcome, Ok(accepted(&["1", "2", "3"])));
     assert_eq!(linkedin.statuses(), [200, 200]);
@@ -720,12 +656,8 @@ async fn a_truncated_200_is_retried_and_the_members_land_once() {
     // `{"elements":[{"status":201},` is 28 bytes: one status survives of three.
     linkedin.fail_next([Fault::Truncated(28)]);
 
-    let outcome = deliver_with_retries(
-        &email_only(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let outcome =
+        deliver_retrying(&email_only(&url), &batch(Change::Add, three_members()), 3).await;
 
     assert_eq!(outcome, Ok(accepted(&["1", "2", "3"])));
     assert_eq!(linkedin.statuses(), [200, 200]);
@@ -742,12 +674,7 @@ async fn a_429_with_retry_after_is_waited_out_and_one_without_leaves_the_wait_op
     let connector = email_only(&url);
     let started = Instant::now();
 
-    let first = deliver_with_retries(
-        &connector,
-        &batch(Change::Add, three_members()),
-        &quick_policy(2),
-    )
-    .await;
+    let first = deliver_retrying(&connector, &batch(Change::Add, three_members()), 2).await;
     let elapsed = started.elapsed();
     let second = connector
         .deliver(&batch(Change::Add, three_members()))
@@ -775,12 +702,8 @@ async fn a_service_that_stays_unavailable_gets_exactly_max_attempts_requests() {
     let (linkedin, url) = start_linkedin().await;
     linkedin.fail_next([Fault::Unavailable, Fault::Unavailable, Fault::Unavailable]);
 
-    let outcome = deliver_with_retries(
-        &email_only(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let outcome =
+        deliver_retrying(&email_only(&url), &batch(Change::Add, three_members()), 3).await;
 
     assert_eq!(
         outcome,
@@ -801,19 +724,9 @@ async fn an_html_502_page_is_retried_and_an_html_404_page_is_not() {
     let connector = email_only(&url);
 
     linkedin.fail_next([Fault::HtmlPage(502)]);
-    let retried = deliver_with_retries(
-        &connector,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let retried = deliver_retrying(&connector, &batch(Change::Add, three_members()), 3).await;
     linkedin.fail_next([Fault::HtmlPage(404)]);
-    let not_found = deliver_with_retries(
-        &connector,
-        &batch(Change::Remove, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let not_found = deliver_retrying(&connector, &batch(Change::Remove, three_members()), 3).await;
 
     assert_eq!(retried, Ok(accepted(&["1", "2", "3"])));
     assert_eq!(
@@ -838,12 +751,7 @@ async fn an_answer_slower_than_the_timeout_is_retried_and_the_segment_holds_each
     let direct = connector
         .deliver(&batch(Change::Add, three_members()))
         .await;
-    let retried = deliver_with_retries(
-        &connector,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let retried = deliver_retrying(&connector, &batch(Change::Add, three_members()), 3).await;
 
     let DeliveryError::Retryable { message } = direct.unwrap_err() else {
         panic!("a timeout is retryable");
@@ -885,12 +793,8 @@ async fn an_expired_token_is_an_auth_failure_sent_once() {
     let (linkedin, url) = start_linkedin().await;
     linkedin.fail_next([Fault::ExpiredToken]);
 
-    let outcome = deliver_with_retries(
-        &email_only(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(5),
-    )
-    .await;
+    let outcome =
+        deliver_retrying(&email_only(&url), &batch(Change::Add, three_members()), 5).await;
 
     assert_eq!(
         outcome,
@@ -1044,10 +948,7 @@ fn linkedin_settings_report_every_problem_by_key() {
     let errors =
         LinkedInConnector::from_settings(&connection, &activation, &BTreeMap::new()).unwrap_err();
 
-    let error = |field: &str, message: &str| SettingsError {
-        field: field.into(),
-        message: message.into(),
-    };
+    let error = common::problem;
     assert_eq!(
         errors,
         [
@@ -1210,12 +1111,8 @@ async fn a_refused_request_s_message_carries_no_name_title_company_address_or_ph
     let (linkedin, url) = start_linkedin().await;
     linkedin.fail_next([Fault::RequestEchoed]);
 
-    let outcome = deliver_with_retries(
-        &with_names(&url),
-        &batch(Change::Add, named_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let outcome =
+        deliver_retrying(&with_names(&url), &batch(Change::Add, named_members()), 3).await;
 
     assert_eq!(
         outcome,

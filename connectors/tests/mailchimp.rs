@@ -7,8 +7,7 @@
 //! with their status; a set of forgotten addresses that cannot be re-added. Faults queued on
 //! it answer the next requests the way Mailchimp fails.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::num::NonZeroU32;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,11 +18,15 @@ use axum::response::{IntoResponse, Response};
 use md5::Digest;
 use segmentd_connectors::mailchimp::{MailchimpConnector, subscriber_hash};
 use segmentd_connectors::{
-    Batch, Change, Connector, DeliveryError, Member, Outcome, Rejection, RetryPolicy,
-    SettingsError, deliver_with_retries,
+    Batch, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
 };
 use serde_json::{Value, json};
 use tokio::time::Instant;
+
+mod common;
+use common::{
+    Fake, accepted, deliver_retrying, email_member as member, header, html_page, with_retry_after,
+};
 
 // Subscriber hashes computed outside this code with `printf '%s' <address> | md5sum`.
 const ANN: &str = "257c57037d384ae37ea27a07e8a01665";
@@ -66,14 +69,16 @@ struct Received {
     status: u16,
 }
 
-/// The fake API and the one audience it holds.
-struct Mailchimp {
+/// The fake Marketing API: its audience, the faults queued and the requests received.
+type Mailchimp = Fake<Account, Received, Fault>;
+
+/// The members of the fake's one audience, and the addresses it has forgotten.
+#[derive(Default)]
+struct Account {
     /// Members by subscriber hash: address and status.
     members: Mutex<BTreeMap<String, (String, String)>>,
     /// Addresses permanently deleted, which cannot be added again.
     forgotten: Mutex<BTreeSet<String>>,
-    faults: Mutex<VecDeque<Fault>>,
-    received: Mutex<Vec<Received>>,
 }
 
 impl Mailchimp {
@@ -85,14 +90,6 @@ impl Mailchimp {
             .iter()
             .map(|(hash, (_, status))| (hash.clone(), status.clone()))
             .collect()
-    }
-
-    fn received(&self) -> Vec<Received> {
-        self.received.lock().unwrap().clone()
-    }
-
-    fn fail_next(&self, faults: impl IntoIterator<Item = Fault>) {
-        self.faults.lock().unwrap().extend(faults);
     }
 }
 
@@ -114,11 +111,7 @@ fn problem(status: u16, title: &str, detail: &str) -> Response {
 
 /// The password of a `Basic` authorization header.
 fn basic_password(headers: &HeaderMap) -> Option<String> {
-    let encoded = headers
-        .get("authorization")?
-        .to_str()
-        .ok()?
-        .strip_prefix("Basic ")?;
+    let encoded = header(headers, "authorization")?.strip_prefix("Basic ")?;
     let decoded = decode_base64(encoded)?;
     let credentials = String::from_utf8(decoded).ok()?;
     let (_, password) = credentials.split_once(':')?;
@@ -148,16 +141,14 @@ fn decode_base64(text: &str) -> Option<Vec<u8>> {
 fn refusal(fault: Option<&Fault>, headers: &HeaderMap) -> Option<Response> {
     match fault {
         Some(Fault::TooManyRequests(retry_after)) => {
-            let mut response = problem(
-                429,
-                "Too Many Requests",
-                "You have exceeded the limit of 10 simultaneous connections.",
+            let response = with_retry_after(
+                problem(
+                    429,
+                    "Too Many Requests",
+                    "You have exceeded the limit of 10 simultaneous connections.",
+                ),
+                *retry_after,
             );
-            if let Some(value) = retry_after {
-                response
-                    .headers_mut()
-                    .insert("retry-after", value.parse().unwrap());
-            }
             return Some(response);
         }
         Some(Fault::BareForbidden) => return Some(StatusCode::FORBIDDEN.into_response()),
@@ -168,11 +159,7 @@ fn refusal(fault: Option<&Fault>, headers: &HeaderMap) -> Option<Response> {
                 "Please try again later.",
             ));
         }
-        Some(Fault::HtmlPage(status)) => {
-            let mut response = "<html><body><h1>Bad Gateway</h1></body></html>".into_response();
-            *response.status_mut() = StatusCode::from_u16(*status).unwrap();
-            return Some(response);
-        }
+        Some(Fault::HtmlPage(status)) => return Some(html_page(*status)),
         Some(Fault::DisabledUser) => {
             return Some(problem(
                 403,
@@ -215,12 +202,10 @@ async fn record_and_delay(
     fault: Option<Fault>,
     response: Response,
 ) -> Response {
-    mailchimp.received.lock().unwrap().push(Received {
+    mailchimp.record(Received {
         method,
         uri: uri.to_string(),
-        authorization: headers
-            .get("authorization")
-            .map(|value| value.to_str().unwrap().to_owned()),
+        authorization: header(headers, "authorization").map(str::to_owned),
         body: String::from_utf8_lossy(body).into_owned(),
         status: response.status().as_u16(),
     });
@@ -237,7 +222,7 @@ async fn batch_subscribe(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let fault = mailchimp.faults.lock().unwrap().pop_front();
+    let fault = mailchimp.next_fault();
     let response =
         refusal(fault.as_ref(), &headers).unwrap_or_else(|| subscribe(&mailchimp, &list_id, &body));
     record_and_delay(
@@ -345,7 +330,7 @@ async fn archive(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let fault = mailchimp.faults.lock().unwrap().pop_front();
+    let fault = mailchimp.next_fault();
     let response = refusal(fault.as_ref(), &headers).unwrap_or_else(|| {
         if list_id != LIST_ID {
             return problem(
@@ -381,7 +366,7 @@ async fn list_info(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let fault = mailchimp.faults.lock().unwrap().pop_front();
+    let fault = mailchimp.next_fault();
     let response = refusal(fault.as_ref(), &headers).unwrap_or_else(|| {
         if list_id != LIST_ID {
             return problem(
@@ -417,13 +402,7 @@ fn fake_subscriber_hash(email: &str) -> String {
 
 /// Starts the fake on a loopback port; returns it with its API root (`.../3.0`).
 async fn start_mailchimp() -> (Arc<Mailchimp>, String) {
-    let mailchimp = Arc::new(Mailchimp {
-        members: Mutex::new(BTreeMap::new()),
-        forgotten: Mutex::new(BTreeSet::new()),
-        faults: Mutex::new(VecDeque::new()),
-        received: Mutex::new(Vec::new()),
-    });
-    let router = axum::Router::new()
+    let routes = axum::Router::new()
         .route(
             "/3.0/lists/{list_id}",
             axum::routing::post(batch_subscribe).get(list_info),
@@ -431,16 +410,13 @@ async fn start_mailchimp() -> (Arc<Mailchimp>, String) {
         .route(
             "/3.0/lists/{list_id}/members/{subscriber_hash}",
             axum::routing::delete(archive),
-        )
-        .with_state(Arc::clone(&mailchimp));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/3.0", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    (mailchimp, url)
+        );
+    let (mailchimp, url) = common::start(Mailchimp::default(), routes).await;
+    (mailchimp, format!("{url}/3.0"))
 }
 
 fn secrets(key: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([("api_key".to_owned(), key.to_owned())])
+    common::secrets(&[("api_key", key)])
 }
 
 fn connection(base_url: &str) -> toml::Table {
@@ -466,22 +442,8 @@ fn archiving(base_url: &str) -> MailchimpConnector {
     connector_with(base_url, "archive", KEY)
 }
 
-fn member(key: &str, email: &str) -> Member {
-    Member {
-        key: key.into(),
-        identifiers: BTreeMap::from([("email".into(), email.into())]),
-    }
-}
-
 fn batch(change: Change, members: Vec<Member>) -> Batch {
-    Batch {
-        run_id: 42,
-        activation: "vip/mailchimp".into(),
-        change,
-        sequence: 0,
-        members,
-        replace: None,
-    }
+    common::batch("vip/mailchimp", change, members)
 }
 
 fn three_members() -> Vec<Member> {
@@ -490,23 +452,6 @@ fn three_members() -> Vec<Member> {
         member("2", "Bob@Example.com"),
         member("3", "cat@example.com"),
     ]
-}
-
-fn quick_policy(max_attempts: u32) -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: NonZeroU32::new(max_attempts).unwrap(),
-        initial_delay: Duration::from_millis(20),
-        max_delay: Duration::from_millis(100),
-        max_total_time: Duration::from_secs(30),
-        max_retry_after: Duration::from_secs(5),
-    }
-}
-
-fn accepted(keys: &[&str]) -> Outcome {
-    Outcome {
-        accepted: keys.iter().map(|key| key.to_string()).collect(),
-        rejected: vec![],
-    }
 }
 
 fn statuses(entries: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -619,12 +564,7 @@ async fn an_archive_throttled_midway_finishes_on_retry() {
         .unwrap();
     mailchimp.fail_next([Fault::Slow(Duration::ZERO), Fault::BareForbidden]);
 
-    let removed = deliver_with_retries(
-        &connector,
-        &batch(Change::Remove, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let removed = deliver_retrying(&connector, &batch(Change::Remove, three_members()), 3).await;
 
     assert_eq!(removed, Ok(accepted(&["1", "2", "3"])));
     assert_eq!(mailchimp.statuses(), BTreeMap::new());
@@ -780,10 +720,10 @@ async fn a_bodyless_403_is_throttling_and_is_retried_until_the_add_lands() {
     let (mailchimp, url) = start_mailchimp().await;
     mailchimp.fail_next([Fault::BareForbidden, Fault::BareForbidden]);
 
-    let outcome = deliver_with_retries(
+    let outcome = deliver_retrying(
         &unsubscribing(&url),
         &batch(Change::Add, three_members()),
-        &quick_policy(5),
+        5,
     )
     .await;
 
@@ -803,12 +743,7 @@ async fn a_429_with_retry_after_is_waited_out_and_one_without_leaves_the_wait_op
     let connector = unsubscribing(&url);
     let started = Instant::now();
 
-    let outcome = deliver_with_retries(
-        &connector,
-        &batch(Change::Add, three_members()),
-        &quick_policy(2),
-    )
-    .await;
+    let outcome = deliver_retrying(&connector, &batch(Change::Add, three_members()), 2).await;
 
     let elapsed = started.elapsed();
     assert_eq!(
@@ -831,12 +766,7 @@ async fn an_invalid_api_key_is_an_auth_failure_sent_once() {
     let (mailchimp, url) = start_mailchimp().await;
     let connector = connector_with(&url, "unsubscribe", "ffffffffffffffffffffffffffffffff-us6");
 
-    let outcome = deliver_with_retries(
-        &connector,
-        &batch(Change::Add, three_members()),
-        &quick_policy(5),
-    )
-    .await;
+    let outcome = deliver_retrying(&connector, &batch(Change::Add, three_members()), 5).await;
 
     assert_eq!(
         outcome,
@@ -856,12 +786,7 @@ async fn a_key_of_another_data_centre_is_an_auth_failure() {
     let (mailchimp, url) = start_mailchimp().await;
     let connector = connector_with(&url, "unsubscribe", "0123456789abcdef0123456789abcdef-us9");
 
-    let outcome = deliver_with_retries(
-        &connector,
-        &batch(Change::Add, three_members()),
-        &quick_policy(5),
-    )
-    .await;
+    let outcome = deliver_retrying(&connector, &batch(Change::Add, three_members()), 5).await;
 
     let Err(DeliveryError::Auth { message }) = outcome else {
         panic!("expected an auth failure, got {outcome:?}");
@@ -881,19 +806,9 @@ async fn server_errors_and_html_pages_are_retried_up_to_max_attempts() {
     let connector = unsubscribing(&url);
 
     mailchimp.fail_next([Fault::HtmlPage(502)]);
-    let recovered = deliver_with_retries(
-        &connector,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let recovered = deliver_retrying(&connector, &batch(Change::Add, three_members()), 3).await;
     mailchimp.fail_next([Fault::Unavailable, Fault::Unavailable, Fault::Unavailable]);
-    let exhausted = deliver_with_retries(
-        &connector,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let exhausted = deliver_retrying(&connector, &batch(Change::Add, three_members()), 3).await;
 
     assert_eq!(recovered, Ok(accepted(&["1", "2", "3"])));
     assert_eq!(
@@ -918,12 +833,7 @@ async fn an_answer_slower_than_the_timeout_is_retried_and_changes_nothing_twice(
     let direct = connector
         .deliver(&batch(Change::Add, three_members()))
         .await;
-    let retried = deliver_with_retries(
-        &connector,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let retried = deliver_retrying(&connector, &batch(Change::Add, three_members()), 3).await;
 
     let DeliveryError::Retryable { message } = direct.unwrap_err() else {
         panic!("a timeout is retryable");
@@ -962,10 +872,7 @@ fn mailchimp_settings_report_every_problem_by_key() {
     )
     .unwrap_err();
 
-    let error = |field: &str, message: &str| SettingsError {
-        field: field.into(),
-        message: message.into(),
-    };
+    let error = common::problem;
     assert_eq!(
         errors,
         [
@@ -1043,10 +950,10 @@ async fn a_403_for_a_disabled_user_is_an_auth_failure_sent_once() {
     let (mailchimp, url) = start_mailchimp().await;
     mailchimp.fail_next([Fault::DisabledUser]);
 
-    let outcome = deliver_with_retries(
+    let outcome = deliver_retrying(
         &unsubscribing(&url),
         &batch(Change::Add, three_members()),
-        &quick_policy(5),
+        5,
     )
     .await;
 

@@ -15,8 +15,7 @@
 //! a gap in `batch_seq` or with a batch of a session that has already closed: the fake waits on
 //! the gap, and takes a closed session's batch without changing anything.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::num::NonZeroU32;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,11 +25,17 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use segmentd_connectors::meta::MetaConnector;
 use segmentd_connectors::{
-    Batch, Change, Connector, DeliveryError, Member, Outcome, Rejection, Replace, RetryPolicy,
-    SettingsError, deliver_with_retries,
+    Batch, Change, Connector, DeliveryError, Member, Outcome, Rejection, Replace, SettingsError,
+    deliver_with_retries,
 };
 use serde_json::{Value, json};
 use tokio::time::Instant;
+
+mod common;
+use common::{
+    Fake, accepted, deliver_retrying, html, member, quick_policy, rejected, three_members,
+    with_retry_after,
+};
 
 // Digests computed outside this code with `printf '%s' <text> | sha256sum`.
 const ANN: &str = "71d4f55f72fa128dfb468a1a3901507c804b74316488744d769d7f4b16696476";
@@ -116,17 +121,19 @@ struct Session {
     last: Option<i64>,
 }
 
-/// The fake Graph API and the one audience it holds.
-struct Graph {
+/// The fake Graph API: its audience, the faults queued and the requests received.
+type Graph = Fake<Account, Received, Fault>;
+
+/// The one audience the fake holds, its replace sessions and the values it cannot match.
+#[derive(Default)]
+struct Account {
     audience: Mutex<BTreeSet<Row>>,
     /// Replace sessions still open, by `session_id`.
     sessions: Mutex<BTreeMap<i64, Session>>,
     /// Replace sessions that have closed.
     closed: Mutex<BTreeSet<i64>>,
-    faults: Mutex<VecDeque<Fault>>,
     /// Values the fake cannot match; a row holding one counts as an invalid entry.
     unmatchable: Mutex<BTreeSet<String>>,
-    received: Mutex<Vec<Received>>,
 }
 
 impl Graph {
@@ -143,14 +150,6 @@ impl Graph {
                     .collect()
             })
             .collect()
-    }
-
-    fn received(&self) -> Vec<Received> {
-        self.received.lock().unwrap().clone()
-    }
-
-    fn fail_next(&self, faults: impl IntoIterator<Item = Fault>) {
-        self.faults.lock().unwrap().extend(faults);
     }
 
     /// Puts these hashed e-mail addresses in the audience, as earlier uploads would have.
@@ -226,13 +225,13 @@ async fn serve(
     uri: Uri,
     body: Bytes,
 ) -> Response {
-    let fault = graph.faults.lock().unwrap().pop_front();
+    let fault = graph.next_fault();
     let delay = match fault {
         Some(Fault::Slow(delay)) => delay,
         _ => Duration::ZERO,
     };
     let response = answer(&graph, edge, &method, &version, &audience_id, &body, fault);
-    graph.received.lock().unwrap().push(Received {
+    graph.record(Received {
         method,
         uri: uri.to_string(),
         body: String::from_utf8_lossy(&body).into_owned(),
@@ -254,13 +253,7 @@ fn answer(
 ) -> Response {
     match fault {
         Some(Fault::TooManyRequests(retry_after)) => {
-            let mut response = StatusCode::TOO_MANY_REQUESTS.into_response();
-            if let Some(value) = retry_after {
-                response
-                    .headers_mut()
-                    .insert("retry-after", value.parse().unwrap());
-            }
-            return response;
+            return with_retry_after(StatusCode::TOO_MANY_REQUESTS.into_response(), retry_after);
         }
         Some(Fault::Throttled { code, minutes }) => {
             let mut response = graph_error(400, code, "(#17) User request limit reached");
@@ -283,12 +276,7 @@ fn answer(
         Some(Fault::HtmlPage(status)) => {
             let page = "<!DOCTYPE html><html><head><title>Error</title></head>\
                         <body>Sorry, something went wrong.</body></html>";
-            let mut response = page.into_response();
-            *response.status_mut() = StatusCode::from_u16(status).unwrap();
-            response
-                .headers_mut()
-                .insert("content-type", "text/html; charset=utf-8".parse().unwrap());
-            return response;
+            return html(status, page, "text/html; charset=utf-8");
         }
         Some(Fault::Denied {
             status,
@@ -444,15 +432,7 @@ fn answer(
 
 /// Starts the fake on a loopback port; returns it with its base URL.
 async fn start_graph() -> (Arc<Graph>, String) {
-    let graph = Arc::new(Graph {
-        audience: Mutex::new(BTreeSet::new()),
-        sessions: Mutex::new(BTreeMap::new()),
-        closed: Mutex::new(BTreeSet::new()),
-        faults: Mutex::new(VecDeque::new()),
-        unmatchable: Mutex::new(BTreeSet::new()),
-        received: Mutex::new(Vec::new()),
-    });
-    let router = axum::Router::new()
+    let routes = axum::Router::new()
         .route(
             "/{version}/{audience_id}/users",
             axum::routing::post(users).delete(users),
@@ -460,16 +440,12 @@ async fn start_graph() -> (Arc<Graph>, String) {
         .route(
             "/{version}/{audience_id}/usersreplace",
             axum::routing::post(users_replace),
-        )
-        .with_state(Arc::clone(&graph));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    (graph, url)
+        );
+    common::start(Graph::default(), routes).await
 }
 
 fn secrets() -> BTreeMap<String, String> {
-    BTreeMap::from([("access_token".to_owned(), TOKEN.to_owned())])
+    common::secrets(&[("access_token", TOKEN)])
 }
 
 fn connection(base_url: &str) -> toml::Table {
@@ -496,50 +472,8 @@ fn email_phone_country(base_url: &str) -> MetaConnector {
     MetaConnector::from_settings(&connection(base_url), &activation, &secrets()).unwrap()
 }
 
-fn member(key: &str, identifiers: &[(&str, &str)]) -> Member {
-    Member {
-        key: key.into(),
-        identifiers: identifiers
-            .iter()
-            .map(|(name, value)| (name.to_string(), value.to_string()))
-            .collect(),
-    }
-}
-
 fn batch(change: Change, members: Vec<Member>) -> Batch {
-    Batch {
-        run_id: 42,
-        activation: "vip/meta".into(),
-        change,
-        sequence: 0,
-        members,
-        replace: None,
-    }
-}
-
-fn three_members() -> Vec<Member> {
-    vec![
-        member("1", &[("email", "ann@example.com")]),
-        member("2", &[("email", "bob@example.com")]),
-        member("3", &[("email", "cat@example.com")]),
-    ]
-}
-
-fn quick_policy(max_attempts: u32) -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: NonZeroU32::new(max_attempts).unwrap(),
-        initial_delay: Duration::from_millis(20),
-        max_delay: Duration::from_millis(100),
-        max_total_time: Duration::from_secs(30),
-        max_retry_after: Duration::from_secs(5),
-    }
-}
-
-fn accepted(keys: &[&str]) -> Outcome {
-    Outcome {
-        accepted: keys.iter().map(|key| key.to_string()).collect(),
-        rejected: vec![],
-    }
+    common::batch("vip/meta", change, members)
 }
 
 fn emails(hashes: &[&str]) -> Vec<Vec<String>> {
@@ -736,12 +670,8 @@ async fn a_body_coded_throttle_is_retried_until_the_add_lands() {
         },
     ]);
 
-    let outcome = deliver_with_retries(
-        &email_only(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(5),
-    )
-    .await;
+    let outcome =
+        deliver_retrying(&email_only(&url), &batch(Change::Add, three_members()), 5).await;
 
     assert_eq!(outcome, Ok(accepted(&["1", "2", "3"])));
     let statuses: Vec<u16> = graph.received().iter().map(|r| r.status).collect();
@@ -784,12 +714,7 @@ async fn a_429_with_retry_after_is_waited_out_and_one_without_leaves_the_wait_op
     let meta = email_only(&url);
     let started = Instant::now();
 
-    let first = deliver_with_retries(
-        &meta,
-        &batch(Change::Add, three_members()),
-        &quick_policy(2),
-    )
-    .await;
+    let first = deliver_retrying(&meta, &batch(Change::Add, three_members()), 2).await;
     let elapsed = started.elapsed();
     let second = meta.deliver(&batch(Change::Add, three_members())).await;
 
@@ -810,12 +735,8 @@ async fn a_service_that_stays_unavailable_gets_exactly_max_attempts_requests() {
     let (graph, url) = start_graph().await;
     graph.fail_next([Fault::Unavailable, Fault::Unavailable, Fault::Unavailable]);
 
-    let outcome = deliver_with_retries(
-        &email_only(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let outcome =
+        deliver_retrying(&email_only(&url), &batch(Change::Add, three_members()), 3).await;
 
     assert_eq!(
         outcome,
@@ -836,19 +757,9 @@ async fn an_html_500_page_is_retried_and_an_html_413_page_is_not() {
     let meta = email_only(&url);
 
     graph.fail_next([Fault::HtmlPage(500)]);
-    let retried = deliver_with_retries(
-        &meta,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let retried = deliver_retrying(&meta, &batch(Change::Add, three_members()), 3).await;
     graph.fail_next([Fault::HtmlPage(413)]);
-    let too_large = deliver_with_retries(
-        &meta,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let too_large = deliver_retrying(&meta, &batch(Change::Add, three_members()), 3).await;
 
     assert_eq!(retried, Ok(accepted(&["1", "2", "3"])));
     assert_eq!(
@@ -871,12 +782,7 @@ async fn an_answer_slower_than_the_timeout_is_retried_and_the_audience_holds_eac
     let meta = email_only(&url);
 
     let direct = meta.deliver(&batch(Change::Add, three_members())).await;
-    let retried = deliver_with_retries(
-        &meta,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let retried = deliver_retrying(&meta, &batch(Change::Add, three_members()), 3).await;
 
     let DeliveryError::Retryable { message } = direct.unwrap_err() else {
         panic!("a timeout is retryable");
@@ -898,13 +804,9 @@ async fn every_attempt_of_a_batch_carries_the_same_one_request_session() {
     let (graph, url) = start_graph().await;
     graph.fail_next([Fault::Unavailable]);
 
-    deliver_with_retries(
-        &email_only(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await
-    .unwrap();
+    deliver_retrying(&email_only(&url), &batch(Change::Add, three_members()), 3)
+        .await
+        .unwrap();
 
     let sessions: Vec<Value> = graph
         .received()
@@ -1003,12 +905,8 @@ async fn an_expired_token_is_an_auth_failure_sent_once() {
     let (graph, url) = start_graph().await;
     graph.fail_next([Fault::ExpiredToken]);
 
-    let outcome = deliver_with_retries(
-        &email_only(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(5),
-    )
-    .await;
+    let outcome =
+        deliver_retrying(&email_only(&url), &batch(Change::Add, three_members()), 5).await;
 
     assert_eq!(
         outcome,
@@ -1047,13 +945,13 @@ async fn a_removal_refused_as_audience_too_small_rejects_its_members_and_keeps_t
         .unwrap();
     graph.fail_next([Fault::AudienceTooSmall]);
 
-    let outcome = deliver_with_retries(
+    let outcome = deliver_retrying(
         &meta,
         &batch(
             Change::Remove,
             vec![member("3", &[("email", "cat@example.com")])],
         ),
-        &quick_policy(3),
+        3,
     )
     .await;
 
@@ -1089,10 +987,7 @@ fn meta_settings_report_every_problem_by_key() {
     let errors =
         MetaConnector::from_settings(&connection, &activation, &BTreeMap::new()).unwrap_err();
 
-    let error = |field: &str, message: &str| SettingsError {
-        field: field.into(),
-        message: message.into(),
-    };
+    let error = common::problem;
     assert_eq!(
         errors,
         [
@@ -1214,12 +1109,8 @@ async fn permission_errors_are_auth_failures_sent_once_and_nothing_lands() {
         }]);
         let sent_before = graph.received().len();
 
-        let outcome = deliver_with_retries(
-            &email_only(&url),
-            &batch(Change::Add, three_members()),
-            &quick_policy(5),
-        )
-        .await;
+        let outcome =
+            deliver_retrying(&email_only(&url), &batch(Change::Add, three_members()), 5).await;
 
         assert_eq!(
             outcome,
@@ -1245,12 +1136,8 @@ async fn code_100_without_subcode_33_stays_a_permanent_failure() {
         message: "Audience Upload Blocked",
     }]);
 
-    let outcome = deliver_with_retries(
-        &email_only(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(5),
-    )
-    .await;
+    let outcome =
+        deliver_retrying(&email_only(&url), &batch(Change::Add, three_members()), 5).await;
 
     assert_eq!(
         outcome,
@@ -1277,19 +1164,6 @@ fn unusable(key: &str) -> Member {
 /// The reason a member without a usable e-mail address is rejected with.
 const NO_EMAIL: &str = "no usable identifier: EMAIL (`email`) is not an e-mail address";
 
-fn rejected(keys: &[&str], reason: &str) -> Outcome {
-    Outcome {
-        accepted: vec![],
-        rejected: keys
-            .iter()
-            .map(|key| Rejection {
-                key: key.to_string(),
-                reason: reason.into(),
-            })
-            .collect(),
-    }
-}
-
 /// Batch `sequence` of a replace in `session` of `batches` batches holding `total` members.
 fn replace_batch(
     session: u64,
@@ -1299,16 +1173,13 @@ fn replace_batch(
     members: Vec<Member>,
 ) -> Batch {
     Batch {
-        run_id: 42,
-        activation: "vip/meta".into(),
-        change: Change::Replace,
         sequence,
-        members,
         replace: Some(Replace {
             session,
             batches,
             members: total,
         }),
+        ..batch(Change::Replace, members)
     }
 }
 
@@ -1510,12 +1381,7 @@ async fn a_last_batch_without_a_usable_member_still_closes_the_session() {
         ))
         .await;
     graph.fail_next([Fault::Unavailable]);
-    let last = deliver_with_retries(
-        &meta,
-        &replace_batch(7005, 1, 2, 3, vec![unusable("3")]),
-        &quick_policy(3),
-    )
-    .await;
+    let last = deliver_retrying(&meta, &replace_batch(7005, 1, 2, 3, vec![unusable("3")]), 3).await;
 
     assert_eq!(first, Ok(accepted(&["1", "2"])));
     // Only the batch's own member is reported; the row sent again belongs to batch 0.
@@ -1541,12 +1407,7 @@ async fn a_replace_with_no_usable_member_fails_permanently_and_leaves_the_audien
     let first = meta
         .deliver(&replace_batch(7006, 0, 2, 2, vec![unusable("1")]))
         .await;
-    let last = deliver_with_retries(
-        &meta,
-        &replace_batch(7006, 1, 2, 2, vec![unusable("2")]),
-        &quick_policy(3),
-    )
-    .await;
+    let last = deliver_retrying(&meta, &replace_batch(7006, 1, 2, 2, vec![unusable("2")]), 3).await;
 
     assert_eq!(first, Ok(rejected(&["1"], NO_EMAIL)));
     assert_eq!(
@@ -1657,10 +1518,10 @@ async fn a_failed_last_batch_is_an_error_and_the_audience_keeps_its_old_members(
         .await
         .unwrap();
     graph.fail_next([Fault::ExpiredToken]);
-    let last = deliver_with_retries(
+    let last = deliver_retrying(
         &meta,
         &replace_batch(7008, 1, 2, 2, vec![person("3", "cat")]),
-        &quick_policy(3),
+        3,
     )
     .await;
 

@@ -17,10 +17,9 @@
 //! Removals are applied at once. Faults queued on it answer the next requests the way SendGrid
 //! fails.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::num::NonZeroU32;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
@@ -28,11 +27,16 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use segmentd_connectors::sendgrid::SendgridConnector;
 use segmentd_connectors::{
-    Batch, Change, Connector, DeliveryError, Member, Outcome, Rejection, RetryPolicy,
-    SettingsError, deliver_with_retries,
+    Batch, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
 };
 use serde_json::{Value, json};
 use tokio::time::Instant;
+
+mod common;
+use common::{
+    Fake, accepted, deliver_retrying, email_member as member, header, html_page, percent_decode,
+    unix_now, with_retry_after,
+};
 
 const KEY: &str = "SG.segmentd-test.0123456789abcdef";
 const LIST_ID: &str = "ca7a3796-e8a8-4029-9ccb-df8937940562";
@@ -104,9 +108,12 @@ struct Job {
     errored: Vec<(String, String)>,
 }
 
-/// The fake API and the contacts of its one account.
+/// The fake API: the contacts of its one account, the faults queued and the requests received.
+type Sendgrid = Fake<Account, Received, Fault>;
+
+/// The contacts and jobs of the fake's one account, and how its jobs behave.
 #[derive(Default)]
-struct Sendgrid {
+struct Account {
     /// Contacts by lower-cased address.
     contacts: Mutex<BTreeMap<String, Contact>>,
     /// Jobs handed out, in order.
@@ -119,8 +126,6 @@ struct Sendgrid {
     jobs_fail: Mutex<bool>,
     /// Whether a job with refused contacts gives an `errors_url`.
     no_errors_files: Mutex<bool>,
-    faults: Mutex<VecDeque<Fault>>,
-    received: Mutex<Vec<Received>>,
 }
 
 impl Sendgrid {
@@ -140,10 +145,6 @@ impl Sendgrid {
         self.members_of(LIST_ID)
     }
 
-    fn received(&self) -> Vec<Received> {
-        self.received.lock().unwrap().clone()
-    }
-
     /// `METHOD path -> status` of every request received.
     fn calls(&self) -> Vec<String> {
         self.received()
@@ -153,10 +154,6 @@ impl Sendgrid {
                 format!("{} {path} -> {}", r.method, r.status)
             })
             .collect()
-    }
-
-    fn fail_next(&self, faults: impl IntoIterator<Item = Fault>) {
-        self.faults.lock().unwrap().extend(faults);
     }
 
     /// Adds a contact directly, as if an earlier upsert had completed.
@@ -274,13 +271,6 @@ fn valid_email(email: &str) -> bool {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
 /// Answers with `fault` if it stands for a failure, otherwise checks the credentials.
 fn refusal(fault: Option<&Fault>, headers: &HeaderMap) -> Option<Response> {
     match fault {
@@ -288,12 +278,8 @@ fn refusal(fault: Option<&Fault>, headers: &HeaderMap) -> Option<Response> {
             retry_after,
             reset_in,
         }) => {
-            let mut response = errors(429, &[(None, "too many requests")]);
-            if let Some(value) = retry_after {
-                response
-                    .headers_mut()
-                    .insert("retry-after", value.parse().unwrap());
-            }
+            let mut response =
+                with_retry_after(errors(429, &[(None, "too many requests")]), *retry_after);
             if let Some(seconds) = reset_in {
                 let reset = (unix_now() + seconds).to_string();
                 response
@@ -308,19 +294,14 @@ fn refusal(fault: Option<&Fault>, headers: &HeaderMap) -> Option<Response> {
         Some(Fault::Unavailable) => {
             return Some(errors(503, &[(None, "service temporarily unavailable")]));
         }
-        Some(Fault::HtmlPage(status)) => {
-            let mut response = "<html><body><h1>Bad Gateway</h1></body></html>".into_response();
-            *response.status_mut() = StatusCode::from_u16(*status).unwrap();
-            return Some(response);
-        }
+        Some(Fault::HtmlPage(status)) => return Some(html_page(*status)),
         Some(Fault::RevokedKey) => return Some(errors(401, &[(None, "authorization required")])),
         Some(Fault::NoMarketingAccess) => {
             return Some(errors(403, &[(None, "access forbidden")]));
         }
         Some(Fault::Slow(_)) | None => {}
     }
-    let authorization = headers.get("authorization").and_then(|v| v.to_str().ok());
-    if authorization != Some(&format!("Bearer {KEY}")) {
+    if header(headers, "authorization") != Some(&format!("Bearer {KEY}")) {
         return Some(errors(401, &[(None, "authorization required")]));
     }
     None
@@ -336,19 +317,13 @@ async fn finish(
     fault: Option<Fault>,
     mut response: Response,
 ) -> Response {
-    let count = {
-        let mut received = sendgrid.received.lock().unwrap();
-        received.push(Received {
-            method,
-            uri: uri.to_string(),
-            authorization: headers
-                .get("authorization")
-                .map(|value| value.to_str().unwrap().to_owned()),
-            body: String::from_utf8_lossy(body).into_owned(),
-            status: response.status().as_u16(),
-        });
-        received.len()
-    };
+    let count = sendgrid.record(Received {
+        method,
+        uri: uri.to_string(),
+        authorization: header(headers, "authorization").map(str::to_owned),
+        body: String::from_utf8_lossy(body).into_owned(),
+        status: response.status().as_u16(),
+    });
     // A 429 carries only the rate-limit headers its fault chose.
     let throttled = response.status() == StatusCode::TOO_MANY_REQUESTS;
     let limits = response.headers_mut();
@@ -367,10 +342,7 @@ async fn finish(
 
 /// True when the request says it carries JSON.
 fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"))
+    header(headers, "content-type").is_some_and(|v| v.starts_with("application/json"))
 }
 
 async fn upsert_contacts(
@@ -379,7 +351,7 @@ async fn upsert_contacts(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let fault = sendgrid.faults.lock().unwrap().pop_front();
+    let fault = sendgrid.next_fault();
     let response = refusal(fault.as_ref(), &headers).unwrap_or_else(|| {
         if !is_json(&headers) {
             return errors(415, &[(None, "content type must be application/json")]);
@@ -470,9 +442,9 @@ async fn import_status(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let fault = sendgrid.faults.lock().unwrap().pop_front();
+    let fault = sendgrid.next_fault();
     let response = refusal(fault.as_ref(), &headers).unwrap_or_else(|| {
-        let host = headers.get("host").unwrap().to_str().unwrap();
+        let host = header(&headers, "host").unwrap();
         status_of(&sendgrid, &id, host)
     });
     finish(
@@ -535,7 +507,7 @@ async fn errors_file(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let fault = sendgrid.faults.lock().unwrap().pop_front();
+    let fault = sendgrid.next_fault();
     let response = refusal(fault.as_ref(), &headers).unwrap_or_else(|| {
         let jobs = sendgrid.jobs.lock().unwrap();
         match jobs
@@ -570,7 +542,7 @@ async fn search_emails(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let fault = sendgrid.faults.lock().unwrap().pop_front();
+    let fault = sendgrid.next_fault();
     let response = refusal(fault.as_ref(), &headers).unwrap_or_else(|| search(&sendgrid, &body));
     finish(
         &sendgrid,
@@ -646,7 +618,7 @@ async fn remove_from_list(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let fault = sendgrid.faults.lock().unwrap().pop_front();
+    let fault = sendgrid.next_fault();
     let response = refusal(fault.as_ref(), &headers)
         .unwrap_or_else(|| remove(&sendgrid, &list_id, query.as_deref().unwrap_or_default()));
     finish(
@@ -695,28 +667,9 @@ fn remove(sendgrid: &Sendgrid, list_id: &str, query: &str) -> Response {
     sendgrid.job(JobType::Delete, Vec::new(), Vec::new())
 }
 
-/// `%XX` escapes decoded.
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
-            out.push(u8::from_str_radix(hex, 16).unwrap());
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).unwrap()
-}
-
 /// Starts the fake on a loopback port; returns it with its API root.
 async fn start_sendgrid() -> (Arc<Sendgrid>, String) {
-    let sendgrid = Arc::new(Sendgrid::default());
-    let router = axum::Router::new()
+    let routes = axum::Router::new()
         .route(
             "/v3/marketing/contacts",
             axum::routing::put(upsert_contacts),
@@ -736,16 +689,12 @@ async fn start_sendgrid() -> (Arc<Sendgrid>, String) {
         .route(
             "/v3/marketing/lists/{list_id}/contacts",
             axum::routing::delete(remove_from_list),
-        )
-        .with_state(Arc::clone(&sendgrid));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    (sendgrid, url)
+        );
+    common::start(Sendgrid::default(), routes).await
 }
 
 fn secrets(key: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([("api_key".to_owned(), key.to_owned())])
+    common::secrets(&[("api_key", key)])
 }
 
 fn connection(base_url: &str) -> toml::Table {
@@ -763,22 +712,8 @@ fn connector(base_url: &str) -> SendgridConnector {
     SendgridConnector::from_settings(&connection(base_url), &activation, &secrets(KEY)).unwrap()
 }
 
-fn member(key: &str, email: &str) -> Member {
-    Member {
-        key: key.into(),
-        identifiers: BTreeMap::from([("email".into(), email.into())]),
-    }
-}
-
 fn batch(change: Change, members: Vec<Member>) -> Batch {
-    Batch {
-        run_id: 42,
-        activation: "vip/sendgrid".into(),
-        change,
-        sequence: 0,
-        members,
-        replace: None,
-    }
+    common::batch("vip/sendgrid", change, members)
 }
 
 fn three_members() -> Vec<Member> {
@@ -787,23 +722,6 @@ fn three_members() -> Vec<Member> {
         member("2", " Bob@Example.com "),
         member("3", "cat@example.com"),
     ]
-}
-
-fn quick_policy(max_attempts: u32) -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: NonZeroU32::new(max_attempts).unwrap(),
-        initial_delay: Duration::from_millis(20),
-        max_delay: Duration::from_millis(100),
-        max_total_time: Duration::from_secs(30),
-        max_retry_after: Duration::from_secs(5),
-    }
-}
-
-fn accepted(keys: &[&str]) -> Outcome {
-    Outcome {
-        accepted: keys.iter().map(|key| key.to_string()).collect(),
-        rejected: vec![],
-    }
 }
 
 fn addresses(emails: &[&str]) -> BTreeSet<String> {
@@ -1228,12 +1146,7 @@ async fn a_poll_that_fails_is_retried_on_the_same_job_without_upserting_again() 
     let (sendgrid, url) = start_sendgrid().await;
     sendgrid.fail_next([Fault::Slow(Duration::ZERO), Fault::Unavailable]);
 
-    let outcome = deliver_with_retries(
-        &connector(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let outcome = deliver_retrying(&connector(&url), &batch(Change::Add, three_members()), 3).await;
 
     assert_eq!(outcome, Ok(accepted(&["1", "2", "3"])));
     let job = &sendgrid.job_ids()[0];
@@ -1253,12 +1166,7 @@ async fn a_failed_import_job_fails_the_batch_as_retryable_and_the_retry_upserts_
     let (sendgrid, url) = start_sendgrid().await;
     *sendgrid.jobs_fail.lock().unwrap() = true;
 
-    let outcome = deliver_with_retries(
-        &connector(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(2),
-    )
-    .await;
+    let outcome = deliver_retrying(&connector(&url), &batch(Change::Add, three_members()), 2).await;
 
     let job = &sendgrid.job_ids()[1];
     assert_eq!(
@@ -1340,13 +1248,9 @@ async fn a_removal_failing_after_its_first_hundred_finishes_on_retry() {
         Fault::Unavailable,
     ]);
 
-    let outcome = deliver_with_retries(
-        &connector,
-        &batch(Change::Remove, members),
-        &quick_policy(3),
-    )
-    .await
-    .unwrap();
+    let outcome = deliver_retrying(&connector, &batch(Change::Remove, members), 3)
+        .await
+        .unwrap();
 
     assert_eq!(outcome.accepted.len(), 150);
     assert!(sendgrid.audience().is_empty());
@@ -1381,12 +1285,7 @@ async fn a_429_with_retry_after_is_waited_out_and_one_without_leaves_the_wait_op
     ]);
     let started = Instant::now();
 
-    let outcome = deliver_with_retries(
-        &connector(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(2),
-    )
-    .await;
+    let outcome = deliver_retrying(&connector(&url), &batch(Change::Add, three_members()), 2).await;
 
     let elapsed = started.elapsed();
     assert_eq!(
@@ -1412,12 +1311,7 @@ async fn a_429_with_only_a_rate_limit_reset_waits_until_the_reset_then_adds() {
     }]);
     let started = Instant::now();
 
-    let outcome = deliver_with_retries(
-        &connector(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(2),
-    )
-    .await;
+    let outcome = deliver_retrying(&connector(&url), &batch(Change::Add, three_members()), 2).await;
 
     // The reset is in whole seconds, two ahead: the wait is more than one second.
     let elapsed = started.elapsed();
@@ -1446,12 +1340,7 @@ async fn a_429_with_a_rate_limit_reset_beyond_any_clock_leaves_the_wait_open_the
     let direct = connector
         .deliver(&batch(Change::Add, three_members()))
         .await;
-    let retried = deliver_with_retries(
-        &connector,
-        &batch(Change::Add, three_members()),
-        &quick_policy(2),
-    )
-    .await;
+    let retried = deliver_retrying(&connector, &batch(Change::Add, three_members()), 2).await;
 
     assert_eq!(
         direct,
@@ -1474,12 +1363,7 @@ async fn a_revoked_key_is_an_auth_failure_sent_once() {
     let (sendgrid, url) = start_sendgrid().await;
     sendgrid.fail_next([Fault::RevokedKey]);
 
-    let outcome = deliver_with_retries(
-        &connector(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(5),
-    )
-    .await;
+    let outcome = deliver_retrying(&connector(&url), &batch(Change::Add, three_members()), 5).await;
 
     assert_eq!(
         outcome,
@@ -1533,19 +1417,9 @@ async fn server_errors_and_html_pages_are_retried_up_to_max_attempts() {
     let connector = connector(&url);
 
     sendgrid.fail_next([Fault::HtmlPage(502)]);
-    let recovered = deliver_with_retries(
-        &connector,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let recovered = deliver_retrying(&connector, &batch(Change::Add, three_members()), 3).await;
     sendgrid.fail_next([Fault::Unavailable, Fault::Unavailable, Fault::Unavailable]);
-    let exhausted = deliver_with_retries(
-        &connector,
-        &batch(Change::Remove, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let exhausted = deliver_retrying(&connector, &batch(Change::Remove, three_members()), 3).await;
 
     assert_eq!(recovered, Ok(accepted(&["1", "2", "3"])));
     assert_eq!(
@@ -1592,12 +1466,7 @@ async fn an_answer_slower_than_the_timeout_is_retried_and_changes_nothing_twice(
     let direct = connector
         .deliver(&batch(Change::Add, three_members()))
         .await;
-    let retried = deliver_with_retries(
-        &connector,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let retried = deliver_retrying(&connector, &batch(Change::Add, three_members()), 3).await;
 
     let DeliveryError::Retryable { message } = direct.unwrap_err() else {
         panic!("a timeout is retryable");
@@ -1630,10 +1499,7 @@ fn sendgrid_settings_report_every_problem_by_key() {
         SendgridConnector::from_settings(&connection, &activation, &secrets("0123456789abcdef"))
             .unwrap_err();
 
-    let error = |field: &str, message: &str| SettingsError {
-        field: field.into(),
-        message: message.into(),
-    };
+    let error = common::problem;
     assert_eq!(
         errors,
         [

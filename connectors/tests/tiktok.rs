@@ -7,8 +7,7 @@
 //! audience; at most 10000 members per request. It keeps the audience as a set of identifiers
 //! (`TYPE=digest`). Faults queued on it answer the next requests the way TikTok fails.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::num::NonZeroU32;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,11 +17,15 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use segmentd_connectors::tiktok::TiktokConnector;
 use segmentd_connectors::{
-    Batch, Change, Connector, DeliveryError, Member, Outcome, Rejection, RetryPolicy,
-    SettingsError, deliver_with_retries,
+    Batch, Change, Connector, DeliveryError, Member, Outcome, Rejection, SettingsError,
 };
 use serde_json::{Value, json};
 use tokio::time::Instant;
+
+mod common;
+use common::{
+    Fake, accepted, deliver_retrying, header, html, member, three_members, with_retry_after,
+};
 
 // Digests computed outside this code with `printf '%s' <text> | sha256sum`.
 /// `ann@example.com`
@@ -76,12 +79,14 @@ struct Received {
     code: Option<i64>,
 }
 
-/// The fake API and the one audience it holds.
-struct Tiktok {
+/// The fake Business API: its audience, the faults queued and the requests received.
+type Tiktok = Fake<Account, Received, Fault>;
+
+/// The one custom audience the fake holds.
+#[derive(Default)]
+struct Account {
     /// Identifiers mapped to the audience, as `TYPE=digest`.
     audience: Mutex<BTreeSet<String>>,
-    faults: Mutex<VecDeque<Fault>>,
-    received: Mutex<Vec<Received>>,
 }
 
 impl Tiktok {
@@ -89,16 +94,8 @@ impl Tiktok {
         self.audience.lock().unwrap().iter().cloned().collect()
     }
 
-    fn received(&self) -> Vec<Received> {
-        self.received.lock().unwrap().clone()
-    }
-
     fn codes(&self) -> Vec<Option<i64>> {
         self.received().iter().map(|r| r.code).collect()
-    }
-
-    fn fail_next(&self, faults: impl IntoIterator<Item = Fault>) {
-        self.faults.lock().unwrap().extend(faults);
     }
 }
 
@@ -119,16 +116,14 @@ async fn mapping(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let fault = tiktok.faults.lock().unwrap().pop_front();
+    let fault = tiktok.next_fault();
     let delay = match fault {
         Some(Fault::Slow(delay)) => delay,
         _ => Duration::ZERO,
     };
-    let access_token = headers
-        .get("access-token")
-        .map(|value| value.to_str().unwrap().to_owned());
+    let access_token = header(&headers, "access-token").map(str::to_owned);
     let (response, code) = answer(&tiktok, access_token.as_deref(), &body, fault);
-    tiktok.received.lock().unwrap().push(Received {
+    tiktok.record(Received {
         uri: uri.to_string(),
         access_token,
         body: String::from_utf8_lossy(&body).into_owned(),
@@ -149,13 +144,8 @@ fn answer(
     let coded = |code: i64, message: &str| (envelope(code, message), Some(code));
     match fault {
         Some(Fault::TooManyRequests(retry_after)) => {
-            let mut response = StatusCode::TOO_MANY_REQUESTS.into_response();
-            if let Some(value) = retry_after {
-                response
-                    .headers_mut()
-                    .insert("retry-after", value.parse().unwrap());
-            }
-            return (response, None);
+            let response = StatusCode::TOO_MANY_REQUESTS.into_response();
+            return (with_retry_after(response, retry_after), None);
         }
         Some(Fault::Throttled) => {
             return coded(40100, "Too many requests. Please retry in some time.");
@@ -164,12 +154,7 @@ fn answer(
         Some(Fault::HtmlPage(status)) => {
             let page = "<html><head><title>502 Bad Gateway</title></head>\
                         <body>Bad Gateway</body></html>";
-            let mut response = page.into_response();
-            *response.status_mut() = StatusCode::from_u16(status).unwrap();
-            response
-                .headers_mut()
-                .insert("content-type", "text/html".parse().unwrap());
-            return (response, None);
+            return (html(status, page, "text/html"), None);
         }
         Some(Fault::ExpiredToken) => {
             return coded(40102, "The access token has expired. Please renew it.");
@@ -253,25 +238,16 @@ fn answer(
 
 /// Starts the fake on a loopback port; returns it with its API root (`.../open_api/v1.3`).
 async fn start_tiktok() -> (Arc<Tiktok>, String) {
-    let tiktok = Arc::new(Tiktok {
-        audience: Mutex::new(BTreeSet::new()),
-        faults: Mutex::new(VecDeque::new()),
-        received: Mutex::new(Vec::new()),
-    });
-    let router = axum::Router::new()
-        .route(
-            "/open_api/v1.3/segment/mapping/",
-            axum::routing::post(mapping),
-        )
-        .with_state(Arc::clone(&tiktok));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/open_api/v1.3", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    (tiktok, url)
+    let routes = axum::Router::new().route(
+        "/open_api/v1.3/segment/mapping/",
+        axum::routing::post(mapping),
+    );
+    let (tiktok, url) = common::start(Tiktok::default(), routes).await;
+    (tiktok, format!("{url}/open_api/v1.3"))
 }
 
 fn secrets(token: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([("access_token".to_owned(), token.to_owned())])
+    common::secrets(&[("access_token", token)])
 }
 
 fn connection(base_url: &str) -> toml::Table {
@@ -300,50 +276,8 @@ fn email_phone_idfa(base_url: &str, phone_format: &str) -> TiktokConnector {
     TiktokConnector::from_settings(&connection(base_url), &activation, &secrets(TOKEN)).unwrap()
 }
 
-fn member(key: &str, identifiers: &[(&str, &str)]) -> Member {
-    Member {
-        key: key.into(),
-        identifiers: identifiers
-            .iter()
-            .map(|(name, value)| (name.to_string(), value.to_string()))
-            .collect(),
-    }
-}
-
 fn batch(change: Change, members: Vec<Member>) -> Batch {
-    Batch {
-        run_id: 42,
-        activation: "vip/tiktok".into(),
-        change,
-        sequence: 0,
-        members,
-        replace: None,
-    }
-}
-
-fn three_members() -> Vec<Member> {
-    vec![
-        member("1", &[("email", "ann@example.com")]),
-        member("2", &[("email", "bob@example.com")]),
-        member("3", &[("email", "cat@example.com")]),
-    ]
-}
-
-fn quick_policy(max_attempts: u32) -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: NonZeroU32::new(max_attempts).unwrap(),
-        initial_delay: Duration::from_millis(20),
-        max_delay: Duration::from_millis(100),
-        max_total_time: Duration::from_secs(30),
-        max_retry_after: Duration::from_secs(5),
-    }
-}
-
-fn accepted(keys: &[&str]) -> Outcome {
-    Outcome {
-        accepted: keys.iter().map(|key| key.to_string()).collect(),
-        rejected: vec![],
-    }
+    common::batch("vip/tiktok", change, members)
 }
 
 fn emails(digests: &[&str]) -> Vec<String> {
@@ -582,12 +516,7 @@ async fn a_throttle_code_in_a_200_is_retried_until_the_add_lands() {
     let direct = connector
         .deliver(&batch(Change::Add, three_members()))
         .await;
-    let retried = deliver_with_retries(
-        &connector,
-        &batch(Change::Add, three_members()),
-        &quick_policy(5),
-    )
-    .await;
+    let retried = deliver_retrying(&connector, &batch(Change::Add, three_members()), 5).await;
 
     assert_eq!(
         direct,
@@ -613,12 +542,8 @@ async fn a_429_with_retry_after_is_waited_out_and_one_without_leaves_the_wait_op
     ]);
     let started = Instant::now();
 
-    let outcome = deliver_with_retries(
-        &email_only(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(2),
-    )
-    .await;
+    let outcome =
+        deliver_retrying(&email_only(&url), &batch(Change::Add, three_members()), 2).await;
 
     let elapsed = started.elapsed();
     assert_eq!(
@@ -639,19 +564,9 @@ async fn system_errors_and_html_pages_are_retried_up_to_max_attempts() {
     let connector = email_only(&url);
 
     tiktok.fail_next([Fault::HtmlPage(502)]);
-    let recovered = deliver_with_retries(
-        &connector,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let recovered = deliver_retrying(&connector, &batch(Change::Add, three_members()), 3).await;
     tiktok.fail_next([Fault::SystemError, Fault::SystemError, Fault::SystemError]);
-    let exhausted = deliver_with_retries(
-        &connector,
-        &batch(Change::Remove, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let exhausted = deliver_retrying(&connector, &batch(Change::Remove, three_members()), 3).await;
 
     assert_eq!(recovered, Ok(accepted(&["1", "2", "3"])));
     assert_eq!(
@@ -675,12 +590,8 @@ async fn an_html_page_with_a_client_error_is_permanent() {
     let (tiktok, url) = start_tiktok().await;
     tiktok.fail_next([Fault::HtmlPage(403)]);
 
-    let outcome = deliver_with_retries(
-        &email_only(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let outcome =
+        deliver_retrying(&email_only(&url), &batch(Change::Add, three_members()), 3).await;
 
     assert_eq!(
         outcome,
@@ -703,12 +614,7 @@ async fn an_answer_slower_than_the_timeout_is_retried_and_the_audience_holds_eac
     let direct = connector
         .deliver(&batch(Change::Add, three_members()))
         .await;
-    let retried = deliver_with_retries(
-        &connector,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let retried = deliver_retrying(&connector, &batch(Change::Add, three_members()), 3).await;
 
     let DeliveryError::Retryable { message } = direct.unwrap_err() else {
         panic!("a timeout is retryable");
@@ -728,12 +634,8 @@ async fn an_expired_token_is_an_auth_failure_sent_once() {
     let (tiktok, url) = start_tiktok().await;
     tiktok.fail_next([Fault::ExpiredToken]);
 
-    let outcome = deliver_with_retries(
-        &email_only(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(5),
-    )
-    .await;
+    let outcome =
+        deliver_retrying(&email_only(&url), &batch(Change::Add, three_members()), 5).await;
 
     assert_eq!(
         outcome,
@@ -780,18 +682,9 @@ async fn configured_auth_codes_stop_the_activation_and_other_codes_are_permanent
         Fault::Coded(40002, "Authorization failed: invalid access token."),
     ]);
 
-    let stopped = deliver_with_retries(
-        &configured,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
-    let refused = deliver_with_retries(
-        &email_only(&url),
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let stopped = deliver_retrying(&configured, &batch(Change::Add, three_members()), 3).await;
+    let refused =
+        deliver_retrying(&email_only(&url), &batch(Change::Add, three_members()), 3).await;
 
     assert!(
         matches!(stopped, Err(DeliveryError::Auth { .. })),
@@ -817,12 +710,7 @@ async fn an_audience_tiktok_does_not_know_is_a_permanent_failure() {
     let connector =
         TiktokConnector::from_settings(&connection(&url), &activation, &secrets(TOKEN)).unwrap();
 
-    let outcome = deliver_with_retries(
-        &connector,
-        &batch(Change::Add, three_members()),
-        &quick_policy(3),
-    )
-    .await;
+    let outcome = deliver_retrying(&connector, &batch(Change::Add, three_members()), 3).await;
 
     assert_eq!(
         outcome,
@@ -872,10 +760,7 @@ fn tiktok_settings_report_every_problem_by_key() {
     let errors =
         TiktokConnector::from_settings(&connection, &activation, &BTreeMap::new()).unwrap_err();
 
-    let error = |field: &str, message: &str| SettingsError {
-        field: field.into(),
-        message: message.into(),
-    };
+    let error = common::problem;
     assert_eq!(
         errors,
         [

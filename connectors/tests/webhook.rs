@@ -4,7 +4,6 @@
 //! every request it saw, then drives the connector (alone or through the retry policy) at it.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -19,6 +18,9 @@ use segmentd_connectors::{
 };
 use serde_json::json;
 use tokio::time::Instant;
+
+mod common;
+use common::{Fake, email_member as member, settings, strings as keys};
 
 /// One scripted answer of the platform.
 #[derive(Debug, Clone)]
@@ -63,17 +65,15 @@ struct Received {
     status: u16,
 }
 
-/// A webhook endpoint answering from a script; the last answer repeats once the script runs out.
-struct Platform {
-    script: Mutex<VecDeque<Answer>>,
-    received: Mutex<Vec<Received>>,
+/// A webhook endpoint answering from a script, and the requests it received.
+type Platform = Fake<Script, Received>;
+
+/// The answers the endpoint gives, in order; the last one repeats once the script runs out.
+struct Script {
+    answers: Mutex<VecDeque<Answer>>,
 }
 
 impl Platform {
-    fn received(&self) -> Vec<Received> {
-        self.received.lock().unwrap().clone()
-    }
-
     fn accepted_batches(&self) -> Vec<serde_json::Value> {
         let received = self.received();
         received
@@ -90,7 +90,7 @@ async fn answer(
     body: Bytes,
 ) -> Response {
     let answer = {
-        let mut script = platform.script.lock().unwrap();
+        let mut script = platform.answers.lock().unwrap();
         if script.len() > 1 {
             script.pop_front()
         } else {
@@ -99,7 +99,7 @@ async fn answer(
     }
     .expect("the script holds at least one answer");
 
-    platform.received.lock().unwrap().push(Received {
+    platform.record(Received {
         headers: headers.clone(),
         body: serde_json::from_slice(&body).expect("the connector sends JSON"),
         status: answer.status,
@@ -116,25 +116,15 @@ async fn answer(
 
 /// Starts a platform answering `script` on a loopback port; returns it with its URL.
 async fn start_platform(script: impl IntoIterator<Item = Answer>) -> (Arc<Platform>, String) {
-    let platform = Arc::new(Platform {
-        script: Mutex::new(script.into_iter().collect()),
-        received: Mutex::new(Vec::new()),
-    });
-    let router = axum::Router::new()
-        .route("/hooks/segments", axum::routing::post(answer))
-        .with_state(Arc::clone(&platform));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hooks/segments", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    (platform, url)
-}
-
-/// A settings table from key-value pairs.
-fn settings<const N: usize>(pairs: [(&str, toml::Value); N]) -> toml::Table {
-    pairs
-        .into_iter()
-        .map(|(key, value)| (key.to_owned(), value))
-        .collect()
+    let routes = axum::Router::new().route("/hooks/segments", axum::routing::post(answer));
+    let (platform, url) = common::start(
+        Platform::new(Script {
+            answers: Mutex::new(script.into_iter().collect()),
+        }),
+        routes,
+    )
+    .await;
+    (platform, format!("{url}/hooks/segments"))
 }
 
 fn connector(url: &str) -> WebhookConnector {
@@ -142,21 +132,10 @@ fn connector(url: &str) -> WebhookConnector {
     WebhookConnector::from_settings(&connection, &toml::Table::new(), &BTreeMap::new()).unwrap()
 }
 
-fn member(key: &str, email: &str) -> Member {
-    Member {
-        key: key.into(),
-        identifiers: BTreeMap::from([("email".into(), email.into())]),
-    }
-}
-
 fn batch(members: Vec<Member>) -> Batch {
     Batch {
-        run_id: 42,
-        activation: "vip/crm".into(),
-        change: Change::Add,
         sequence: 3,
-        members,
-        replace: None,
+        ..common::batch("vip/crm", Change::Add, members)
     }
 }
 
@@ -167,18 +146,14 @@ fn two_members() -> Batch {
     ])
 }
 
+/// The quick policy, with longer waits and a longer `Retry-After` honoured.
 fn quick_policy(max_attempts: u32) -> RetryPolicy {
     RetryPolicy {
-        max_attempts: NonZeroU32::new(max_attempts).unwrap(),
         initial_delay: Duration::from_millis(50),
         max_delay: Duration::from_millis(200),
-        max_total_time: Duration::from_secs(30),
         max_retry_after: Duration::from_secs(10),
+        ..common::quick_policy(max_attempts)
     }
-}
-
-fn keys(keys: &[&str]) -> Vec<String> {
-    keys.iter().map(|key| key.to_string()).collect()
 }
 
 #[tokio::test]
@@ -522,10 +497,7 @@ fn webhook_settings_report_every_problem_by_key() {
     let errors =
         WebhookConnector::from_settings(&connection, &activation, &BTreeMap::new()).unwrap_err();
 
-    let error = |field: &str, message: &str| SettingsError {
-        field: field.into(),
-        message: message.into(),
-    };
+    let error = common::problem;
     assert_eq!(
         errors,
         [
