@@ -406,6 +406,9 @@ impl Problems {
             pairs: Vec::new(),
             ok: true,
         };
+        // Sorted by name, so problems come in the same order whatever map the table is.
+        let mut entries: Vec<_> = entries.iter().collect();
+        entries.sort_by(|(a, _), (b, _)| a.cmp(b));
         for (name, identifier) in entries {
             let identifier = identifier.as_str().filter(|text| !text.is_empty());
             match (parse(name), identifier) {
