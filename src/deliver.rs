@@ -308,8 +308,8 @@ pub struct DeltaQueries {
     /// The whole list a `mirror` activation replaces the destination's with: the segment's
     /// members, less those whose add is dead-lettered.
     pub list: String,
-    /// The removes of members who stay but whose identifiers changed: they are added again
-    /// with the new ones, so the brakes do not count them as leaving.
+    /// The removes of members who stay but whose identifiers changed to ones with a value:
+    /// they are added again with the new ones, so the brakes do not count them as leaving.
     pub changed: String,
 }
 
@@ -332,11 +332,6 @@ pub fn delta_queries(
          WHERE NOT EXISTS (SELECT 1 FROM segmentd_state.dead_letters AS d WHERE d.pipeline = {name} \
              AND d.activation = {id} AND d.change = 'add' AND d.dead AND d.key = c.key)"
     );
-    let adds = format!(
-        "SELECT l.key, l.identifiers FROM ({list}) AS l \
-         WHERE NOT EXISTS (SELECT 1 FROM segmentd_state.acknowledged AS a WHERE a.pipeline = {name} \
-             AND a.activation = {id} AND a.key = l.key AND a.identifiers = l.identifiers)"
-    );
     let removes = match activation.mode {
         Mode::AddOnly => {
             "SELECT key, identifiers FROM segmentd_state.acknowledged WHERE FALSE".to_string()
@@ -350,9 +345,34 @@ pub fn delta_queries(
                  AND d.activation = {id} AND d.change = 'remove' AND d.dead AND d.key = a.key)"
         ),
     };
+    // A member whose identifiers changed is removed by the old ones and added again by the
+    // new ones while any remove of its old ones is still to be sent, even if the new ones
+    // were confirmed before (a remove held or refused in an earlier run): a platform that
+    // knows members by key would otherwise end without the member.
+    let adds = format!(
+        "SELECT l.key, l.identifiers FROM ({list}) AS l \
+         WHERE NOT EXISTS (SELECT 1 FROM segmentd_state.acknowledged AS a WHERE a.pipeline = {name} \
+             AND a.activation = {id} AND a.key = l.key AND a.identifiers = l.identifiers) \
+         OR EXISTS (SELECT 1 FROM ({removes}) AS r WHERE r.key = l.key)"
+    );
+    // New identifiers none of which has a value cannot be sent: such a member counts as
+    // leaving, not as changing.
+    let usable = if activation.identifiers.is_empty() {
+        "TRUE".to_string()
+    } else {
+        activation
+            .identifiers
+            .iter()
+            .map(|identifier| {
+                let path = quote_literal(&format!("$.\"{}\"", identifier.replace('"', "\\\"")));
+                format!("nullif(trim(json_extract_string(n.identifiers, {path})), '') IS NOT NULL")
+            })
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    };
     let changed = format!(
         "SELECT r.key, r.identifiers FROM ({removes}) AS r \
-         WHERE EXISTS (SELECT 1 FROM ({adds}) AS n WHERE n.key = r.key)"
+         WHERE EXISTS (SELECT 1 FROM ({adds}) AS n WHERE n.key = r.key AND ({usable}))"
     );
     DeltaQueries {
         adds,
@@ -441,7 +461,6 @@ pub fn plan(
         if activation.mode == Mode::Mirror {
             delta.adds = count(&queries.adds)?;
             delta.removes = count(&queries.removes)?;
-            delta.changed = count(&queries.changed)?;
             delta.replaces = insert("replace", &queries.list, "TRUE", 0)?;
         }
         if delta.replaces == 0 {
@@ -462,8 +481,8 @@ pub fn plan(
                 first_leaver_batch,
             )?;
             delta.removes = changed + leavers;
-            delta.changed = changed;
         }
+        delta.changed = count(&queries.changed)?;
         let audience = audience_size(c, &pipeline.name, &activation.id)?;
         delta.hold = brake(activation, delta.joiners(), delta.leavers(), audience);
         if delta.hold.is_some() {
@@ -493,9 +512,14 @@ pub fn plan(
         if let Some(hold) = delta.hold {
             let reason = hold.reason(activation, delta.leavers());
             c.execute(
-                "UPDATE segmentd_state.deltas SET status = 'held', reason = ? \
-                 WHERE pipeline = ? AND activation = ? AND run_id = ? AND status = 'pending' \
-                 AND (? OR change = 'remove')",
+                // Unless the adds wait too, the removes of changed members go out with them
+                // (each before its add): only leavers wait.
+                "UPDATE segmentd_state.deltas AS h SET status = 'held', reason = ? \
+                 WHERE h.pipeline = ? AND h.activation = ? AND h.run_id = ? \
+                 AND h.status = 'pending' AND (? OR (h.change = 'remove' AND NOT EXISTS ( \
+                     SELECT 1 FROM segmentd_state.deltas AS a WHERE a.run_id = h.run_id \
+                     AND a.pipeline = h.pipeline AND a.activation = h.activation \
+                     AND a.change = 'add' AND a.key = h.key)))",
                 params![
                     reason,
                     pipeline.name,
@@ -684,14 +708,28 @@ fn record_outcome(
             Change::Add => Applied {
                 added: c
                     .execute(
-                        "INSERT INTO segmentd_state.acknowledged \
+                        // A member added again (after a change of identifiers) is not
+                        // acknowledged twice.
+                        "DELETE FROM segmentd_state.acknowledged AS a \
+                         USING segmentd_state.deltas AS d, batch_outcome AS o \
+                         WHERE d.pipeline = ? AND d.activation = ? AND d.run_id = ? \
+                         AND d.change = ? AND d.sequence = ? AND o.status = 'delivered' \
+                         AND o.key = d.key AND a.pipeline = d.pipeline \
+                         AND a.activation = d.activation AND a.key = d.key \
+                         AND a.identifiers = d.identifiers",
+                        scope,
+                    )
+                    .and_then(|_| {
+                        c.execute(
+                            "INSERT INTO segmentd_state.acknowledged \
                          (pipeline, activation, key, identifiers, run_id) \
                          SELECT d.pipeline, d.activation, d.key, d.identifiers, d.run_id \
                          FROM segmentd_state.deltas AS d JOIN batch_outcome AS o ON o.key = d.key \
                          WHERE d.pipeline = ? AND d.activation = ? AND d.run_id = ? \
                          AND d.change = ? AND d.sequence = ? AND o.status = 'delivered'",
-                        scope,
-                    )
+                            scope,
+                        )
+                    })
                     .doing("advancing the acknowledged state")? as i64,
                 ..Applied::default()
             },

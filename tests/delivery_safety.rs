@@ -586,3 +586,126 @@ fn an_approval_does_not_cover_removes_it_did_not_approve() {
     );
     assert_eq!(platform.audience().len(), 30, "nothing more removed");
 }
+
+#[test]
+fn under_the_minimum_audience_brake_changed_members_are_sent_and_only_leavers_wait() {
+    let platform = FakePlatform::start();
+    let project = project(
+        &platform,
+        1,
+        "identifiers = [\"score\"]\nmin_audience_size = 45",
+    );
+    assert!(project.refresh("shop").0);
+
+    // 1 to 40 change their score (the identifier sent), 41 to 50 leave: 40 would be left.
+    let mut csv = String::from("id,score\n");
+    for id in 1..=50 {
+        csv.push_str(&format!("{id},{}\n", if id <= 40 { id + 100 } else { 0 }));
+    }
+    project.write("pipelines/shop/people.csv", &csv);
+    let (ok, summary, stderr) = project.refresh("shop");
+    assert!(ok, "{stderr}");
+    let entry = activation(&summary, ID);
+    assert_eq!(entry["held"], true, "{entry}");
+    assert!(
+        entry["hold_reason"]
+            .as_str()
+            .unwrap()
+            .contains("would leave 40 members"),
+        "{entry}"
+    );
+    // The platform knows members by key: the changed members are still there, re-added
+    // after the removes of their old scores; nobody has left yet.
+    assert_eq!(platform.audience(), keys(1..=50));
+    assert_eq!(platform.state.lock().unwrap().adds["1"], 2);
+
+    let run = summary["run_id"].as_i64().unwrap().to_string();
+    let output = project.segmentd(&["approve", "shop", &run]);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(platform.audience(), keys(1..=40));
+}
+
+#[test]
+fn a_changed_member_whose_old_remove_was_refused_is_added_again_when_it_goes() {
+    let platform = FakePlatform::start();
+    let project = project(&platform, 1, "identifiers = [\"score\"]");
+    assert!(project.refresh("shop").0);
+
+    // Person 5's score changes; the platform refuses the remove of the old one.
+    platform
+        .state
+        .lock()
+        .unwrap()
+        .rejected_removes
+        .insert("5".into());
+    project.write(
+        "pipelines/shop/people.csv",
+        &people(50).replace("\n5,5\n", "\n5,105\n"),
+    );
+    assert!(project.refresh("shop").0);
+    assert_eq!(platform.audience(), keys(1..=50));
+
+    // At the next run the remove goes through, and the new score is added again after it.
+    platform.state.lock().unwrap().rejected_removes.clear();
+    let (ok, summary, stderr) = project.refresh("shop");
+    assert!(ok, "{stderr}");
+    let entry = activation(&summary, ID);
+    assert_eq!(
+        (entry["adds"].as_i64(), entry["removes"].as_i64()),
+        (Some(1), Some(1)),
+        "{entry}"
+    );
+    assert_eq!(platform.audience(), keys(1..=50));
+
+    // Nothing is left to send.
+    let requests = platform.state.lock().unwrap().requests;
+    assert!(project.refresh("shop").0);
+    assert_eq!(platform.state.lock().unwrap().requests, requests);
+}
+
+#[test]
+fn members_whose_new_identifiers_are_blank_count_as_leaving() {
+    let platform = FakePlatform::start();
+    let project = Project::new();
+    project.write("config.toml", &platform.config(20));
+    project.write(
+        "pipelines/shop/pipeline.toml",
+        &PIPELINE.replace(
+            "score = \"INTEGER\"",
+            "score = \"INTEGER\", email = \"VARCHAR\"",
+        ),
+    );
+    let with_email = |blank: std::ops::RangeInclusive<i64>| {
+        let mut csv = String::from("id,score,email\n");
+        for id in 1..=50 {
+            let email = if blank.contains(&id) {
+                String::new()
+            } else {
+                format!("p{id}@example.com")
+            };
+            csv.push_str(&format!("{id},{id},{email}\n"));
+        }
+        csv
+    };
+    project.write("pipelines/shop/people.csv", &with_email(1..=0));
+    project.write(
+        "pipelines/shop/segments/scored.toml",
+        &segment(1, "identifiers = [\"email\"]"),
+    );
+    assert!(project.refresh("shop").0);
+
+    // 40 of the 50 addresses go blank: that is 40 people the platform cannot keep.
+    project.write("pipelines/shop/people.csv", &with_email(1..=40));
+    let (ok, summary, stderr) = project.refresh("shop");
+    assert!(ok, "{stderr}");
+    let entry = activation(&summary, ID);
+    assert_eq!(entry["held"], true, "{entry}");
+    assert!(
+        entry["hold_reason"]
+            .as_str()
+            .unwrap()
+            .contains("40 removes of an audience of 50"),
+        "{entry}"
+    );
+    assert_eq!(platform.audience(), keys(1..=50));
+}

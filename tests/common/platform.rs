@@ -19,6 +19,8 @@ pub struct Platform {
     pub adds: BTreeMap<String, u32>,
     /// Keys it always rejects.
     pub rejects: BTreeSet<String>,
+    /// Keys it rejects in removes only.
+    pub rejected_removes: BTreeSet<String>,
     /// How long it takes to answer each request.
     pub delay: Duration,
     /// Requests received.
@@ -55,7 +57,9 @@ async fn receive(
     let mut rejected = Vec::new();
     for member in body["members"].as_array().unwrap() {
         let key = member["key"].as_str().unwrap().to_string();
-        if platform.rejects.contains(&key) {
+        if platform.rejects.contains(&key)
+            || (change == "remove" && platform.rejected_removes.contains(&key))
+        {
             rejected.push(serde_json::json!({ "key": key, "reason": "invalid address" }));
             continue;
         }
