@@ -353,6 +353,9 @@ fn error_response(err: &anyhow::Error) -> Response {
             Json(json!({ "error": message, "activations": activations })),
         )
             .into_response(),
+        Some(ApproveError::Outdated { message }) => {
+            (StatusCode::CONFLICT, Json(json!({ "error": message }))).into_response()
+        }
         _ => internal_error(err),
     }
 }

@@ -1002,9 +1002,39 @@ pub enum ApproveError {
         /// Each activation of the run that was held, and what became of its delta.
         activations: Vec<NotHeld>,
     },
+    /// The activation changed since its delta was held, so the held delta no longer says
+    /// what it would do; nothing was released.
+    #[error("{message}")]
+    Outdated {
+        /// What changed, and what to do, in words.
+        message: String,
+    },
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Why a held delta of an activation whose configuration is now `mode` (`None`: no longer
+/// configured) cannot be sent as it is, if it cannot: it holds `changes`.
+fn outdated(activation: &str, mode: Option<Mode>, changes: &[String]) -> Option<String> {
+    let has = |change: &str| changes.iter().any(|c| c == change);
+    let what = match mode {
+        None => "is no longer configured",
+        Some(Mode::Mirror) if has("add") || has("remove") => {
+            "is now a mirror activation, but its held delta is adds and removes"
+        }
+        Some(Mode::AddRemove | Mode::AddOnly) if has("replace") => {
+            "no longer has mode mirror, but its held delta replaces the whole list"
+        }
+        Some(Mode::AddOnly) if has("remove") => {
+            "now has mode add_only, but its held delta removes members"
+        }
+        Some(_) => return None,
+    };
+    Some(format!(
+        "activation `{activation}` {what}; nothing was sent. The next run plans its delta \
+         afresh from the configuration as it is"
+    ))
 }
 
 /// SQL for whether an activation's record of a run says a brake holds its delta: it has a
@@ -1015,10 +1045,13 @@ pub(crate) const HELD: &str = "(hold_reason IS NOT NULL AND approval_run IS NULL
 /// activations released. The activation's record of the run says it was approved.
 pub fn approve(
     connection: &Connection,
-    pipeline: &str,
+    pipeline: &Pipeline,
     run_id: i64,
     activation: Option<&str>,
 ) -> Result<Vec<String>, ApproveError> {
+    let definition = pipeline;
+    let pipeline = pipeline.name.as_str();
+    let mut refusal = None;
     let released = in_transaction(connection, |c| {
         let mut statement = c
             .prepare(
@@ -1033,6 +1066,29 @@ pub fn approve(
             .doing("finding held deltas")?
             .collect::<Result<_, _>>()
             .doing("finding held deltas")?;
+        for id in &activations {
+            let mut statement = c
+                .prepare(
+                    "SELECT DISTINCT change FROM segmentd_state.deltas WHERE pipeline = ? \
+                     AND run_id = ? AND activation = ? AND status = 'held' ORDER BY change",
+                )
+                .doing("reading held deltas")?;
+            let changes: Vec<String> = statement
+                .query_map(params![pipeline, run_id, id], |r| r.get(0))
+                .doing("reading held deltas")?
+                .collect::<Result<_, _>>()
+                .doing("reading held deltas")?;
+            let mode = definition
+                .segments
+                .iter()
+                .flat_map(|s| &s.activations)
+                .find(|a| a.id == *id)
+                .map(|a| a.mode);
+            if let Some(message) = outdated(id, mode, &changes) {
+                refusal = Some(message);
+                return Ok(Vec::new());
+            }
+        }
         for id in &activations {
             record_from_delta(c, pipeline, id, run_id)?;
             c.execute(
@@ -1053,6 +1109,9 @@ pub fn approve(
         }
         Ok(activations)
     })?;
+    if let Some(message) = refusal {
+        return Err(ApproveError::Outdated { message });
+    }
     if released.is_empty() {
         return Err(nothing_held(connection, pipeline, run_id, activation)?);
     }

@@ -283,17 +283,26 @@ pub async fn approve(
     run_id: i64,
     activation: Option<String>,
 ) -> anyhow::Result<Vec<ActivationSummary>> {
-    let name = pipeline.name.clone();
+    let definition = pipeline.clone();
     let released = tokio::task::spawn_blocking({
         let store = Arc::clone(&store);
         move || -> anyhow::Result<Vec<String>> {
             let connection = store.connection()?;
-            Ok(deliver::approve(
-                &connection,
-                &name,
-                run_id,
-                activation.as_deref(),
-            )?)
+            match deliver::approve(&connection, &definition, run_id, activation.as_deref()) {
+                // Approved before, and its sending stopped part way (the process was
+                // stopped): approving again sends what is left.
+                Err(deliver::ApproveError::NothingHeld { .. })
+                    if !deliver::activations_with_pending(
+                        &connection,
+                        &definition.name,
+                        run_id,
+                    )?
+                    .is_empty() =>
+                {
+                    Ok(Vec::new())
+                }
+                approved => Ok(approved?),
+            }
         }
     })
     .await

@@ -320,8 +320,15 @@ pub fn latest_run(connection: &Connection, pipeline: &str) -> Result<Option<i64>
 pub fn unfinished_runs(connection: &Connection, pipeline: &str) -> Result<Vec<i64>, StoreError> {
     let mut statement = connection
         .prepare(
-            "SELECT run_id FROM segmentd_state.runs \
-             WHERE pipeline = ? AND status = 'running' ORDER BY run_id",
+            // A run still running when its process stopped, or a held one whose approved delta
+            // was being sent when the process stopped (an approval that ran to its end, even
+            // with failures, records the run's new status).
+            "SELECT r.run_id FROM segmentd_state.runs AS r WHERE r.pipeline = ? \
+             AND (r.status = 'running' OR r.status = 'held' AND EXISTS ( \
+                 SELECT 1 FROM segmentd_state.deltas AS d \
+                 WHERE d.pipeline = r.pipeline AND d.run_id = r.run_id \
+                 AND d.status = 'pending')) \
+             ORDER BY r.run_id",
         )
         .doing("finding unfinished runs")?;
     let rows = statement

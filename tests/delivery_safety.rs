@@ -709,3 +709,42 @@ fn members_whose_new_identifiers_are_blank_count_as_leaving() {
     );
     assert_eq!(platform.audience(), keys(1..=50));
 }
+
+#[test]
+fn an_approval_killed_while_it_sends_is_finished_by_approving_again() {
+    let platform = FakePlatform::start();
+    // Batches of 20 (the fake's config): 40 removes are two requests, each answered slowly.
+    let project = project(&platform, 1, "");
+    assert!(project.refresh("shop").0);
+    project.write("pipelines/shop/segments/scored.toml", &segment(41, ""));
+    let (_, summary, _) = project.refresh("shop");
+    assert_eq!(activation(&summary, ID)["held"], true);
+    let run = summary["run_id"].as_i64().unwrap().to_string();
+
+    platform.state.lock().unwrap().delay = std::time::Duration::from_millis(1500);
+    let arrivals = platform.state.lock().unwrap().arrivals;
+    let mut approving = std::process::Command::new(env!("CARGO_BIN_EXE_segmentd"))
+        .args(["approve", "shop", &run])
+        .current_dir(project.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once the first batch has been answered and while the second is in flight.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while platform.state.lock().unwrap().arrivals < arrivals + 2 {
+        assert!(std::time::Instant::now() < deadline, "the approval sends");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    approving.kill().unwrap();
+    approving.wait().unwrap();
+    platform.state.lock().unwrap().delay = std::time::Duration::ZERO;
+
+    let again = project.segmentd(&["approve", "shop", &run]);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(platform.audience(), keys(41..=50));
+}

@@ -240,3 +240,35 @@ fn mirror_on_a_connection_that_cannot_replace_names_the_line_and_the_types_that_
         "{stderr}"
     );
 }
+
+#[test]
+fn a_held_replace_is_not_sent_once_the_activation_is_no_longer_mirror() {
+    let platform = FakePlatform::start();
+    let project = project(&platform, 11);
+    assert!(project.refresh("shop").0);
+    write_segment(&project, 43);
+    let (_, summary, _) = project.refresh("shop");
+    assert_eq!(activation(&summary, ID)["held"], true);
+    let requests = platform.state.lock().unwrap().requests;
+
+    // The operator turns the activation to add_only before approving the held replace.
+    let text = std::fs::read_to_string(project.path("pipelines/shop/segments/scored.toml"))
+        .unwrap()
+        .replace("mode = \"mirror\"", "mode = \"add_only\"");
+    project.write("pipelines/shop/segments/scored.toml", &text);
+    let run_id = summary["run_id"].as_i64().unwrap().to_string();
+    let output = project.segmentd(&["approve", "shop", &run_id]);
+
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("no longer has mode mirror, but its held delta replaces the whole list"),
+        "{stderr}"
+    );
+    assert_eq!(
+        platform.state.lock().unwrap().requests,
+        requests,
+        "nothing sent"
+    );
+    assert_eq!(platform.state.lock().unwrap().audience, keys(11..=50));
+}

@@ -23,8 +23,10 @@ pub struct Platform {
     pub rejected_removes: BTreeSet<String>,
     /// How long it takes to answer each request.
     pub delay: Duration,
-    /// Requests received.
+    /// Requests answered.
     pub requests: usize,
+    /// Requests that arrived, answered or not yet.
+    pub arrivals: usize,
     /// Keys received in each replace session that has not had its last batch yet.
     pub sessions: BTreeMap<u64, BTreeSet<String>>,
     /// Replaces completed.
@@ -39,7 +41,11 @@ async fn receive(
     State(platform): State<Arc<Mutex<Platform>>>,
     body: axum::Json<serde_json::Value>,
 ) -> (StatusCode, axum::Json<serde_json::Value>) {
-    let delay = platform.lock().unwrap().delay;
+    let delay = {
+        let mut platform = platform.lock().unwrap();
+        platform.arrivals += 1;
+        platform.delay
+    };
     tokio::time::sleep(delay).await;
     let mut platform = platform.lock().unwrap();
     platform.requests += 1;
