@@ -31,8 +31,11 @@
 //! sent again (after a timeout, a `5xx`) repeats its request. A last batch without a usable
 //! row still closes the session: it sends again one row of a request Meta accepted earlier in
 //! the session (harmless within a session) with `last_batch_flag` true. A replace none of whose
-//! batches has a usable row, or whose every row Meta counted as invalid, fails on its last
-//! batch as a permanent failure without closing the session: it would empty the audience.
+//! batches has a usable row, or none of whose earlier rows Meta accepted when its last batch
+//! has no usable row either, fails on its last batch as a permanent failure without closing
+//! the session: it would empty the audience. A last batch with usable rows is sent closing the
+//! session; should Meta count those as invalid too, the audience ends empty, which the
+//! connector cannot know beforehand.
 //! What each session has sent (the `batch_seq` of each batch, one accepted row) is kept in
 //! memory only; a replace begun again after an interruption comes with a new session and
 //! starts from its first batch, so nothing of an earlier attempt is needed. Meta's "audience
