@@ -129,7 +129,9 @@ fn plan_in(
             let (adds, sample_adds) = count_and_sample(connection, &queries.adds)?;
             let (removes, sample_removes) = count_and_sample(connection, &queries.removes)?;
             let replaces = match activation.mode {
-                Mode::Mirror => Some(count_and_sample(connection, &queries.list)?.0),
+                // An empty list is sent as the removes of everyone, not as a replace.
+                Mode::Mirror => Some(count_and_sample(connection, &queries.list)?.0)
+                    .filter(|members| *members > 0),
                 Mode::AddRemove | Mode::AddOnly => None,
             };
             let (changed, _) = count_and_sample(connection, &queries.changed)?;

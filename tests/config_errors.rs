@@ -374,3 +374,29 @@ fn a_missing_secret_is_reported_once_at_its_connection() {
          or `Environment=SEGMENTD_TEST_UNSET_HOOK_TOKEN=...` in its systemd unit)\n"
     );
 }
+
+#[test]
+fn every_problem_of_one_activation_is_reported_at_once() {
+    let project = Project::new();
+    project.write("pipelines/shop/pipeline.toml", PIPELINE);
+    project.write(
+        "pipelines/shop/segments/french.toml",
+        r#"[[activations]]
+name = "export"
+connection = "exports"
+mode = "sometimes"
+max_removal_share = 1.5
+dead_letter_after_runs = 0
+"#,
+    );
+    let (ok, stderr) = validate(&project);
+    assert!(!ok);
+    for expected in [
+        "french.toml:4: activation `export`: mode `sometimes` is not one of add_remove, add_only, \
+         mirror",
+        "french.toml:5: activation `export`: max_removal_share is a share from 0 to 1",
+        "french.toml:6: activation `export`: dead_letter_after_runs must be 1 or more",
+    ] {
+        assert!(stderr.contains(expected), "{expected}\n{stderr}");
+    }
+}

@@ -272,3 +272,21 @@ fn a_held_replace_is_not_sent_once_the_activation_is_no_longer_mirror() {
     );
     assert_eq!(platform.state.lock().unwrap().audience, keys(11..=50));
 }
+
+#[test]
+fn a_plan_for_a_mirror_segment_that_became_empty_shows_the_removes_it_would_send() {
+    let platform = FakePlatform::start();
+    let project = project(&platform, 11);
+    assert!(project.refresh("shop").0);
+    write_segment(&project, 1000);
+
+    let output = project.segmentd(&["plan", "shop"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .find(|line| line.starts_with(ID))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(words[..5], [ID, "0", "40", "would", "be"], "{line}");
+    assert!(!line.contains("replace the list"), "{line}");
+}

@@ -341,6 +341,8 @@ fn load_one(
             Some(size) => Some(*size.get_ref()).filter(|size| *size > 0),
             None => connector.min_audience_size(),
         };
+        // Every problem of the activation is reported, not only the first.
+        let mut bad = false;
         let mode = match spec.mode.as_ref().map(|m| m.get_ref().as_str()) {
             None | Some("add_remove") => Mode::AddRemove,
             Some("add_only") => Mode::AddOnly,
@@ -356,7 +358,8 @@ fn load_one(
                         segmentd_connectors::REPLACING_KINDS.join(", ")
                     ),
                 ));
-                continue;
+                bad = true;
+                Mode::AddRemove
             }
             Some(other) => {
                 problems.push(source.problem_at(
@@ -366,16 +369,21 @@ fn load_one(
                          add_remove, add_only, mirror"
                     ),
                 ));
-                continue;
+                bad = true;
+                Mode::AddRemove
             }
         };
         let max_removal_share = match &spec.max_removal_share {
             Some(share) if !(0.0..=1.0).contains(share.get_ref()) => {
                 problems.push(source.problem_at(
                     share,
-                    format!("activation `{activation_name}`: max_removal_share is a share from 0 to 1, such as 0.2"),
+                    format!(
+                        "activation `{activation_name}`: max_removal_share is a share from 0 \
+                         to 1, such as 0.2"
+                    ),
                 ));
-                continue;
+                bad = true;
+                DEFAULT_MAX_REMOVAL_SHARE
             }
             Some(share) => *share.get_ref(),
             None => DEFAULT_MAX_REMOVAL_SHARE,
@@ -388,11 +396,15 @@ fn load_one(
                         "activation `{activation_name}`: dead_letter_after_runs must be 1 or more"
                     ),
                 ));
-                continue;
+                bad = true;
+                DEFAULT_DEAD_LETTER_AFTER_RUNS
             }
             Some(runs) => *runs.get_ref(),
             None => DEFAULT_DEAD_LETTER_AFTER_RUNS,
         };
+        if bad {
+            continue;
+        }
         activations.push(ActivationDef {
             mode,
             max_removal_share,
