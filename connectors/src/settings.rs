@@ -408,7 +408,7 @@ impl Problems {
         };
         // Sorted by name, so problems come in the same order whatever map the table is.
         let mut entries: Vec<_> = entries.iter().collect();
-        entries.sort_by(|(a, _), (b, _)| a.cmp(b));
+        entries.sort_by_key(|(name, _)| *name);
         for (name, identifier) in entries {
             let identifier = identifier.as_str().filter(|text| !text.is_empty());
             match (parse(name), identifier) {
