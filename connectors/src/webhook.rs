@@ -157,7 +157,7 @@ impl WebhookConnector {
         if status.is_success() {
             // A body longer than the limit is cut, and its `rejected` list is then unreadable.
             let body = http::body_start(response, MAX_ANSWER_BYTES).await;
-            return Ok(self.outcome(batch, &body));
+            return self.outcome(batch, &body);
         }
 
         let retry_after = response.headers().get(RETRY_AFTER).cloned();
@@ -172,23 +172,20 @@ impl WebhookConnector {
     }
 
     /// The outcome of a 2xx answer: keys listed under `rejected` are rejected, the rest of the
-    /// batch accepted. Reasons are quoted without personal data or the batch's identifiers.
-    fn outcome(&self, batch: &Batch, body: &[u8]) -> Outcome {
+    /// batch accepted. Reasons are quoted without personal data or the batch's identifiers. A
+    /// `rejected` list that cannot be read fails the batch: which members the receiver
+    /// refused is not known, so none is counted as accepted.
+    fn outcome(&self, batch: &Batch, body: &[u8]) -> Result<Outcome, DeliveryError> {
         let known = http::identifier_values(batch);
-        let rejections = match read_rejections(body, &known) {
-            Ok(rejections) => rejections,
-            Err(error) => {
-                tracing::warn!(
-                    activation = %batch.activation,
-                    change = batch.change.as_str(),
-                    sequence = batch.sequence,
-                    error = %http::redact(&error.to_string(), &known),
-                    "webhook answer has an unreadable `rejected` list; counting every member \
-                     as accepted"
-                );
-                HashMap::new()
-            }
-        };
+        let rejections =
+            read_rejections(body, &known).map_err(|error| DeliveryError::Permanent {
+                message: format!(
+                    "{} answered with a `rejected` list that cannot be read ({}); it must be \
+                     [{{\"key\": \"...\", \"reason\": \"...\"}}]",
+                    self.shown_url(),
+                    http::redact(&error.to_string(), &known)
+                ),
+            })?;
 
         let mut outcome = Outcome::default();
         for member in &batch.members {
@@ -200,7 +197,7 @@ impl WebhookConnector {
                 None => outcome.accepted.push(member.key.clone()),
             }
         }
-        outcome
+        Ok(outcome)
     }
 
     fn transport_failure(&self, error: reqwest::Error) -> DeliveryError {
@@ -267,9 +264,21 @@ struct Answer {
 /// One entry of a 2xx answer's `rejected` list.
 #[derive(serde::Deserialize)]
 struct RejectedMember {
+    #[serde(deserialize_with = "key_text")]
     key: String,
     #[serde(default)]
     reason: Option<String>,
+}
+
+/// A rejected member's key, given as a string or, as a receiver may, as a number.
+fn key_text<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    match serde::Deserialize::deserialize(deserializer)? {
+        serde_json::Value::String(text) => Ok(text),
+        serde_json::Value::Number(number) => Ok(number.to_string()),
+        other => Err(serde::de::Error::custom(format!(
+            "a key must be a string or a number, found {other}"
+        ))),
+    }
 }
 
 /// The `url` at `key` in `table`, if present and an `http` or `https` URL.

@@ -652,3 +652,31 @@ async fn a_replace_batch_says_its_session_and_place_and_add_batches_say_nothing_
         "42-vip/crm-replace-77-1"
     );
 }
+
+#[tokio::test]
+async fn rejected_keys_given_as_numbers_reject_those_members() {
+    let body = r#"{"rejected": [{"key": 2, "reason": "invalid email"}]}"#;
+    let (_platform, url) = start_platform([Answer::status(200).with_body(body)]).await;
+
+    let outcome = connector(&url).deliver(&two_members()).await.unwrap();
+
+    assert_eq!(outcome.accepted, keys(&["1"]));
+    assert_eq!(outcome.rejected.len(), 1);
+    assert_eq!(outcome.rejected[0].key, "2");
+}
+
+#[tokio::test]
+async fn a_rejected_list_of_the_wrong_shape_fails_the_batch_instead_of_accepting_everyone() {
+    let body = r#"{"rejected": "2"}"#;
+    let (_platform, url) = start_platform([Answer::status(200).with_body(body)]).await;
+
+    let error = connector(&url).deliver(&two_members()).await.unwrap_err();
+
+    let DeliveryError::Permanent { message } = error else {
+        panic!("expected a permanent failure, got {error:?}");
+    };
+    assert!(
+        message.contains("`rejected` list that cannot be read"),
+        "{message}"
+    );
+}
