@@ -54,8 +54,8 @@ async fn get_json(client: &reqwest::Client, url: &str) -> (u16, serde_json::Valu
     )
 }
 
-#[tokio::test]
-async fn a_manual_trigger_runs_the_pipeline_and_profiles_can_be_looked_up() {
+/// A project with the `web` pipeline and the HTTP API on a free loopback port.
+fn web_project() -> (Project, u16) {
     let project = Project::new();
     let port = free_port();
     let config = std::fs::read_to_string(project.path("config.toml")).unwrap();
@@ -65,6 +65,12 @@ async fn a_manual_trigger_runs_the_pipeline_and_profiles_can_be_looked_up() {
     );
     project.write("pipelines/web/pipeline.toml", PIPELINE);
     project.write("pipelines/web/people.jsonl", PEOPLE);
+    (project, port)
+}
+
+#[tokio::test]
+async fn a_manual_trigger_runs_the_pipeline_and_profiles_can_be_looked_up() {
+    let (project, port) = web_project();
     project.write(
         "pipelines/web/segments/french.toml",
         "[rule]\nattribute = \"country\"\nop = \"=\"\nvalue = \"FR\"\n\n[[activations]]\nname = \"export\"\nconnection = \"exports\"\n",
@@ -210,15 +216,7 @@ fn without_elapsed(summary: &serde_json::Value) -> serde_json::Value {
 
 #[tokio::test]
 async fn the_latest_run_is_answered_from_the_store_whichever_process_made_it() {
-    let project = Project::new();
-    let port = free_port();
-    let config = std::fs::read_to_string(project.path("config.toml")).unwrap();
-    project.write(
-        "config.toml",
-        &format!("{config}\n[http]\nlisten = \"127.0.0.1:{port}\"\n"),
-    );
-    project.write("pipelines/web/pipeline.toml", PIPELINE);
-    project.write("pipelines/web/people.jsonl", PEOPLE);
+    let (project, port) = web_project();
     let rule = |country: &str| {
         format!(
             "[rule]\nattribute = \"country\"\nop = \"=\"\nvalue = \"{country}\"\n\n\
