@@ -56,6 +56,9 @@ pub struct Plan {
     pub as_of: String,
     /// Profiles the refreshed master segment would have.
     pub profiles: i64,
+    /// Why a run now would refuse the refresh (a guard), if it would; the rest of the plan
+    /// says what a forced run would do.
+    pub refused: Option<String>,
     /// Segments in dependency order.
     pub segments: Vec<SegmentPlan>,
     /// Activations in segment order.
@@ -84,6 +87,12 @@ fn plan_in(
     schema: &str,
 ) -> anyhow::Result<Plan> {
     let report = crate::refresh::build_into(connection, pipeline, schema)?;
+    let live = quote_ident(&pipeline.schema());
+    let refused = match crate::refresh::check_guards(connection, pipeline, &live, report.profiles) {
+        Ok(()) => None,
+        Err(crate::refresh::RefreshError::Guard { message }) => Some(message),
+        Err(other) => return Err(other.into()),
+    };
     connection
         .execute_batch(
             "CREATE OR REPLACE TEMP TABLE planned_members (segment VARCHAR, key VARCHAR)",
@@ -168,6 +177,7 @@ fn plan_in(
         pipeline: pipeline.name.clone(),
         as_of: crate::compile::format_time(as_of),
         profiles: report.profiles,
+        refused,
         segments,
         activations,
     })
@@ -199,6 +209,12 @@ impl Plan {
             "plan for pipeline `{}` (as_of {}, {} profiles); nothing has been changed or sent\n",
             self.pipeline, self.as_of, self.profiles
         );
+        if let Some(refused) = &self.refused {
+            out.push_str(&format!(
+                "a run now would refuse the refresh and send nothing: {refused}; below is what \
+                 a run with --force would do\n"
+            ));
+        }
         let width = self
             .segments
             .iter()

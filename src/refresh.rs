@@ -175,7 +175,7 @@ fn stage_from_sources(
 }
 
 /// Refuses a master segment that is too small, or that shrank too much since the live one.
-fn check_guards(
+pub(crate) fn check_guards(
     connection: &Connection,
     pipeline: &Pipeline,
     live: &str,

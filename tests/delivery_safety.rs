@@ -122,6 +122,18 @@ fn a_source_that_shrinks_past_the_limit_is_refused() {
     let project = project(&platform, 1, "");
     assert!(project.refresh("shop").0);
     project.write("pipelines/shop/people.csv", &people(20));
+
+    // The plan says so before any run does.
+    let plan = project.segmentd(&["plan", "shop"]);
+    let text = String::from_utf8_lossy(&plan.stdout);
+    assert!(
+        text.contains(
+            "a run now would refuse the refresh and send nothing: the master segment \
+                       would shrink from 50 to 20 profiles"
+        ),
+        "{text}"
+    );
+
     let (ok, summary, _) = project.refresh("shop");
     assert!(!ok);
     let error = summary["error"].as_str().unwrap();
