@@ -44,8 +44,10 @@ pub struct DeltaSize {
     /// Members of the list a `mirror` activation sends to replace the destination's; 0 for
     /// other activations.
     pub replaces: i64,
-    /// Members among the adds and removes who stay but whose identifiers changed.
+    /// Removes of members who stay with new identifiers that have a value.
     pub changed: i64,
+    /// Adds of members the audience already holds under other identifiers.
+    pub readds: i64,
     /// Which brake held the delta, if one did.
     pub hold: Option<Hold>,
     /// The approval whose removes this delta carries on, when a brake would otherwise hold it.
@@ -53,9 +55,9 @@ pub struct DeltaSize {
 }
 
 impl DeltaSize {
-    /// Members who join: the adds less the identifier changes.
+    /// Members who join: the adds less those of members the audience already holds.
     pub fn joiners(&self) -> i64 {
-        self.adds - self.changed
+        self.adds - self.readds
     }
 
     /// Members who leave: the removes less the identifier changes.
@@ -311,6 +313,9 @@ pub struct DeltaQueries {
     /// The removes of members who stay but whose identifiers changed to ones with a value:
     /// they are added again with the new ones, so the brakes do not count them as leaving.
     pub changed: String,
+    /// The adds of members the audience already holds under other identifiers: the brakes
+    /// do not count them as joining, whether or not their new identifiers have a value.
+    pub readds: String,
 }
 
 /// The delta's SQL for an activation whose segment's members are selected by `members` (a
@@ -374,11 +379,17 @@ pub fn delta_queries(
         "SELECT r.key, r.identifiers FROM ({removes}) AS r \
          WHERE EXISTS (SELECT 1 FROM ({adds}) AS n WHERE n.key = r.key AND ({usable}))"
     );
+    let readds = format!(
+        "SELECT n.key, n.identifiers FROM ({adds}) AS n \
+         WHERE EXISTS (SELECT 1 FROM segmentd_state.acknowledged AS a WHERE a.pipeline = {name} \
+             AND a.activation = {id} AND a.key = n.key)"
+    );
     DeltaQueries {
         adds,
         removes,
         list,
         changed,
+        readds,
     }
 }
 
@@ -483,6 +494,7 @@ pub fn plan(
             delta.removes = changed + leavers;
         }
         delta.changed = count(&queries.changed)?;
+        delta.readds = count(&queries.readds)?;
         let audience = audience_size(c, &pipeline.name, &activation.id)?;
         delta.hold = brake(activation, delta.joiners(), delta.leavers(), audience);
         if delta.hold.is_some() {

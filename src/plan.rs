@@ -144,7 +144,8 @@ fn plan_in(
                 Mode::AddRemove | Mode::AddOnly => None,
             };
             let (changed, _) = count_and_sample(connection, &queries.changed)?;
-            let (joiners, leavers) = (adds - changed, removes - changed);
+            let (readds, _) = count_and_sample(connection, &queries.readds)?;
+            let (joiners, leavers) = (adds - readds, removes - changed);
             let audience = audience_size(connection, &pipeline.name, &activation.id)?;
             let mut would_hold = brake(activation, joiners, leavers, audience);
             if would_hold.is_some()

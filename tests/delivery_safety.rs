@@ -677,6 +677,40 @@ fn a_changed_member_whose_old_remove_was_refused_is_added_again_when_it_goes() {
 
 #[test]
 fn members_whose_new_identifiers_are_blank_count_as_leaving() {
+    // 40 of 50 addresses go blank: that is 40 people the platform cannot keep.
+    let (platform, summary) = blank_addresses("", 40);
+    let entry = activation(&summary, ID);
+    assert_eq!(entry["held"], true, "{entry}");
+    assert!(
+        entry["hold_reason"]
+            .as_str()
+            .unwrap()
+            .contains("40 removes of an audience of 50"),
+        "{entry}"
+    );
+    assert_eq!(platform.audience(), keys(1..=50));
+}
+
+#[test]
+fn blank_new_identifiers_count_against_the_minimum_audience_too() {
+    // 10 of 50 go blank: 40 would be left, under the minimum of 45.
+    let (platform, summary) =
+        blank_addresses("min_audience_size = 45\nmax_removal_share = 0.9", 10);
+    let entry = activation(&summary, ID);
+    assert_eq!(entry["held"], true, "{entry}");
+    assert!(
+        entry["hold_reason"]
+            .as_str()
+            .unwrap()
+            .contains("would leave 40 members"),
+        "{entry}"
+    );
+    assert_eq!(platform.audience(), keys(1..=50));
+}
+
+/// Sends 50 people with addresses, then blanks the first `blank` addresses and refreshes
+/// again; returns the platform and the second run's summary.
+fn blank_addresses(extra: &str, blank: i64) -> (FakePlatform, serde_json::Value) {
     let platform = FakePlatform::start();
     let project = Project::new();
     project.write("config.toml", &platform.config(20));
@@ -703,24 +737,13 @@ fn members_whose_new_identifiers_are_blank_count_as_leaving() {
     project.write("pipelines/shop/people.csv", &with_email(0));
     project.write(
         "pipelines/shop/segments/scored.toml",
-        &segment(1, "identifiers = [\"email\"]"),
+        &segment(1, &format!("identifiers = [\"email\"]\n{extra}")),
     );
     assert!(project.refresh("shop").0);
-
-    // 40 of the 50 addresses go blank: that is 40 people the platform cannot keep.
-    project.write("pipelines/shop/people.csv", &with_email(40));
+    project.write("pipelines/shop/people.csv", &with_email(blank));
     let (ok, summary, stderr) = project.refresh("shop");
     assert!(ok, "{stderr}");
-    let entry = activation(&summary, ID);
-    assert_eq!(entry["held"], true, "{entry}");
-    assert!(
-        entry["hold_reason"]
-            .as_str()
-            .unwrap()
-            .contains("40 removes of an audience of 50"),
-        "{entry}"
-    );
-    assert_eq!(platform.audience(), keys(1..=50));
+    (platform, summary)
 }
 
 #[test]
