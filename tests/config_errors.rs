@@ -383,15 +383,21 @@ fn every_problem_of_one_activation_is_reported_at_once() {
         "pipelines/shop/segments/french.toml",
         r#"[[activations]]
 name = "export"
-connection = "exports"
+connection = "nowhere"
 mode = "sometimes"
 max_removal_share = 1.5
 dead_letter_after_runs = 0
+
+[[activations]]
+name = "export"
+connection = "exports"
 "#,
     );
     let (ok, stderr) = validate(&project);
     assert!(!ok);
     for expected in [
+        "french.toml:3: there is no connection `nowhere`",
+        "french.toml:9: two activations are called `export`",
         "french.toml:4: activation `export`: mode `sometimes` is not one of add_remove, add_only, \
          mirror",
         "french.toml:5: activation `export`: max_removal_share is a share from 0 to 1",

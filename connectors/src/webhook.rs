@@ -197,6 +197,16 @@ impl WebhookConnector {
                 None => outcome.accepted.push(member.key.clone()),
             }
         }
+        let strangers = rejections.len() - outcome.rejected.len();
+        if strangers > 0 {
+            tracing::warn!(
+                activation = %batch.activation,
+                change = batch.change.as_str(),
+                sequence = batch.sequence,
+                keys = strangers,
+                "the webhook rejected keys that are not in the batch; they are ignored"
+            );
+        }
         Ok(outcome)
     }
 

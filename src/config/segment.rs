@@ -266,6 +266,7 @@ fn load_one(
     let references: Vec<String> = references.into_iter().map(|r| r.segment).collect();
 
     let mut activations: Vec<ActivationDef> = Vec::new();
+    let mut names = BTreeSet::new();
     for activation in &raw.activations {
         let spec = activation.get_ref();
         let activation_name = spec.name.get_ref();
@@ -276,10 +277,7 @@ fn load_one(
             ));
             continue;
         }
-        if activations
-            .iter()
-            .any(|a| a.id.ends_with(&format!("/{activation_name}")))
-        {
+        if !names.insert(activation_name.clone()) {
             problems.push(source.problem_at(
                 &spec.name,
                 format!("two activations are called `{activation_name}`"),
@@ -299,62 +297,71 @@ fn load_one(
                 ));
             }
         }
-        // Without config.toml the connection and everything checked with it waits.
-        let Some(daemon) = daemon else {
-            continue;
-        };
-        let Some(connection) = daemon.connections.get(spec.connection.get_ref()) else {
-            let known: Vec<&str> = daemon.connections.keys().map(String::as_str).collect();
-            problems.push(source.problem_at(
-                &spec.connection,
-                format!(
-                    "there is no connection `{}` in {}; connections: {}",
-                    spec.connection.get_ref(),
-                    daemon.path.display(),
-                    known.join(", ")
-                ),
-            ));
-            continue;
-        };
-        let connector = match segmentd_connectors::build(
-            &connection.kind,
-            &connection.settings,
-            &spec.settings,
-            &connection.secrets,
-        ) {
-            Ok(connector) => connector,
-            Err(errors) => {
-                // The connection's own problems are reported once, at the connection.
-                for error in errors
-                    .into_iter()
-                    .filter(|error| !connection.reported(error))
-                {
+        // Every problem of the activation is reported, not only the first; what needs the
+        // connection waits without config.toml.
+        let mut bad = false;
+        let connection = match daemon {
+            None => None,
+            Some(daemon) => match daemon.connections.get(spec.connection.get_ref()) {
+                Some(connection) => Some(connection),
+                None => {
+                    let known: Vec<&str> = daemon.connections.keys().map(String::as_str).collect();
                     problems.push(source.problem_at(
-                        activation,
-                        format!("activation `{activation_name}`: settings.{error}"),
+                        &spec.connection,
+                        format!(
+                            "there is no connection `{}` in {}; connections: {}",
+                            spec.connection.get_ref(),
+                            daemon.path.display(),
+                            known.join(", ")
+                        ),
                     ));
+                    bad = true;
+                    None
                 }
-                continue;
-            }
+            },
         };
+        let connector = connection.and_then(|connection| {
+            match segmentd_connectors::build(
+                &connection.kind,
+                &connection.settings,
+                &spec.settings,
+                &connection.secrets,
+            ) {
+                Ok(connector) => Some(connector),
+                Err(errors) => {
+                    // The connection's own problems are reported once, at the connection.
+                    for error in errors
+                        .into_iter()
+                        .filter(|error| !connection.reported(error))
+                    {
+                        problems.push(source.problem_at(
+                            activation,
+                            format!("activation `{activation_name}`: settings.{error}"),
+                        ));
+                    }
+                    bad = true;
+                    None
+                }
+            }
+        });
         let min_audience_size = match &spec.min_audience_size {
             Some(size) => Some(*size.get_ref()).filter(|size| *size > 0),
-            None => connector.min_audience_size(),
+            None => connector.as_ref().and_then(|c| c.min_audience_size()),
         };
-        // Every problem of the activation is reported, not only the first.
-        let mut bad = false;
         let mode = match spec.mode.as_ref().map(|m| m.get_ref().as_str()) {
             None | Some("add_remove") => Mode::AddRemove,
             Some("add_only") => Mode::AddOnly,
-            Some("mirror") if connector.replaces_lists() => Mode::Mirror,
+            // Whether the connection can replace a list is known once it is built.
+            Some("mirror") if connector.as_ref().is_none_or(|c| c.replaces_lists()) => Mode::Mirror,
             Some("mirror") => {
+                let kind = connection.map_or("", |c| c.kind.as_str());
                 problems.push(source.problem_at(
                     spec.mode.as_ref().expect("set"),
                     format!(
                         "activation `{activation_name}`: connection type `{}` cannot replace a \
                          whole list, so `mirror` is not available (connection types that can: \
                          {}); use add_remove or add_only",
-                        connection.kind,
+                        kind,
                         segmentd_connectors::REPLACING_KINDS.join(", ")
                     ),
                 ));
@@ -402,9 +409,9 @@ fn load_one(
             Some(runs) => *runs.get_ref(),
             None => DEFAULT_DEAD_LETTER_AFTER_RUNS,
         };
-        if bad {
+        let (Some(connection), Some(_), false) = (connection, &connector, bad) else {
             continue;
-        }
+        };
         activations.push(ActivationDef {
             mode,
             max_removal_share,
