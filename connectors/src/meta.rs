@@ -22,25 +22,31 @@
 //! timeout reuses its session.
 //!
 //! A replace is one Meta session across all its batches, sent to `usersreplace` with the same
-//! payload, schema and rows as an add: `session_id` is the replace's session, `last_batch_flag`
-//! is true on its last batch only, and `estimated_num_total` is the replace's member count.
-//! Meta swaps the audience's whole membership for the rows of the session once its last batch
-//! arrives. `batch_seq` counts the requests the session has actually sent, from 1: a batch none
-//! of whose members has a usable identifier sends nothing, so it takes no `batch_seq` and
-//! leaves no gap for Meta to wait on. A batch keeps the `batch_seq` it was first given, so one
-//! sent again (after a timeout, a `5xx`) repeats its request. A last batch without a usable
-//! row still closes the session: it sends again one row of a request Meta accepted earlier in
-//! the session (harmless within a session) with `last_batch_flag` true. A replace none of whose
-//! batches has a usable row, or none of whose earlier rows Meta accepted when its last batch
-//! has no usable row either, fails on its last batch as a permanent failure without closing
-//! the session: it would empty the audience. A last batch with usable rows is sent closing the
-//! session; should Meta count those as invalid too, the audience ends empty, which the
-//! connector cannot know beforehand.
-//! What each session has sent (the `batch_seq` of each batch, one accepted row) is kept in
-//! memory only; a replace begun again after an interruption comes with a new session and
-//! starts from its first batch, so nothing of an earlier attempt is needed. Meta's "audience
-//! size too low" refusal rejects the members of a remove; on a replace it is a permanent
-//! failure, as on an add.
+//! payload, schema and rows as an add: `session_id` is the replace's session and
+//! `estimated_num_total` the replace's member count. Meta swaps the audience's whole
+//! membership for the rows of the session once a request with `last_batch_flag` true closes
+//! it, whatever it counted of those rows: closing a session whose every row Meta counted as
+//! invalid empties the audience. So every batch, the last one too, is sent with
+//! `last_batch_flag` false, and the last batch then closes the session with one more request:
+//! one row Meta accepted earlier in the session, sent again (harmless within it), with
+//! `last_batch_flag` true. The row is one of a request Meta counted no row of as invalid when
+//! there is one. When Meta accepted no row of the session (it counted every row as invalid, or
+//! no member had a usable identifier), the last batch fails as a permanent failure instead and
+//! the session is never closed: nothing is replaced. The last batch's outcome is its own
+//! members', as Meta answered their rows; the closing request carries no member of its own.
+//!
+//! `batch_seq` counts the requests the session has actually sent, from 1: a batch none of whose
+//! members has a usable identifier sends no rows of its own, so it takes no `batch_seq` and
+//! leaves no gap for Meta to wait on; the closing request takes the next one. A request keeps
+//! the `batch_seq` it was first given, so one sent again (after a timeout, a `5xx`) repeats it,
+//! and a request Meta answered is not sent again: a last batch sent again after its closing
+//! request failed sends only the closing request.
+//!
+//! What each session has sent (the `batch_seq` of each request, Meta's answer to it once one
+//! came, one accepted row) is kept in memory only; a replace begun again after an interruption
+//! comes with a new session and starts from its first batch, so nothing of an earlier attempt
+//! is needed. Meta's "audience size too low" refusal rejects the members of a remove; on a
+//! replace it is a permanent failure, as on an add.
 //!
 //! Meta reports invalid rows as a count (`num_invalid_entries`) and a few samples, never as a
 //! list of rows. A request in which every row is invalid rejects every member sent; a request
@@ -218,15 +224,74 @@ pub struct MetaConnector {
     replaces: Arc<Mutex<BTreeMap<u64, ReplaceSession>>>,
 }
 
-/// What one replace session has sent to Meta so far.
+/// What one replace session has sent to Meta so far, and what Meta answered.
 #[derive(Debug, Default)]
 struct ReplaceSession {
-    /// The `batch_seq` given to each batch (by its sequence) that made a request, so that a
-    /// batch sent again repeats its request; the next request takes one more than the count.
-    batch_seqs: BTreeMap<u32, u64>,
-    /// A row of a request Meta accepted in the session, to close the session with when its
-    /// last batch has no usable row; `None` while Meta has accepted none.
-    accepted_row: Option<Vec<String>>,
+    /// The request of each batch (by its sequence) that sent rows of its own.
+    batches: BTreeMap<u32, SentRequest>,
+    /// The request closing the session, once it has been made.
+    closing: Option<SentRequest>,
+    /// How many `batch_seq`s the session has given out; the next request takes one more.
+    batch_seqs: u64,
+    /// A row Meta accepted in the session, to close it with; `None` while Meta has accepted
+    /// none.
+    accepted_row: Option<AcceptedRow>,
+}
+
+impl ReplaceSession {
+    /// Keeps a row of `rows`, which Meta answered with `answer`, to close the session with:
+    /// the first row Meta accepted in a request it counted no row of as invalid, or else the
+    /// first of a request in which it counted only some.
+    fn remember_accepted(&mut self, rows: &[Vec<String>], answer: &Answer) {
+        let Answer::Accepted { invalid } = *answer else {
+            return;
+        };
+        let Some(row) = rows.first() else {
+            return;
+        };
+        let certain = invalid == 0;
+        if self
+            .accepted_row
+            .as_ref()
+            .is_none_or(|kept| certain && !kept.certain)
+        {
+            self.accepted_row = Some(AcceptedRow {
+                row: row.clone(),
+                certain,
+            });
+        }
+    }
+}
+
+/// One request a replace session has made.
+#[derive(Debug)]
+struct SentRequest {
+    /// Its `batch_seq`; the request keeps it when it is sent again.
+    batch_seq: u64,
+    /// Meta's answer, once one came (never [`Answer::Failed`]); a request Meta answered is not
+    /// sent again.
+    answer: Option<Answer>,
+}
+
+impl SentRequest {
+    /// A request taking the session's next `batch_seq`, of the `given` so far.
+    fn next(given: &mut u64) -> SentRequest {
+        *given += 1;
+        SentRequest {
+            batch_seq: *given,
+            answer: None,
+        }
+    }
+}
+
+/// A row Meta accepted in a replace session.
+#[derive(Debug)]
+struct AcceptedRow {
+    /// The row, in schema order.
+    row: Vec<String>,
+    /// Whether Meta counted no row of its request as invalid, so this one is known accepted;
+    /// otherwise Meta accepted only some rows of its request, not saying which.
+    certain: bool,
 }
 
 /// One request to Meta, ready to send.
@@ -237,13 +302,8 @@ struct Request<'a> {
     url: &'a Url,
     /// The rows, in schema order.
     rows: Vec<Vec<String>>,
-    /// The profile key of each row's member, in row order; empty when the request only closes
-    /// a replace session with a row an earlier batch sent.
-    keys: Vec<&'a str>,
     /// The `session` object.
     session: serde_json::Value,
-    /// The replace's `session` for a batch of a replace, `None` for an add or a remove.
-    replace_session: Option<u64>,
 }
 
 /// The connection's settings, checked.
@@ -313,47 +373,25 @@ impl MetaConnector {
 
     /// Sends one batch once and classifies the answer.
     async fn send(&self, batch: &Batch) -> Result<Outcome, DeliveryError> {
-        let (rows, mut outcome) = self.prepare(batch);
-        let request = match batch.change {
-            Change::Add => self.change_request(batch, Method::POST, rows),
-            Change::Remove => self.change_request(batch, Method::DELETE, rows),
-            Change::Replace => self.replace_request(batch, rows)?,
-        };
-        let Some(request) = request else {
-            return Ok(outcome);
-        };
-
-        let answer = self.call(batch, &request).await;
-        if let (Answer::Accepted, Some(session)) = (&answer, request.replace_session) {
-            self.remember_accepted_row(session, &request.rows);
+        let (rows, outcome) = self.prepare(batch);
+        match batch.change {
+            Change::Add => self.send_change(batch, Method::POST, rows, outcome).await,
+            Change::Remove => self.send_change(batch, Method::DELETE, rows, outcome).await,
+            Change::Replace => self.send_replace(batch, rows, outcome).await,
         }
-        match answer {
-            Answer::Accepted => outcome
-                .accepted
-                .extend(request.keys.iter().map(|key| key.to_string())),
-            Answer::Rejected(reason) => {
-                outcome
-                    .rejected
-                    .extend(request.keys.iter().map(|key| Rejection {
-                        key: key.to_string(),
-                        reason: reason.clone(),
-                    }))
-            }
-            Answer::Failed(error) => return Err(error),
-        }
-        Ok(outcome)
     }
 
-    /// The request of an add or a remove, its own one-request session; `None` when no member
-    /// has a usable row, so nothing is sent.
-    fn change_request<'a>(
-        &'a self,
+    /// Sends an add or a remove as its own one-request session; sends nothing when no member
+    /// has a usable row.
+    async fn send_change(
+        &self,
         batch: &Batch,
         method: Method,
-        rows: Vec<(&'a str, Vec<String>)>,
-    ) -> Option<Request<'a>> {
+        rows: Vec<(&str, Vec<String>)>,
+        outcome: Outcome,
+    ) -> Result<Outcome, DeliveryError> {
         if rows.is_empty() {
-            return None;
+            return Ok(outcome);
         }
         let session = serde_json::json!({
             "session_id": session_id(batch),
@@ -361,90 +399,164 @@ impl MetaConnector {
             "last_batch_flag": true,
             "estimated_num_total": rows.len(),
         });
-        let (keys, rows) = rows.into_iter().unzip();
-        Some(Request {
+        let (keys, rows): (Vec<&str>, _) = rows.into_iter().unzip();
+        let request = Request {
             method,
             url: &self.users_url,
             rows,
-            keys,
             session,
-            replace_session: None,
-        })
+        };
+
+        let answer = self.call(batch, &request).await;
+        settle(outcome, &keys, answer)
     }
 
-    /// The request of one batch of a replace, in its session; `None` when the batch has no
-    /// usable row and is not the last, so nothing is sent (and no `batch_seq` is used).
-    fn replace_request<'a>(
-        &'a self,
+    /// Sends one batch of a replace: its own rows, in the session without closing it, then,
+    /// for the last batch, the request that closes the session.
+    async fn send_replace(
+        &self,
         batch: &Batch,
-        rows: Vec<(&'a str, Vec<String>)>,
-    ) -> Result<Option<Request<'a>>, DeliveryError> {
-        let Some(replace) = batch.replace else {
-            return Err(DeliveryError::Permanent {
-                message: format!(
-                    "replace batch {} of `{}` carries no replace session; nothing was sent",
-                    batch.sequence, batch.activation
-                ),
-            });
-        };
-        let session_id = i64::try_from(replace.session)
-            .ok()
-            .filter(|id| *id > 0)
-            .ok_or_else(|| DeliveryError::Permanent {
-                message: format!(
-                    "replace session {} of `{}` is not a Meta session id (1 to 2^63 - 1); \
-                     nothing was sent",
-                    replace.session, batch.activation
-                ),
-            })?;
-        let last = batch.ends_replace();
+        rows: Vec<(&str, Vec<String>)>,
+        mut outcome: Outcome,
+    ) -> Result<Outcome, DeliveryError> {
+        let (replace, session_id) = replace_session(batch)?;
         let (keys, rows): (Vec<&str>, Vec<Vec<String>>) = rows.into_iter().unzip();
 
-        let mut sessions = self.replaces.lock().unwrap_or_else(PoisonError::into_inner);
-        let session = sessions.entry(replace.session).or_default();
-        let rows = match (rows.is_empty(), last, &session.accepted_row) {
-            (false, _, _) => rows,
-            (true, false, _) => return Ok(None),
-            (true, true, Some(row)) => {
-                tracing::debug!(
-                    activation = %batch.activation,
-                    session = replace.session,
-                    sequence = batch.sequence,
-                    "the last batch of the replace has no usable row; closing the meta session \
-                     with a row it already holds"
-                );
-                vec![row.clone()]
-            }
-            (true, true, None) => {
-                return Err(would_empty(batch, replace, !session.batch_seqs.is_empty()));
-            }
-        };
-        let next = session.batch_seqs.len() as u64 + 1;
-        let batch_seq = *session.batch_seqs.entry(batch.sequence).or_insert(next);
-        drop(sessions);
+        if !rows.is_empty() {
+            let answer = self
+                .send_replace_rows(batch, replace, session_id, rows)
+                .await;
+            outcome = settle(outcome, &keys, answer)?;
+        }
+        if batch.ends_replace() {
+            self.close_replace(batch, replace, session_id).await?;
+        }
+        Ok(outcome)
+    }
 
-        Ok(Some(Request {
+    /// Sends the rows of one batch of a replace with `last_batch_flag` false, or gives the
+    /// answer Meta already gave them: a batch sent again repeats its request, with its
+    /// `batch_seq`, only while Meta has not answered it.
+    async fn send_replace_rows(
+        &self,
+        batch: &Batch,
+        replace: Replace,
+        session_id: i64,
+        rows: Vec<Vec<String>>,
+    ) -> Answer {
+        let batch_seq = {
+            let mut sessions = self.sessions();
+            let session = sessions.entry(replace.session).or_default();
+            let sent = session
+                .batches
+                .entry(batch.sequence)
+                .or_insert_with(|| SentRequest::next(&mut session.batch_seqs));
+            if let Some(answer) = &sent.answer {
+                return answer.clone();
+            }
+            sent.batch_seq
+        };
+        let request = self.replace_request(replace, session_id, batch_seq, false, rows);
+
+        let answer = self.call(batch, &request).await;
+        if !matches!(answer, Answer::Failed(_)) {
+            let mut sessions = self.sessions();
+            let session = sessions.entry(replace.session).or_default();
+            session.remember_accepted(&request.rows, &answer);
+            if let Some(sent) = session.batches.get_mut(&batch.sequence) {
+                sent.answer = Some(answer.clone());
+            }
+        }
+        answer
+    }
+
+    /// Closes a replace session once its last batch's rows are answered: sends again one row
+    /// Meta accepted in the session (harmless within it) with `last_batch_flag` true and the
+    /// next `batch_seq`. Fails without closing when Meta accepted no row of the session, as the
+    /// audience would be emptied.
+    async fn close_replace(
+        &self,
+        batch: &Batch,
+        replace: Replace,
+        session_id: i64,
+    ) -> Result<(), DeliveryError> {
+        let (batch_seq, row) = {
+            let mut sessions = self.sessions();
+            let session = sessions.entry(replace.session).or_default();
+            if session
+                .closing
+                .as_ref()
+                .is_some_and(|closing| closing.answer.is_some())
+            {
+                return Ok(());
+            }
+            let Some(accepted) = &session.accepted_row else {
+                let sent = !session.batches.is_empty();
+                return Err(would_empty(batch, replace, sent));
+            };
+            let row = accepted.row.clone();
+            let closing = session
+                .closing
+                .get_or_insert_with(|| SentRequest::next(&mut session.batch_seqs));
+            (closing.batch_seq, row)
+        };
+        tracing::debug!(
+            activation = %batch.activation,
+            session = replace.session,
+            sequence = batch.sequence,
+            batch_seq,
+            "closing the meta session of the replace with a row it already holds"
+        );
+        let request = self.replace_request(replace, session_id, batch_seq, true, vec![row]);
+
+        // A 2xx is taken as the session closed, whatever Meta counts of the row.
+        let answer = self.call(batch, &request).await;
+        match &answer {
+            Answer::Failed(error) => return Err(error.clone()),
+            Answer::Rejected(_) => tracing::warn!(
+                activation = %batch.activation,
+                session = replace.session,
+                batch_seq,
+                "meta counted the row closing the replace session as invalid; taking the session \
+                 as closed"
+            ),
+            Answer::Accepted { .. } => {}
+        }
+        let mut sessions = self.sessions();
+        if let Some(closing) = sessions
+            .get_mut(&replace.session)
+            .and_then(|session| session.closing.as_mut())
+        {
+            closing.answer = Some(answer);
+        }
+        Ok(())
+    }
+
+    /// A request of a replace session to `usersreplace`.
+    fn replace_request(
+        &self,
+        replace: Replace,
+        session_id: i64,
+        batch_seq: u64,
+        last: bool,
+        rows: Vec<Vec<String>>,
+    ) -> Request<'_> {
+        Request {
             method: Method::POST,
             url: &self.replace_url,
             rows,
-            keys,
             session: serde_json::json!({
                 "session_id": session_id,
                 "batch_seq": batch_seq,
                 "last_batch_flag": last,
                 "estimated_num_total": replace.members,
             }),
-            replace_session: Some(replace.session),
-        }))
+        }
     }
 
-    /// Keeps a row of a request Meta accepted in a replace `session`, unless one is kept.
-    fn remember_accepted_row(&self, session: u64, rows: &[Vec<String>]) {
-        let mut sessions = self.replaces.lock().unwrap_or_else(PoisonError::into_inner);
-        let session = sessions.entry(session).or_default();
-        if session.accepted_row.is_none() {
-            session.accepted_row = rows.first().cloned();
-        }
+    /// The replace sessions, locked.
+    fn sessions(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ReplaceSession>> {
+        self.replaces.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Sends one request and reads Meta's answer.
@@ -589,10 +701,11 @@ impl Connector for MetaConnector {
 }
 
 /// What an answer means for the rows sent.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Answer {
-    /// Every row sent is accepted.
-    Accepted,
+    /// Every row sent is accepted, though Meta counted this many of them as invalid (it does
+    /// not say which).
+    Accepted { invalid: u64 },
     /// Every row sent is rejected, for this reason.
     Rejected(String),
     /// The request failed as a whole.
@@ -696,7 +809,47 @@ fn read_counts(batch: &Batch, body: &[u8], sent: usize, message: String) -> Answ
              accepted"
         );
     }
-    Answer::Accepted
+    Answer::Accepted { invalid }
+}
+
+/// `outcome` with the members of `keys`, the rows of one request, accepted or rejected as
+/// `answer` says; the request's failure when it failed.
+fn settle(mut outcome: Outcome, keys: &[&str], answer: Answer) -> Result<Outcome, DeliveryError> {
+    match answer {
+        Answer::Accepted { .. } => outcome
+            .accepted
+            .extend(keys.iter().map(|key| key.to_string())),
+        Answer::Rejected(reason) => outcome.rejected.extend(keys.iter().map(|key| Rejection {
+            key: key.to_string(),
+            reason: reason.clone(),
+        })),
+        Answer::Failed(error) => return Err(error),
+    }
+    Ok(outcome)
+}
+
+/// The replace of a replace batch, with its session as a Meta `session_id`; a permanent
+/// failure, before anything is sent, when it has none or one Meta cannot take.
+fn replace_session(batch: &Batch) -> Result<(Replace, i64), DeliveryError> {
+    let Some(replace) = batch.replace else {
+        return Err(DeliveryError::Permanent {
+            message: format!(
+                "replace batch {} of `{}` carries no replace session; nothing was sent",
+                batch.sequence, batch.activation
+            ),
+        });
+    };
+    let session_id = i64::try_from(replace.session)
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| DeliveryError::Permanent {
+            message: format!(
+                "replace session {} of `{}` is not a Meta session id (1 to 2^63 - 1); nothing \
+                 was sent",
+                replace.session, batch.activation
+            ),
+        })?;
+    Ok((replace, session_id))
 }
 
 /// The meaning of a Graph API error envelope.
@@ -748,14 +901,14 @@ fn classify_graph_error(
     Answer::Failed(failure)
 }
 
-/// The failure of a replace's last batch when it has no usable row and Meta accepted no
-/// request of the session; `sent` says whether the session sent any (Meta counted every row of
-/// them as invalid) or none (no member had a usable identifier).
+/// The failure of a replace's last batch when Meta accepted no row of the session, which
+/// closing would leave empty; `sent` says whether the session sent any rows (Meta counted every
+/// one as invalid) or none (no member had a usable identifier).
 fn would_empty(batch: &Batch, replace: Replace, sent: bool) -> DeliveryError {
     let (why, what) = if sent {
         (
             "Meta counted every row the replace sent as invalid",
-            "its session was left unfinished",
+            "its session was left unclosed",
         )
     } else {
         (
@@ -961,7 +1114,7 @@ mod tests {
 
     fn kind(answer: &Answer) -> &'static str {
         match answer {
-            Answer::Accepted => "accepted",
+            Answer::Accepted { .. } => "accepted",
             Answer::Rejected(_) => "rejected",
             Answer::Failed(DeliveryError::Retryable { .. }) => "retryable",
             Answer::Failed(DeliveryError::RateLimited { .. }) => "rate limited",

@@ -10,8 +10,9 @@
 //! It serves `POST /{version}/{audience_id}/usersreplace` with the same checks and answer, and
 //! keeps each replace session open (the rows received, the `batch_seq`s seen) until its batch
 //! with `last_batch_flag` has arrived and every `batch_seq` from 1 to that one has been seen;
-//! then the audience becomes exactly the session's rows. A session that never closes changes
-//! nothing; another `session_id` is another session. Meta does not document what it does with
+//! then the audience becomes exactly the session's valid rows, none at all if every row it
+//! received was invalid. A session that never closes changes nothing; another `session_id` is
+//! another session. Meta does not document what it does with
 //! a gap in `batch_seq` or with a batch of a session that has already closed: the fake waits on
 //! the gap, and takes a closed session's batch without changing anything.
 
@@ -61,6 +62,9 @@ const CLEAR_KEYS: &[&str] = &["EXTERN_ID", "MADID"];
 /// One failure the fake answers a request with instead of its normal answer.
 #[derive(Debug, Clone)]
 enum Fault {
+    /// No failure: the normal answer, so that the faults queued after it answer later
+    /// requests.
+    Normal,
     /// HTTP 429, with this `Retry-After` if any (Meta itself does not send 429; proxies do).
     TooManyRequests(Option<&'static str>),
     /// A Graph error with a throttling code, and an `X-Business-Use-Case-Usage` header
@@ -317,7 +321,7 @@ fn answer(
         Some(Fault::ErrorIn200(code)) => {
             return graph_error(200, code, "Error validating access token: session invalid.");
         }
-        Some(Fault::Slow(_) | Fault::AudienceTooSmall) | None => {}
+        Some(Fault::Normal | Fault::Slow(_) | Fault::AudienceTooSmall) | None => {}
     }
 
     if version != "v25.0" || audience_id != AUDIENCE_ID {
@@ -1214,8 +1218,16 @@ async fn a_replace_in_three_batches_leaves_exactly_its_members() {
     assert_eq!(graph.audience(), emails(&[BOB, CAT, DAN, EVE]));
     assert_eq!(
         graph.replace_sessions(),
-        [(7001, 1, false), (7001, 2, false), (7001, 3, true)]
+        [
+            (7001, 1, false),
+            (7001, 2, false),
+            (7001, 3, false),
+            (7001, 4, true)
+        ]
     );
+    // The closing request sends again a row of the first batch.
+    let closing: Value = serde_json::from_str(&graph.received()[3].body).unwrap();
+    assert_eq!(closing["payload"]["data"], json!([[BOB]]));
     for request in graph.received() {
         assert_eq!(request.method, Method::POST);
         assert_eq!(request.uri, format!("/v25.0/{AUDIENCE_ID}/usersreplace"));
@@ -1286,7 +1298,8 @@ async fn a_replace_batch_sent_again_after_a_late_answer_repeats_its_request_and_
             (7003, 1, false),
             (7003, 2, false),
             (7003, 2, false),
-            (7003, 3, true)
+            (7003, 3, false),
+            (7003, 4, true)
         ]
     );
     let received = graph.received();
@@ -1325,7 +1338,8 @@ async fn an_abandoned_replace_changes_nothing_and_a_new_session_from_batch_0_rep
             (8001, 1, false),
             (8001, 2, false),
             (8002, 1, false),
-            (8002, 2, true)
+            (8002, 2, false),
+            (8002, 3, true)
         ]
     );
 }
@@ -1360,7 +1374,7 @@ async fn a_replace_batch_without_a_usable_member_sends_nothing_and_leaves_no_gap
     // The skipped batch took no batch_seq: the fake would otherwise wait for number 2.
     assert_eq!(
         graph.replace_sessions(),
-        [(7004, 1, false), (7004, 2, true)]
+        [(7004, 1, false), (7004, 2, false), (7004, 3, true)]
     );
     assert_eq!(graph.audience(), emails(&[ANN, CAT]));
 }
@@ -1451,13 +1465,166 @@ async fn a_replace_whose_every_row_meta_counted_invalid_is_not_closed_with_one_o
         Err(DeliveryError::Permanent {
             message: "Meta counted every row the replace sent as invalid (2 members in 2 batches \
                       for `vip/meta`), so the replace would empty the audience; its session was \
-                      left unfinished, nothing was replaced and the audience keeps its members. \
+                      left unclosed, nothing was replaced and the audience keeps its members. \
                       Check the activation's `schema` and the identifiers it maps"
                 .into(),
         })
     );
     assert_eq!(graph.replace_sessions(), [(7009, 1, false)]);
     assert_eq!(graph.audience(), emails(&[ANN]));
+}
+
+/// The reason the members of a request are rejected with when Meta counted all its `sent`
+/// rows as invalid.
+fn all_invalid(sent: usize) -> String {
+    format!(
+        "Meta counted every row of the request as invalid ({sent} of {sent}); check the \
+         identifier mapping in `schema`"
+    )
+}
+
+#[tokio::test]
+async fn a_replace_whose_every_row_meta_counts_invalid_fails_permanently_and_leaves_the_audience() {
+    let (graph, url) = start_graph().await;
+    graph.seed(&[ANN]);
+    graph
+        .unmatchable
+        .lock()
+        .unwrap()
+        .extend([BOB, CAT, DAN].map(str::to_owned));
+    let meta = email_only(&url);
+
+    let first = meta
+        .deliver(&replace_batch(
+            7010,
+            0,
+            2,
+            3,
+            vec![person("2", "bob"), person("3", "cat")],
+        ))
+        .await;
+    let last = deliver_retrying(
+        &meta,
+        &replace_batch(7010, 1, 2, 3, vec![person("4", "dan")]),
+        3,
+    )
+    .await;
+
+    assert_eq!(first, Ok(rejected(&["2", "3"], &all_invalid(2))));
+    assert_eq!(
+        last,
+        Err(DeliveryError::Permanent {
+            message: "Meta counted every row the replace sent as invalid (3 members in 2 batches \
+                      for `vip/meta`), so the replace would empty the audience; its session was \
+                      left unclosed, nothing was replaced and the audience keeps its members. \
+                      Check the activation's `schema` and the identifiers it maps"
+                .into(),
+        })
+    );
+    // The last batch's rows went once, without last_batch_flag; nothing closed the session.
+    assert_eq!(
+        graph.replace_sessions(),
+        [(7010, 1, false), (7010, 2, false)]
+    );
+    assert_eq!(graph.audience(), emails(&[ANN]));
+}
+
+#[tokio::test]
+async fn a_last_batch_meta_counts_all_invalid_still_closes_and_the_audience_holds_the_earlier_rows()
+{
+    let (graph, url) = start_graph().await;
+    graph.seed(&[DAN]);
+    graph.unmatchable.lock().unwrap().insert(EVE.to_owned());
+    let meta = email_only(&url);
+
+    let first = meta
+        .deliver(&replace_batch(
+            7011,
+            0,
+            2,
+            3,
+            vec![person("1", "ann"), person("2", "bob")],
+        ))
+        .await;
+    let last = meta
+        .deliver(&replace_batch(7011, 1, 2, 3, vec![person("5", "eve")]))
+        .await;
+
+    assert_eq!(first, Ok(accepted(&["1", "2"])));
+    assert_eq!(last, Ok(rejected(&["5"], &all_invalid(1))));
+    assert_eq!(
+        graph.replace_sessions(),
+        [(7011, 1, false), (7011, 2, false), (7011, 3, true)]
+    );
+    let closing: Value = serde_json::from_str(&graph.received()[2].body).unwrap();
+    assert_eq!(closing["payload"]["data"], json!([[ANN]]));
+    assert_eq!(graph.audience(), emails(&[ANN, BOB]));
+}
+
+#[tokio::test]
+async fn a_503_on_the_closing_request_is_retried_and_the_session_closes_once() {
+    let (graph, url) = start_graph().await;
+    graph.seed(&[ANN]);
+    let meta = email_only(&url);
+
+    let first = meta
+        .deliver(&replace_batch(7012, 0, 2, 2, vec![person("2", "bob")]))
+        .await;
+    // The last batch's rows are answered; the request closing the session meets a 503.
+    graph.fail_next([Fault::Normal, Fault::Unavailable]);
+    let last = deliver_retrying(
+        &meta,
+        &replace_batch(7012, 1, 2, 2, vec![person("3", "cat")]),
+        3,
+    )
+    .await;
+
+    assert_eq!(first, Ok(accepted(&["2"])));
+    assert_eq!(last, Ok(accepted(&["3"])));
+    let statuses: Vec<u16> = graph.received().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [200, 200, 503, 200]);
+    // The last batch's rows were not sent again; the closing request kept its batch_seq.
+    assert_eq!(
+        graph.replace_sessions(),
+        [
+            (7012, 1, false),
+            (7012, 2, false),
+            (7012, 3, true),
+            (7012, 3, true)
+        ]
+    );
+    let received = graph.received();
+    assert_eq!(received[2].body, received[3].body);
+    assert_eq!(graph.audience(), emails(&[BOB, CAT]));
+}
+
+#[tokio::test]
+async fn the_closing_request_sends_again_a_row_of_a_request_meta_counted_no_row_of_as_invalid() {
+    let (graph, url) = start_graph().await;
+    graph.seed(&[DAN]);
+    graph.unmatchable.lock().unwrap().insert(BOB.to_owned());
+    let meta = email_only(&url);
+
+    // Meta counts one of the first batch's two rows as invalid, not saying which.
+    let first = meta
+        .deliver(&replace_batch(
+            7013,
+            0,
+            2,
+            3,
+            vec![person("2", "bob"), person("1", "ann")],
+        ))
+        .await;
+    let last = meta
+        .deliver(&replace_batch(7013, 1, 2, 3, vec![person("3", "cat")]))
+        .await;
+
+    assert_eq!(first, Ok(accepted(&["2", "1"])));
+    assert_eq!(last, Ok(accepted(&["3"])));
+    let closing: Value = serde_json::from_str(&graph.received()[2].body).unwrap();
+    assert_eq!(closing["session"]["last_batch_flag"], true);
+    assert_eq!(closing["payload"]["data"], json!([[CAT]]));
+    assert_eq!(graph.audience(), emails(&[ANN, CAT]));
 }
 
 #[tokio::test]
@@ -1494,15 +1661,16 @@ async fn throttling_and_unavailability_on_a_replace_batch_are_retried_like_adds(
     assert_eq!(first, Ok(accepted(&["2"])));
     assert_eq!(last, Ok(accepted(&["3"])));
     let statuses: Vec<u16> = graph.received().iter().map(|r| r.status).collect();
-    assert_eq!(statuses, [400, 503, 200, 400, 200]);
+    assert_eq!(statuses, [400, 503, 200, 400, 200, 200]);
     assert_eq!(
         graph.replace_sessions(),
         [
             (7007, 1, false),
             (7007, 1, false),
             (7007, 1, false),
-            (7007, 2, true),
-            (7007, 2, true)
+            (7007, 2, false),
+            (7007, 2, false),
+            (7007, 3, true)
         ]
     );
     assert_eq!(graph.audience(), emails(&[BOB, CAT]));
