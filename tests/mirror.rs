@@ -290,3 +290,49 @@ fn a_plan_for_a_mirror_segment_that_became_empty_shows_the_removes_it_would_send
     assert_eq!(words[..5], [ID, "0", "40", "would", "be"], "{line}");
     assert!(!line.contains("replace the list"), "{line}");
 }
+
+#[test]
+fn two_activations_keeping_one_meta_audience_are_refused_unless_both_only_add() {
+    let project = Project::new();
+    project.write(
+        "config.toml",
+        "[connections.ads]\ntype = \"meta\"\naccess_token_env = \"META_TOKEN\"\n",
+    );
+    project.write("pipelines/shop/pipeline.toml", PIPELINE);
+    project.write("pipelines/shop/people.csv", "id,score\n1,1\n");
+    let activation = |mode: &str| {
+        format!(
+            "[[activations]]\nname = \"ads\"\nconnection = \"ads\"\nmode = \"{mode}\"\n\
+             settings = {{ audience_id = \"2385\", schema = {{ EXTERN_ID = \"id\" }} }}\n\
+             identifiers = [\"id\"]\n"
+        )
+    };
+    let validate = |project: &Project| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_segmentd"))
+            .arg("validate")
+            .current_dir(project.dir.path())
+            .env("META_TOKEN", "token")
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+
+    project.write("pipelines/shop/segments/a.toml", &activation("mirror"));
+    project.write("pipelines/shop/segments/b.toml", &activation("add_remove"));
+    let (ok, stderr) = validate(&project);
+    assert!(!ok);
+    assert!(
+        stderr.contains("segments/b.toml:2: activation `b/ads` keeps the Meta audience at")
+            && stderr.contains("as activation `a/ads` does")
+            && stderr.contains("a.toml:2); the two would undo each other's changes"),
+        "{stderr}"
+    );
+
+    project.write("pipelines/shop/segments/a.toml", &activation("add_only"));
+    project.write("pipelines/shop/segments/b.toml", &activation("add_only"));
+    let (ok, stderr) = validate(&project);
+    assert!(ok, "{stderr}");
+}

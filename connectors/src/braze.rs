@@ -432,6 +432,15 @@ impl BrazeConnector {
 }
 
 impl Connector for BrazeConnector {
+    fn destination(&self) -> Option<String> {
+        Some(match &self.membership {
+            Membership::Attribute { attribute, value } => {
+                format!("the Braze attribute `{attribute}` value `{value}`")
+            }
+            Membership::SubscriptionGroup { id } => format!("Braze subscription group {id}"),
+        })
+    }
+
     fn kind(&self) -> &'static str {
         "braze"
     }

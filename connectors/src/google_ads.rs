@@ -881,6 +881,10 @@ impl GoogleAdsConnector {
 }
 
 impl Connector for GoogleAdsConnector {
+    fn destination(&self) -> Option<String> {
+        Some(format!("Google Ads user list {}", self.user_list))
+    }
+
     fn kind(&self) -> &'static str {
         "google_ads"
     }

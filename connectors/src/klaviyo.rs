@@ -626,6 +626,10 @@ impl KlaviyoConnector {
 }
 
 impl Connector for KlaviyoConnector {
+    fn destination(&self) -> Option<String> {
+        Some(format!("the Klaviyo list at {}", self.list_profiles_url))
+    }
+
     fn kind(&self) -> &'static str {
         "klaviyo"
     }

@@ -219,6 +219,13 @@ pub trait Connector: Send + Sync {
         None
     }
 
+    /// The platform list the connector keeps in step, in words (`Meta audience 123`), when
+    /// it keeps one: two activations keeping the same list through one connection would
+    /// undo each other's changes. `None` where each activation has a destination of its own.
+    fn destination(&self) -> Option<String> {
+        None
+    }
+
     /// Whether the connector can replace the destination's whole list ([`Change::Replace`]),
     /// which `mirror` activations need. A connector that cannot answers a replace batch with
     /// a permanent failure before sending anything.

@@ -494,6 +494,10 @@ fn clear_into(element: &mut Map<String, Value>, name: &str, raw: &str) -> Result
 }
 
 impl Connector for LinkedInConnector {
+    fn destination(&self) -> Option<String> {
+        Some(format!("the LinkedIn segment at {}", self.url))
+    }
+
     fn kind(&self) -> &'static str {
         "linkedin"
     }

@@ -340,6 +340,10 @@ impl MailchimpConnector {
 }
 
 impl Connector for MailchimpConnector {
+    fn destination(&self) -> Option<String> {
+        Some(format!("the Mailchimp audience at {}", self.list_url))
+    }
+
     fn kind(&self) -> &'static str {
         "mailchimp"
     }

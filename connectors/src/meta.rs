@@ -675,6 +675,10 @@ impl MetaConnector {
 }
 
 impl Connector for MetaConnector {
+    fn destination(&self) -> Option<String> {
+        Some(format!("the Meta audience at {}", self.users_url))
+    }
+
     fn kind(&self) -> &'static str {
         "meta"
     }

@@ -762,6 +762,10 @@ impl SendgridConnector {
 }
 
 impl Connector for SendgridConnector {
+    fn destination(&self) -> Option<String> {
+        Some(format!("the SendGrid list at {}", self.list_contacts_url))
+    }
+
     fn kind(&self) -> &'static str {
         "sendgrid"
     }

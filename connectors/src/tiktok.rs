@@ -404,6 +404,10 @@ impl TiktokConnector {
 }
 
 impl Connector for TiktokConnector {
+    fn destination(&self) -> Option<String> {
+        Some(format!("TikTok audience {}", self.audience_id))
+    }
+
     fn kind(&self) -> &'static str {
         "tiktok"
     }

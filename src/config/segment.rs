@@ -92,6 +92,10 @@ pub struct ActivationDef {
     /// After how many runs in which the platform rejected a member it goes to the dead
     /// letter (`dead_letter_after_runs`, default 3).
     pub dead_letter_after_runs: u32,
+    /// The platform list it keeps, in words, when its connector keeps one.
+    pub destination: Option<String>,
+    /// The line of its `name` in the segment file.
+    pub line: usize,
 }
 
 /// How an activation treats members who leave the segment.
@@ -194,7 +198,44 @@ pub(super) fn load_all(
     }
 
     report_cycles(pipeline_dir, &lines, problems);
+    report_shared_destinations(&segments, problems);
     order_by_dependency(segments)
+}
+
+/// Two activations keeping one platform list through one connection undo each other's
+/// changes (one removes whom the other adds, a replace drops the other's members), unless both
+/// only add.
+fn report_shared_destinations(segments: &[SegmentDef], problems: &mut Vec<Problem>) {
+    let mut keepers: BTreeMap<(&str, &str), (&SegmentDef, &ActivationDef)> = BTreeMap::new();
+    for segment in segments {
+        for activation in &segment.activations {
+            let Some(destination) = &activation.destination else {
+                continue;
+            };
+            let key = (activation.connection.as_str(), destination.as_str());
+            let Some((first_segment, first)) = keepers.get(&key) else {
+                keepers.insert(key, (segment, activation));
+                continue;
+            };
+            if first.mode == Mode::AddOnly && activation.mode == Mode::AddOnly {
+                continue;
+            }
+            problems.push(Problem {
+                file: segment.file.clone(),
+                line: Some(activation.line),
+                message: format!(
+                    "activation `{}` keeps {destination} through connection `{}`, as activation \
+                     `{}` does ({}:{}); the two would undo each other's changes. Give each its \
+                     own list, or make both add_only",
+                    activation.id,
+                    activation.connection,
+                    first.id,
+                    first_segment.file.display(),
+                    first.line
+                ),
+            });
+        }
+    }
 }
 
 fn load_one(
@@ -409,10 +450,14 @@ fn load_one(
             Some(runs) => *runs.get_ref(),
             None => DEFAULT_DEAD_LETTER_AFTER_RUNS,
         };
-        let (Some(connection), Some(_), false) = (connection, &connector, bad) else {
+        let (Some(connection), Some(connector), false) = (connection, &connector, bad) else {
             continue;
         };
+        let destination = connector.destination();
+        let line = source.line_of(spec.name.span().start);
         activations.push(ActivationDef {
+            destination,
+            line,
             mode,
             max_removal_share,
             min_audience_size,
