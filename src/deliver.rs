@@ -303,19 +303,84 @@ fn identifiers_query(
 /// The SQL of an activation's delta, each selecting `(key, identifiers)`.
 #[derive(Debug, Clone)]
 pub struct DeltaQueries {
-    /// Members to add: in the segment, not acknowledged with these identifiers.
-    pub adds: String,
+    /// Members to add: in the segment, not acknowledged with these identifiers, or with
+    /// removes of other identifiers staged in [`STAGED_DELTA`] (so it runs after them).
+    adds: String,
     /// Members to remove: acknowledged, no longer in the segment with those identifiers.
-    pub removes: String,
+    removes: String,
     /// The whole list a `mirror` activation replaces the destination's with: the segment's
     /// members, less those whose add is dead-lettered.
     pub list: String,
-    /// The removes of members who stay but whose identifiers changed to ones with a value:
-    /// they are added again with the new ones, so the brakes do not count them as leaving.
-    pub changed: String,
-    /// The adds of members the audience already holds under other identifiers: the brakes
-    /// do not count them as joining, whether or not their new identifiers have a value.
-    pub readds: String,
+    /// Whether the identifiers of an add `n` have a value to send.
+    usable: String,
+}
+
+/// The temporary table [`stage_delta`] fills: `(change, key, identifiers)`, `change` being
+/// `add` or `remove`.
+pub const STAGED_DELTA: &str = "staged_delta";
+
+/// The sizes of a staged delta.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StagedSizes {
+    /// Members to add.
+    pub adds: i64,
+    /// Members to remove.
+    pub removes: i64,
+    /// Removes of members who stay with new identifiers that have a value: they are added
+    /// again with the new ones, so the brakes do not count them as leaving.
+    pub changed: i64,
+    /// Adds of members the audience already holds under other identifiers: the brakes do not
+    /// count them as joining, whether or not their new identifiers have a value.
+    pub readds: i64,
+}
+
+/// Evaluates the activation's removes, then its adds, once each into [`STAGED_DELTA`], and
+/// sizes them; everything planned from the delta reads that table.
+pub fn stage_delta(
+    connection: &Connection,
+    pipeline: &Pipeline,
+    activation: &ActivationDef,
+    queries: &DeltaQueries,
+) -> Result<StagedSizes, StoreError> {
+    let (removes, adds, usable) = (&queries.removes, &queries.adds, &queries.usable);
+    connection
+        .execute_batch(&format!(
+            "CREATE OR REPLACE TEMP TABLE {STAGED_DELTA} AS \
+                 SELECT 'remove' AS change, key, identifiers FROM ({removes}); \
+             INSERT INTO {STAGED_DELTA} SELECT 'add', key, identifiers FROM ({adds});"
+        ))
+        .doing("staging the delta")?;
+    connection
+        .query_row(
+            &format!(
+                "SELECT count(*) FILTER (d.change = 'add'), count(*) FILTER (d.change = 'remove'), \
+                        count(*) FILTER (d.change = 'remove' AND EXISTS ( \
+                            SELECT 1 FROM {STAGED_DELTA} AS n \
+                            WHERE n.change = 'add' AND n.key = d.key AND ({usable}))), \
+                        count(*) FILTER (d.change = 'add' AND EXISTS ( \
+                            SELECT 1 FROM segmentd_state.acknowledged AS a \
+                            WHERE a.pipeline = $1 AND a.activation = $2 AND a.key = d.key)) \
+                 FROM {STAGED_DELTA} AS d"
+            ),
+            params![pipeline.name, activation.id],
+            |r| {
+                Ok(StagedSizes {
+                    adds: r.get(0)?,
+                    removes: r.get(1)?,
+                    changed: r.get(2)?,
+                    readds: r.get(3)?,
+                })
+            },
+        )
+        .doing("sizing the delta")
+}
+
+/// The staged members of one change, as `(key, identifiers)`.
+pub fn staged(change: Change) -> String {
+    format!(
+        "SELECT key, identifiers FROM {STAGED_DELTA} WHERE change = '{}'",
+        change.as_str()
+    )
 }
 
 /// The delta's SQL for an activation whose segment's members are selected by `members` (a
@@ -330,12 +395,14 @@ pub fn delta_queries(
     let name = quote_literal(&pipeline.name);
     let id = quote_literal(&activation.id);
     let current = format!(
-        "SELECT p.key, p.identifiers FROM ({members}) AS s JOIN ({identifiers}) AS p ON p.key = s.key"
+        "SELECT p.key, p.identifiers FROM ({members}) AS s \
+         JOIN ({identifiers}) AS p ON p.key = s.key"
     );
     let list = format!(
         "SELECT c.key, c.identifiers FROM ({current}) AS c \
-         WHERE NOT EXISTS (SELECT 1 FROM segmentd_state.dead_letters AS d WHERE d.pipeline = {name} \
-             AND d.activation = {id} AND d.change = 'add' AND d.dead AND d.key = c.key)"
+         WHERE NOT EXISTS (SELECT 1 FROM segmentd_state.dead_letters AS d \
+             WHERE d.pipeline = {name} AND d.activation = {id} AND d.change = 'add' AND d.dead \
+             AND d.key = c.key)"
     );
     let removes = match activation.mode {
         Mode::AddOnly => {
@@ -346,8 +413,9 @@ pub fn delta_queries(
              WHERE a.pipeline = {name} AND a.activation = {id} \
              AND NOT EXISTS (SELECT 1 FROM ({current}) AS c \
                  WHERE c.key = a.key AND c.identifiers = a.identifiers) \
-             AND NOT EXISTS (SELECT 1 FROM segmentd_state.dead_letters AS d WHERE d.pipeline = {name} \
-                 AND d.activation = {id} AND d.change = 'remove' AND d.dead AND d.key = a.key)"
+             AND NOT EXISTS (SELECT 1 FROM segmentd_state.dead_letters AS d \
+                 WHERE d.pipeline = {name} AND d.activation = {id} AND d.change = 'remove' \
+                 AND d.dead AND d.key = a.key)"
         ),
     };
     // A member whose identifiers changed is removed by the old ones and added again by the
@@ -356,9 +424,11 @@ pub fn delta_queries(
     // knows members by key would otherwise end without the member.
     let adds = format!(
         "SELECT l.key, l.identifiers FROM ({list}) AS l \
-         WHERE NOT EXISTS (SELECT 1 FROM segmentd_state.acknowledged AS a WHERE a.pipeline = {name} \
-             AND a.activation = {id} AND a.key = l.key AND a.identifiers = l.identifiers) \
-         OR EXISTS (SELECT 1 FROM ({removes}) AS r WHERE r.key = l.key)"
+         WHERE NOT EXISTS (SELECT 1 FROM segmentd_state.acknowledged AS a \
+             WHERE a.pipeline = {name} AND a.activation = {id} AND a.key = l.key \
+             AND a.identifiers = l.identifiers) \
+         OR EXISTS (SELECT 1 FROM {STAGED_DELTA} AS r WHERE r.change = 'remove' \
+             AND r.key = l.key)"
     );
     // New identifiers none of which has a value cannot be sent: such a member counts as
     // leaving, not as changing.
@@ -375,21 +445,11 @@ pub fn delta_queries(
             .collect::<Vec<_>>()
             .join(" OR ")
     };
-    let changed = format!(
-        "SELECT r.key, r.identifiers FROM ({removes}) AS r \
-         WHERE EXISTS (SELECT 1 FROM ({adds}) AS n WHERE n.key = r.key AND ({usable}))"
-    );
-    let readds = format!(
-        "SELECT n.key, n.identifiers FROM ({adds}) AS n \
-         WHERE EXISTS (SELECT 1 FROM segmentd_state.acknowledged AS a WHERE a.pipeline = {name} \
-             AND a.activation = {id} AND a.key = n.key)"
-    );
     DeltaQueries {
         adds,
         removes,
         list,
-        changed,
-        readds,
+        usable,
     }
 }
 
@@ -462,16 +522,15 @@ pub fn plan(
             .map(|rows| rows as i64)
             .doing(format!("planning {change}s"))
         };
-        let count = |select: &str| -> Result<i64, StoreError> {
-            c.query_row(&format!("SELECT count(*) FROM ({select}) AS d"), [], |r| {
-                r.get(0)
-            })
-            .doing("sizing the delta")
+        let sizes = stage_delta(c, pipeline, activation, &queries)?;
+        let mut delta = DeltaSize {
+            changed: sizes.changed,
+            readds: sizes.readds,
+            ..DeltaSize::default()
         };
-        let mut delta = DeltaSize::default();
         if activation.mode == Mode::Mirror {
-            delta.adds = count(&queries.adds)?;
-            delta.removes = count(&queries.removes)?;
+            delta.adds = sizes.adds;
+            delta.removes = sizes.removes;
             delta.replaces = insert("replace", &queries.list, "TRUE", 0)?;
         }
         if delta.replaces == 0 {
@@ -482,19 +541,18 @@ pub fn plan(
             let re_added = "EXISTS (SELECT 1 FROM segmentd_state.deltas AS a WHERE a.run_id = $1 \
                             AND a.pipeline = $2 AND a.activation = $3 AND a.change = 'add' \
                             AND a.key = d.key)";
-            delta.adds = insert("add", &queries.adds, "TRUE", 0)?;
-            let changed = insert("remove", &queries.removes, re_added, 0)?;
+            let removes = staged(Change::Remove);
+            delta.adds = insert("add", &staged(Change::Add), "TRUE", 0)?;
+            let changed = insert("remove", &removes, re_added, 0)?;
             let first_leaver_batch = (changed + batch_size - 1) / batch_size;
             let leavers = insert(
                 "remove",
-                &queries.removes,
+                &removes,
                 &format!("NOT {re_added}"),
                 first_leaver_batch,
             )?;
             delta.removes = changed + leavers;
         }
-        delta.changed = count(&queries.changed)?;
-        delta.readds = count(&queries.readds)?;
         let audience = audience_size(c, &pipeline.name, &activation.id)?;
         delta.hold = brake(activation, delta.joiners(), delta.leavers(), audience);
         if delta.hold.is_some() {
@@ -547,6 +605,8 @@ pub fn plan(
                 "delta held until an operator approves it"
             );
         }
+        c.execute_batch(&format!("DROP TABLE {STAGED_DELTA}"))
+            .doing("planning the delta")?;
         Ok(delta)
     })
 }

@@ -6,10 +6,13 @@
 
 use chrono::NaiveDateTime;
 use duckdb::{Connection, params_from_iter};
+use segmentd_connectors::Change;
 
 use crate::compile::segment_query_in;
 use crate::config::{Mode, Pipeline};
-use crate::deliver::{audience_size, brake, continued_approval, delta_queries};
+use crate::deliver::{
+    STAGED_DELTA, audience_size, brake, continued_approval, delta_queries, stage_delta, staged,
+};
 use crate::schema::{quote_ident, quote_literal};
 use crate::store::{Doing, sql_params};
 
@@ -74,7 +77,8 @@ pub fn plan(
     let schema = format!("{}_plan", pipeline.schema());
     let result = plan_in(connection, pipeline, as_of, &schema);
     let _ = connection.execute_batch(&format!(
-        "DROP TABLE IF EXISTS planned_members; DROP SCHEMA IF EXISTS {} CASCADE;",
+        "DROP TABLE IF EXISTS planned_members; DROP TABLE IF EXISTS {STAGED_DELTA}; \
+         DROP SCHEMA IF EXISTS {} CASCADE;",
         quote_ident(&schema)
     ));
     result
@@ -135,17 +139,18 @@ fn plan_in(
         );
         for activation in &segment.activations {
             let queries = delta_queries(pipeline, activation, &members, schema);
-            let (adds, sample_adds) = count_and_sample(connection, &queries.adds)?;
-            let (removes, sample_removes) = count_and_sample(connection, &queries.removes)?;
+            let sizes = stage_delta(connection, pipeline, activation, &queries)?;
+            let (adds, removes) = (sizes.adds, sizes.removes);
+            let sample_adds = sample(connection, &staged(Change::Add))?;
+            let sample_removes = sample(connection, &staged(Change::Remove))?;
             let replaces = match activation.mode {
                 // An empty list is sent as the removes of everyone, not as a replace.
-                Mode::Mirror => Some(count_and_sample(connection, &queries.list)?.0)
-                    .filter(|members| *members > 0),
+                Mode::Mirror => {
+                    Some(count(connection, &queries.list)?).filter(|members| *members > 0)
+                }
                 Mode::AddRemove | Mode::AddOnly => None,
             };
-            let (changed, _) = count_and_sample(connection, &queries.changed)?;
-            let (readds, _) = count_and_sample(connection, &queries.readds)?;
-            let (joiners, leavers) = (adds - readds, removes - changed);
+            let (joiners, leavers) = (adds - sizes.readds, removes - sizes.changed);
             let audience = audience_size(connection, &pipeline.name, &activation.id)?;
             let mut would_hold = brake(activation, joiners, leavers, audience);
             if would_hold.is_some()
@@ -154,7 +159,7 @@ fn plan_in(
                     &pipeline.name,
                     activation,
                     i64::MAX,
-                    &queries.removes,
+                    &staged(Change::Remove),
                     removes,
                 )?
                 .is_some()
@@ -184,12 +189,16 @@ fn plan_in(
     })
 }
 
-fn count_and_sample(connection: &Connection, select: &str) -> anyhow::Result<(i64, Vec<String>)> {
-    let count: i64 = connection
+fn count(connection: &Connection, select: &str) -> anyhow::Result<i64> {
+    Ok(connection
         .query_row(&format!("SELECT count(*) FROM ({select}) AS d"), [], |r| {
             r.get(0)
         })
-        .doing("counting a delta")?;
+        .doing("counting a delta")?)
+}
+
+/// The first keys `select` gives, in key order.
+fn sample(connection: &Connection, select: &str) -> anyhow::Result<Vec<String>> {
     let mut statement = connection
         .prepare(&format!(
             "SELECT d.key FROM ({select}) AS d ORDER BY d.key LIMIT {SAMPLE}"
@@ -200,7 +209,7 @@ fn count_and_sample(connection: &Connection, select: &str) -> anyhow::Result<(i6
         .doing("sampling a delta")?
         .collect::<Result<Vec<_>, _>>()
         .doing("sampling a delta")?;
-    Ok((count, keys))
+    Ok(keys)
 }
 
 impl Plan {
