@@ -195,7 +195,9 @@ async fn runner_task(
     let pipeline = &config.pipelines[&name];
     set_running(&status, &name, true);
     if let Err(err) = runner::resume_interrupted(Arc::clone(&store), &config, pipeline).await {
-        tracing::error!(pipeline = %name, error = %format!("{err:#}"), "resuming interrupted runs failed");
+        tracing::error!(
+            pipeline = %name, error = %format!("{err:#}"), "resuming interrupted runs failed"
+        );
     }
     set_running(&status, &name, false);
     loop {
@@ -204,7 +206,9 @@ async fn runner_task(
             request = others.recv() => match request {
                 Some(Request::Approve { run_id, activation, reply }) => {
                     set_running(&status, &name, true);
-                    let result = runner::approve(Arc::clone(&store), &config, pipeline, run_id, activation).await;
+                    let result =
+                        runner::approve(Arc::clone(&store), &config, pipeline, run_id, activation)
+                            .await;
                     set_running(&status, &name, false);
                     let _ = reply.send(result);
                 }
@@ -227,8 +231,13 @@ async fn runner_task(
                 set_running(&status, &name, true);
                 // A run in progress finishes; shutdown waits for it.
                 let options = runner::RunOptions { as_of: None, force };
-                if let Err(err) = runner::run(Arc::clone(&store), &config, pipeline, &trigger, options).await {
-                    tracing::error!(pipeline = %name, error = %format!("{err:#}"), "run could not be carried out");
+                let ran =
+                    runner::run(Arc::clone(&store), &config, pipeline, &trigger, options).await;
+                if let Err(err) = ran {
+                    tracing::error!(
+                        pipeline = %name, error = %format!("{err:#}"),
+                        "run could not be carried out"
+                    );
                 }
                 set_running(&status, &name, false);
             }

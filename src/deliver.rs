@@ -461,7 +461,8 @@ pub fn audience_size(
 ) -> Result<i64, StoreError> {
     connection
         .query_row(
-            "SELECT count(DISTINCT key) FROM segmentd_state.acknowledged WHERE pipeline = ? AND activation = ?",
+            "SELECT count(DISTINCT key) FROM segmentd_state.acknowledged WHERE pipeline = ? AND \
+             activation = ?",
             params![pipeline, activation],
             |r| r.get(0),
         )
@@ -670,7 +671,8 @@ fn load_batch(
 ) -> Result<Batch, StoreError> {
     let mut statement = connection
         .prepare(
-            "SELECT key, identifiers FROM segmentd_state.deltas WHERE pipeline = ? AND activation = ? \
+            "SELECT key, identifiers FROM segmentd_state.deltas WHERE pipeline = ? AND \
+             activation = ? \
              AND run_id = ? AND change = ? AND sequence = ? AND status = 'pending' ORDER BY key",
         )
         .doing("reading a batch")?;
@@ -961,7 +963,8 @@ pub fn dead_letters(
 ) -> Result<Vec<DeadLetter>, StoreError> {
     let mut statement = connection
         .prepare(
-            "SELECT activation, key, change, reason, rejections, run_id FROM segmentd_state.dead_letters \
+            "SELECT activation, key, change, reason, rejections, run_id FROM \
+             segmentd_state.dead_letters \
              WHERE pipeline = ? AND dead ORDER BY activation, change, key",
         )
         .doing("reading the dead letter")?;
@@ -1127,7 +1130,8 @@ pub fn approve(
     let released = in_transaction(connection, |c| {
         let mut statement = c
             .prepare(
-                "SELECT DISTINCT activation FROM segmentd_state.deltas WHERE pipeline = ? AND run_id = ? \
+                "SELECT DISTINCT activation FROM segmentd_state.deltas WHERE pipeline = ? AND \
+                 run_id = ? \
                  AND status = 'held' AND (? IS NULL OR activation = ?) ORDER BY activation",
             )
             .doing("finding held deltas")?;
@@ -1423,7 +1427,8 @@ pub fn activations_with_pending(
 ) -> Result<Vec<String>, StoreError> {
     let mut statement = connection
         .prepare(
-            "SELECT DISTINCT activation FROM segmentd_state.deltas WHERE pipeline = ? AND run_id = ? \
+            "SELECT DISTINCT activation FROM segmentd_state.deltas \
+             WHERE pipeline = ? AND run_id = ? \
              AND status = 'pending' ORDER BY activation",
         )
         .doing("finding pending deltas")?;
@@ -1632,7 +1637,8 @@ pub fn record_activation_run(
     };
     connection
         .execute(
-            "INSERT INTO segmentd_state.activation_runs (run_id, pipeline, activation, adds, removes, \
+            "INSERT INTO segmentd_state.activation_runs (run_id, pipeline, activation, adds, \
+             removes, \
              delivered_adds, delivered_removes, rejected, status, error, hold_reason, replaced, \
              approval_run) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             params![

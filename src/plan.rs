@@ -119,7 +119,8 @@ fn plan_in(
             .doing(format!("evaluating segment {}", segment.name))? as i64;
         let current: i64 = connection
             .query_row(
-                "SELECT count(*) FROM segmentd_state.memberships WHERE pipeline = ? AND segment = ?",
+                "SELECT count(*) FROM segmentd_state.memberships \
+                 WHERE pipeline = ? AND segment = ?",
                 [&pipeline.name, &segment.name],
                 |r| r.get(0),
             )

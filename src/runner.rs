@@ -206,7 +206,10 @@ pub async fn resume_interrupted(
         if let Some(summary) =
             blocking(&store, move |c| recorded_summary(c, &owned, run_id)).await?
         {
-            tracing::info!(pipeline = %pipeline.name, run_id, status = %summary.status, "interrupted run finished");
+            tracing::info!(
+                pipeline = %pipeline.name, run_id, status = %summary.status,
+                "interrupted run finished"
+            );
             summaries.push(summary);
         }
     }
@@ -269,7 +272,10 @@ pub async fn deliver_pending(
     }
     for id in pending {
         if !summaries.iter().any(|s| s.activation == id) {
-            tracing::warn!(pipeline = %pipeline.name, run_id, activation = %id, "pending batches of an activation that is no longer configured are left unsent");
+            tracing::warn!(
+                pipeline = %pipeline.name, run_id, activation = %id,
+                "pending batches of an activation that is no longer configured are left unsent"
+            );
         }
     }
     Ok(summaries)
@@ -307,7 +313,9 @@ pub async fn approve(
     })
     .await
     .expect("a DuckDB job panicked")?;
-    tracing::info!(pipeline = %pipeline.name, run_id, activations = released.len(), "held deltas approved");
+    tracing::info!(
+        pipeline = %pipeline.name, run_id, activations = released.len(), "held deltas approved"
+    );
     let delivered = deliver_pending(&store, config, pipeline, run_id).await?;
     let (status, note) = settle(&store, &pipeline.name, run_id).await?;
     tracing::info!(pipeline = %pipeline.name, run_id, status = %status, "approved run delivered");
@@ -423,7 +431,10 @@ pub async fn run(
         Ok(()) => {}
         Err(err) => {
             let message = format!("{err:#}");
-            tracing::error!(pipeline = %pipeline.name, run_id, error = %message, "run failed; nothing was changed or sent");
+            tracing::error!(
+                pipeline = %pipeline.name, run_id, error = %message,
+                "run failed; nothing was changed or sent"
+            );
             summary.status = "failed".into();
             summary.error = Some(message.clone());
             summary.elapsed = started.elapsed();

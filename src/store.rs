@@ -242,7 +242,8 @@ pub fn start_run(
             )
             .doing("numbering the run")?;
         c.execute(
-            "INSERT INTO segmentd_state.runs (run_id, pipeline, trigger, as_of, started_at, status) \
+            "INSERT INTO segmentd_state.runs (run_id, pipeline, trigger, as_of, started_at, \
+             status) \
              VALUES (?, ?, ?, CAST(? AS TIMESTAMP), current_timestamp::TIMESTAMP, 'running')",
             params![
                 run_id,
