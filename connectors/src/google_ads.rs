@@ -1532,12 +1532,7 @@ mod tests {
                 body.to_string().as_bytes(),
                 SystemTime::now(),
             );
-            match error {
-                DeliveryError::Retryable { .. } => "retryable",
-                DeliveryError::RateLimited { .. } => "rate limited",
-                DeliveryError::Auth { .. } => "auth",
-                DeliveryError::Permanent { .. } => "permanent",
-            }
+            crate::error_kind(&error)
         };
 
         assert_eq!(

@@ -337,6 +337,17 @@ pub const KINDS: &[&str] = &[
     "klaviyo",
 ];
 
+/// The kind of a failure in one word, for unit tests of the connectors' classifications.
+#[cfg(test)]
+pub(crate) fn error_kind(error: &DeliveryError) -> &'static str {
+    match error {
+        DeliveryError::Retryable { .. } => "retryable",
+        DeliveryError::RateLimited { .. } => "rate limited",
+        DeliveryError::Auth { .. } => "auth",
+        DeliveryError::Permanent { .. } => "permanent",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

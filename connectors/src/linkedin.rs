@@ -773,12 +773,14 @@ mod tests {
     fn statuses_are_classified_by_what_sending_again_would_do() {
         let kind = |code: u16, body: &[u8]| {
             let status = StatusCode::from_u16(code).unwrap();
-            match classify_failure("u", status, &HeaderMap::new(), body, SystemTime::now(), &[]) {
-                DeliveryError::Retryable { .. } => "retryable",
-                DeliveryError::RateLimited { .. } => "rate limited",
-                DeliveryError::Auth { .. } => "auth",
-                DeliveryError::Permanent { .. } => "permanent",
-            }
+            crate::error_kind(&classify_failure(
+                "u",
+                status,
+                &HeaderMap::new(),
+                body,
+                SystemTime::now(),
+                &[],
+            ))
         };
         let error = br#"{"status": 400, "code": "X", "message": "m"}"#;
 

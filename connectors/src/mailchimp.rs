@@ -642,12 +642,14 @@ mod tests {
         let problem = br#"{"title": "Forbidden", "status": 403, "detail": "no"}"#;
         let kind = |code: u16, body: &[u8]| {
             let status = StatusCode::from_u16(code).unwrap();
-            match classify_failure(status, &HeaderMap::new(), body, "u", SystemTime::now(), &[]) {
-                DeliveryError::Retryable { .. } => "retryable",
-                DeliveryError::RateLimited { .. } => "rate limited",
-                DeliveryError::Auth { .. } => "auth",
-                DeliveryError::Permanent { .. } => "permanent",
-            }
+            crate::error_kind(&classify_failure(
+                status,
+                &HeaderMap::new(),
+                body,
+                "u",
+                SystemTime::now(),
+                &[],
+            ))
         };
 
         assert_eq!(kind(403, b""), "rate limited");

@@ -1158,14 +1158,7 @@ mod tests {
 
     use super::*;
 
-    fn kind(error: &DeliveryError) -> &'static str {
-        match error {
-            DeliveryError::Retryable { .. } => "retryable",
-            DeliveryError::RateLimited { .. } => "rate limited",
-            DeliveryError::Auth { .. } => "auth",
-            DeliveryError::Permanent { .. } => "permanent",
-        }
-    }
+    use crate::error_kind as kind;
 
     #[test]
     fn statuses_are_classified_by_what_sending_again_would_do() {

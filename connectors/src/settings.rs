@@ -18,6 +18,9 @@ use reqwest::Url;
 use crate::SettingsError;
 use crate::http::{self, Secret};
 
+/// Resolved secrets by name (`access_token`, `api_key`...), as the engine passes them.
+pub(crate) type Secrets = BTreeMap<String, String>;
+
 /// Reads a connector's connection and activation settings with its own readers and builds it
 /// with `new`; every problem either reader found otherwise. A reader gives `None` when any of
 /// its settings is wrong, and says which in the problems.
@@ -25,7 +28,7 @@ pub(crate) fn build<C, A, T>(
     connection: &toml::Table,
     activation: &toml::Table,
     secrets: &BTreeMap<String, String>,
-    read_connection: impl FnOnce(&mut Problems, &toml::Table, &BTreeMap<String, String>) -> Option<C>,
+    read_connection: impl FnOnce(&mut Problems, &toml::Table, &Secrets) -> Option<C>,
     read_activation: impl FnOnce(&mut Problems, &toml::Table) -> Option<A>,
     new: impl FnOnce(C, A) -> T,
 ) -> Result<T, Vec<SettingsError>> {
@@ -44,7 +47,7 @@ pub(crate) fn build<C, A, T>(
 pub(crate) fn check<C>(
     connection: &toml::Table,
     secrets: &BTreeMap<String, String>,
-    read_connection: impl FnOnce(&mut Problems, &toml::Table, &BTreeMap<String, String>) -> Option<C>,
+    read_connection: impl FnOnce(&mut Problems, &toml::Table, &Secrets) -> Option<C>,
 ) -> Result<(), Vec<SettingsError>> {
     let mut problems = Problems::default();
     read_connection(&mut problems, connection, secrets);

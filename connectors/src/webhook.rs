@@ -402,12 +402,12 @@ mod tests {
     fn statuses_are_classified_by_what_sending_again_would_do() {
         let kind = |code: u16| {
             let status = StatusCode::from_u16(code).unwrap();
-            match classify_failure(status, String::new(), None, SystemTime::now()) {
-                DeliveryError::Retryable { .. } => "retryable",
-                DeliveryError::RateLimited { .. } => "rate limited",
-                DeliveryError::Auth { .. } => "auth",
-                DeliveryError::Permanent { .. } => "permanent",
-            }
+            crate::error_kind(&classify_failure(
+                status,
+                String::new(),
+                None,
+                SystemTime::now(),
+            ))
         };
 
         let kinds: Vec<(u16, &str)> = [
