@@ -31,7 +31,7 @@ use segmentd_connectors::{
 };
 
 use crate::config::{ActivationDef, Mode, Pipeline};
-use crate::schema::{quote_ident, quote_literal};
+use crate::schema::{json_key_path, quote_ident, quote_literal};
 use crate::store::{Doing, Store, StoreError, in_transaction};
 
 /// The size of one activation's delta.
@@ -439,7 +439,7 @@ pub fn delta_queries(
             .identifiers
             .iter()
             .map(|identifier| {
-                let path = quote_literal(&format!("$.\"{}\"", identifier.replace('"', "\\\"")));
+                let path = json_key_path(identifier);
                 format!("nullif(trim(json_extract_string(n.identifiers, {path})), '') IS NOT NULL")
             })
             .collect::<Vec<_>>()

@@ -21,7 +21,7 @@ use duckdb::Connection;
 
 use crate::config::Pipeline;
 use crate::config::pipeline::{SourceDef, SourceFormat, TableDef, TableFrom, TableRole};
-use crate::schema::{ColumnType, quote_ident, quote_literal};
+use crate::schema::{ColumnType, json_key_path, quote_ident, quote_literal};
 use crate::store::{Doing, StoreError, in_transaction};
 
 /// Why a refresh failed.
@@ -312,7 +312,7 @@ fn file_columns(connection: &Connection, source: &SourceDef) -> Result<Vec<Strin
                             "SELECT count(*) = 0 \
                                     OR coalesce(bool_or(json_exists(json, {})), false) \
                              FROM read_ndjson_objects({path})",
-                            quote_literal(&format!("$.\"{}\"", name.replace('"', "\\\"")))
+                            json_key_path(name)
                         ),
                         [],
                         |r| r.get(0),

@@ -130,6 +130,11 @@ pub fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
+/// The JSON path of the object key `name`, as an SQL string literal (`'$."email"'`).
+pub fn json_key_path(name: &str) -> String {
+    quote_literal(&format!("$.\"{}\"", name.replace('"', "\\\"")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
